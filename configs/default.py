@@ -1,0 +1,88 @@
+"""The base config every experiment config starts from: every field the trainer reads lives here.
+
+Experiment configs (`configs/imagenet.py`, `configs/demo.py`, ...) call `get_config()` below and
+change fields; they never add fields the trainer does not know (validation rejects unknown ones when
+overridden from the command line, since ConfigDicts are locked after construction).
+
+Usage from a config file:  `from configs import default; config = default.get_config()`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Model: any name from `effnetv2_jax.models.list_models()`; `model_overrides` are keyword
+  # arguments to `create_model` (drop_path_rate, bn_momentum, blocks, width_mult, ...), so a new
+  # variant is a config change, not a code change. The per-stage dropout comes from the stage table.
+  c.model_name = "efficientnetv2-s"
+  c.model_overrides = ml_collections.ConfigDict()
+  c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params and BN stats stay fp32)
+
+  # Data: a registered dataset name (effnetv2_jax.data.datasets) or 'folder:/path'.
+  c.dataset = "imagenet2012"
+  c.data_dir = ml_collections.config_dict.placeholder(str)  # None = TFDS default
+  c.train_split = ml_collections.config_dict.placeholder(str)  # None = the registry's
+  c.eval_split = ml_collections.config_dict.placeholder(str)
+  c.num_classes = ml_collections.config_dict.placeholder(int)  # None = the registry's
+  c.preprocess_family = "auto"  # 'v2' | 'v2-base' | 'auto' (from the model name)
+  c.autoaugment = False  # AutoAugment v0 instead of RandAugment (B0-B3 in the official code)
+  c.randaug_layers = 2
+  c.shuffle_buffer = 16384
+  c.cache_dataset = False
+
+  # Schedule length: epochs (converted with the dataset's train size), or steps when > 0.
+  c.batch_size = 4096  # global batch, over all processes and devices
+  c.eval_batch_size = 1024
+  c.num_epochs = 350.0
+  c.num_train_steps = -1
+  c.eval_image_size = 384
+
+  # Progressive learning (effnetv2_jax.progressive): `preset` picks the interpolation rule
+  # ('paper' = Algorithm 1, 'official' = the released code, 'none' = one stage at the final
+  # size and regularization); the min/max fields are the end points it interpolates between.
+  c.progressive = ml_collections.ConfigDict()
+  p = c.progressive
+  p.preset = "official"
+  p.num_stages = 4
+  p.min_image_size = 128
+  p.max_image_size = 300
+  p.min_randaug = 5.0
+  p.max_randaug = 10.0
+  p.min_mixup = 0.0
+  p.max_mixup = 0.0
+  p.min_cutmix = 0.0
+  p.max_cutmix = 0.0
+  p.min_dropout = 0.2
+  p.max_dropout = 0.2
+  p.size_multiple = 1  # round stage image sizes down to a multiple of this (e.g. 8 or 32)
+
+  # Optimizer and learning rate (official recipe: TF RMSProp, 0.016 per 256 images, 5 warmup
+  # epochs, staircase decay 0.97 every 2.4 epochs).
+  c.optimizer = "rmsprop"  # 'rmsprop' (TF1 semantics) | 'sgd' | 'adamw'
+  c.lr_per_256 = 0.016
+  c.lr_schedule = "exponential"  # 'exponential' | 'cosine' | 'constant'
+  c.warmup_epochs = 5.0
+  c.lr_decay_epochs = 2.4
+  c.lr_decay_rate = 0.97
+  c.min_lr = 0.0  # floor for cosine
+  c.momentum = 0.9
+  c.rmsprop_decay = 0.9
+  c.rmsprop_eps = 1e-3
+  c.weight_decay = 1e-5  # L2 in the loss, (wd/2)*||w||^2, kernels only
+  c.label_smoothing = 0.1
+  c.ema_decay = 0.9999  # 0 disables; warmup min(decay, (1+t)/(10+t))
+  c.grad_clip_norm = 0.0  # 0 disables
+
+  # Loop, logging, checkpoints.
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_stage = True
+  c.max_bad_steps = 10  # consecutive non-finite steps before the run stops
+  c.compilation_cache_dir = "~/.cache/effnetv2_jax/xla"  # '' disables
+  c.init_from = ""  # an orbax checkpoint dir of this package to start from (fine-tuning)
+  c.remat = False
+  c.runlocal = False
+  return c

@@ -1,0 +1,68 @@
+r"""EfficientNetV2 on ImageNet-1k: every variant with the paper's or the released code's settings.
+
+Launch (one host or all workers of a TPU slice):
+
+  python -m effnetv2_jax.main --config=configs/imagenet.py:variant=s,preset=official \
+      --workdir=gs://BUCKET/effnetv2-s --config.data_dir=gs://BUCKET/tensorflow_datasets
+
+Arguments: variant=b0|b1|b2|b3|s|m|l|xl; preset=official|paper|none (see effnetv2_jax/progressive.py
+and section 9 of the reference: BN decay, dropout schedule, RandAugment and mixup ranges differ);
+runlocal (a few steps at toy sizes on a CPU, for tests and smoke runs).
+"""
+from configs import common, default
+
+# (train size, eval size, dropout, RandAugment max, mixup/CutMix max), released code (section 3).
+OFFICIAL = {
+    "b0": (192, 224, 0.2, 0.0, 0.0),
+    "b1": (192, 240, 0.2, 0.0, 0.0),
+    "b2": (208, 260, 0.3, 0.0, 0.0),
+    "b3": (240, 300, 0.3, 0.0, 0.0),
+    "s": (300, 384, 0.2, 10.0, 0.0),
+    "m": (384, 480, 0.3, 15.0, 0.2),
+    "l": (384, 480, 0.4, 20.0, 0.5),
+    "xl": (384, 512, 0.4, 20.0, 0.5),
+}
+# The paper's Table 6 (max size, RandAugment 5 -> max, mixup 0 -> max, dropout 0.1 -> max). The
+# paper gives no ranges for B0-B3 or XL: B0-B3 keep the code's end points under Algorithm 1, XL
+# takes L's ranges at its own train size.
+PAPER = {
+    "s": (300, 15.0, 0.0, 0.3),
+    "m": (380, 20.0, 0.2, 0.4),
+    "l": (380, 25.0, 0.4, 0.5),
+    "xl": (384, 25.0, 0.4, 0.5),
+}
+MIN_IMAGE_SIZE = 128
+MIN_RANDAUG = 5.0
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, variant="s", preset="official", runlocal=False)
+  variant, preset = args["variant"], args["preset"]
+  if variant not in OFFICIAL:
+    raise ValueError(f"variant must be one of {', '.join(OFFICIAL)}, got {variant!r}")
+  train_size, eval_size, dropout, ra_max, mix_max = OFFICIAL[variant]
+  base_family = variant.startswith("b")
+
+  c = default.get_config()
+  c.model_name = f"efficientnetv2-{variant}"
+  c.dataset = "imagenet2012"
+  c.batch_size = 4096
+  c.num_epochs = 350.0
+  c.eval_image_size = eval_size
+  c.autoaugment = base_family  # B0-B3 train with AutoAugment v0 in the released code
+  p = c.progressive
+  p.preset = preset
+  p.min_image_size, p.max_image_size = MIN_IMAGE_SIZE, train_size
+  p.min_randaug, p.max_randaug = (0.0, 0.0) if base_family else (MIN_RANDAUG, ra_max)
+  p.min_mixup = p.min_cutmix = 0.0
+  p.max_mixup = p.max_cutmix = mix_max  # the code uses mixup and CutMix with the same alpha
+  p.min_dropout = p.max_dropout = dropout
+  if preset == "paper":
+    c.model_overrides.bn_momentum = 0.99  # paper: BN decay 0.99; code: 0.9
+    p.min_dropout = 0.1
+    if not base_family:
+      p.max_image_size, p.max_randaug, p.max_mixup, p.max_dropout = PAPER[variant]
+      p.max_cutmix = 0.0  # the paper schedules mixup only
+  if args["runlocal"]:
+    common.shrink_for_local_run(c)
+  return c

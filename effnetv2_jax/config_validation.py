@@ -1,0 +1,127 @@
+"""Config validation: every mistake is caught before anything compiles or touches the workdir.
+
+Each error names the config field and says what to do; `main` prints it as one line and exits 2.
+"""
+from __future__ import annotations
+
+import os
+
+from effnetv2_jax import progressive
+
+V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "efficientnetv2-xl")
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("rmsprop", "sgd", "adamw")
+LR_SCHEDULES = ("exponential", "cosine", "constant")
+FAMILIES = ("auto", "v2", "v2-base")
+
+
+class ConfigError(ValueError):
+  """A config field with a bad value; `str()` is one line: 'field: what is wrong and the fix'."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field = field
+
+
+def preprocess_family(config) -> str:
+  """'v2' (S/M/L/XL: (x-128)/128, bilinear, crop area from 0.05) or 'v2-base' (everything else)."""
+  if config.preprocess_family != "auto":
+    return config.preprocess_family
+  return "v2" if config.model_name in V2_FULL_MODELS else "v2-base"
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(field, message)
+
+
+def _one_of(config, field: str, allowed) -> None:
+  value = config[field]
+  _require(value in allowed, field, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _validate_model(config) -> None:
+  from effnetv2_jax import models
+  names = models.list_models()
+  _require(config.model_name in names, "model_name",
+           f"unknown model {config.model_name!r}; choose one of {', '.join(names)}")
+  try:  # building the module object checks the override names without initialising anything
+    models.create_model(config.model_name, num_classes=2, **dict(config.model_overrides))
+  except (TypeError, ValueError) as e:
+    raise ConfigError("model_overrides", f"{e}") from None
+
+
+def _validate_progressive(config) -> None:
+  p = config.progressive
+  _require(p.preset in progressive.PRESETS, "progressive.preset",
+           f"{p.preset!r} is not one of {', '.join(progressive.PRESETS)}")
+  _require(int(p.num_stages) >= 1, "progressive.num_stages", f"must be >= 1, got {p.num_stages}")
+  for end in ("min_image_size", "max_image_size"):
+    v = p[end]
+    _require(isinstance(v, int) and v > 0, f"progressive.{end}", f"must be a positive integer, got {v!r}")
+  _require(p.min_image_size <= p.max_image_size, "progressive.min_image_size",
+           f"{p.min_image_size} is larger than progressive.max_image_size {p.max_image_size}")
+  _require(isinstance(p.size_multiple, int) and p.size_multiple >= 1, "progressive.size_multiple",
+           f"must be an integer >= 1, got {p.size_multiple!r}")
+  for name in ("randaug", "mixup", "cutmix", "dropout"):
+    lo, hi = p[f"min_{name}"], p[f"max_{name}"]
+    _require(lo >= 0, f"progressive.min_{name}", f"must be >= 0, got {lo}")
+    _require(hi >= 0, f"progressive.max_{name}", f"must be >= 0, got {hi}")
+    _require(lo <= hi, f"progressive.min_{name}", f"{lo} is larger than progressive.max_{name} {hi}")
+  _require(p.max_dropout < 1.0, "progressive.max_dropout", f"must be < 1, got {p.max_dropout}")
+
+
+def validate_config(config, *, num_devices: int | None = None,
+                    num_train_examples: int | None = None, check_dataset: bool = True) -> None:
+  """Raises ConfigError for the first bad field. Cheap: builds no arrays and compiles nothing.
+
+  `num_devices` defaults to `jax.device_count()` (all processes); `num_train_examples` to the
+  registry's size of the train split, looked up only when the run length is given in epochs.
+  """
+  _one_of(config, "dtype", DTYPES)
+  _one_of(config, "optimizer", OPTIMIZERS)
+  _one_of(config, "lr_schedule", LR_SCHEDULES)
+  _one_of(config, "preprocess_family", FAMILIES)
+  _validate_model(config)
+  _validate_progressive(config)
+
+  if num_devices is None:
+    import jax
+    num_devices = jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    v = config[field]
+    _require(isinstance(v, int) and v > 0, field, f"must be a positive integer, got {v!r}")
+    _require(v % num_devices == 0, field,
+             f"{v} is not divisible by the {num_devices} devices; use a multiple of {num_devices}")
+  ev = config.eval_image_size
+  _require(isinstance(ev, int) and ev > 0, "eval_image_size",
+           f"must be a positive integer (the evaluation resolution), got {ev!r}")
+  _require(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
+           "set num_epochs > 0 or num_train_steps > 0")
+  _require(config.lr_per_256 > 0, "lr_per_256", f"must be > 0, got {config.lr_per_256}")
+  _require(config.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {config.warmup_epochs}")
+  _require(0 <= config.label_smoothing < 1, "label_smoothing",
+           f"must be in [0, 1), got {config.label_smoothing}")
+  _require(0 <= config.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {config.ema_decay}")
+  _require(config.randaug_layers >= 0, "randaug_layers", f"must be >= 0, got {config.randaug_layers}")
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_bad_steps"):
+    _require(config[field] >= 1, field, f"must be >= 1, got {config[field]}")
+  if config.init_from:
+    _require(isinstance(config.init_from, str) and os.path.isdir(os.path.expanduser(config.init_from)),
+             "init_from", f"{config.init_from!r} is not a directory holding a checkpoint of this package")
+
+  if check_dataset:
+    from effnetv2_jax.data import datasets
+    try:
+      info = datasets.get_dataset_info(config.dataset, config.data_dir)
+    except ValueError as e:
+      raise ConfigError("dataset", str(e)) from None
+    if num_train_examples is None:
+      num_train_examples = info.num_train
+  if config.num_train_steps <= 0 and num_train_examples is None:
+    num_train_examples = progressive.dataset_train_size(config)
+  n = progressive.total_steps(config, num_train_examples)
+  stages = 1 if config.progressive.preset == "none" else config.progressive.num_stages
+  _require(n >= stages, "progressive.num_stages",
+           f"{stages} stages need at least {stages} train steps, the run has {n}; "
+           "lower num_stages or train longer")
