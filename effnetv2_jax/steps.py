@@ -1,0 +1,155 @@
+"""The train and eval steps: pure functions of (state, batch, rng), jitted by `sharding.py`.
+
+No TensorFlow here. Both steps are written for the *global* batch: under `jax.jit` with a batch
+sharded over the mesh's 'data' axis, the means inside BatchNorm and the loss are global reductions,
+so 1 device and N devices compute the same numbers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from effnetv2_jax.optim import l2_penalty
+from effnetv2_jax.state import TrainState, ema_decay_at
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def smooth_labels(targets: jax.Array, label_smoothing: float) -> jax.Array:
+  """`(1 - ls) * targets + ls / K` on (possibly mixed) soft targets, as TF's CE does after mixup."""
+  if not label_smoothing:
+    return targets
+  k = targets.shape[-1]
+  return targets * (1.0 - label_smoothing) + label_smoothing / k
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _select(pred: jax.Array, on_true, on_false):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, *, num_classes: int,
+                    label_smoothing: float, weight_decay: float, ema_decay: float,
+                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                    lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+                    dtype: Any = None) -> Callable[[TrainState, Batch, jax.Array],
+                                                   tuple[TrainState, Metrics]]:
+  """Build `train_step(state, batch, rng) -> (state, metrics)` for one progressive stage.
+
+  `model` is the stage's model (its dropout rate and compute dtype are baked in); `mixup_alpha`,
+  `cutmix_alpha` are the stage's (Python numbers, so one compile per stage). `rng` is the run's base
+  key: the step's key is `fold_in(rng, state.step)`, so a resumed run draws the same dropout masks
+  and mixing as an uninterrupted one. `dtype`, when given, is the dtype images are cast to before
+  the model (the model's own dtype decides compute; params/opt state/EMA/BN stats stay fp32).
+  `weight_decay` is the L2 coefficient in the loss (`optim.loss_weight_decay(config)`).
+
+  Divergence guard: when the loss or any gradient is non-finite the update is dropped (params, BN
+  stats, optimizer state and EMA keep their old values), the step still advances and
+  `metrics['bad_step'] == 1`; the trainer stops after `config.max_bad_steps` in a row.
+  """
+  mixing = mixup_alpha > 0 or cutmix_alpha > 0
+  if mixing:
+    # Imported lazily: only stages that mix need the module.
+    from effnetv2_jax import mixing as mixing_lib  # pylint: disable=g-import-not-at-top
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    step_key = jax.random.fold_in(rng, state.step)
+    dropout_key, mix_key = jax.random.split(step_key)
+    images = batch["image"]
+    if dtype is not None:
+      images = images.astype(dtype)
+    labels = batch["label"]
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if mixing:
+      images, targets = mixing_lib.mix(mix_key, images, targets, mixup_alpha=mixup_alpha,
+                                       cutmix_alpha=cutmix_alpha)
+    targets = smooth_labels(targets.astype(jnp.float32), label_smoothing)
+
+    def loss_fn(params):
+      logits, new_vars = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+          rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+      logits = logits.astype(jnp.float32)  # fp32 softmax/loss even when computing in bf16
+      ce = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+      l2 = l2_penalty(params, weight_decay)
+      return ce + l2, (ce, l2, logits, new_vars.get("batch_stats", state.batch_stats))
+
+    (loss, (ce, l2, logits, new_batch_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    ok = jnp.isfinite(loss) & _all_finite(grads)
+
+    # The global step drives the LR (optim.scale_by_step_schedule); plain optax transforms that
+    # take no extra args are wrapped so they ignore it.
+    updates, new_opt_state = optax.with_extra_args_support(tx).update(
+        grads, state.opt_state, state.params, step=state.step)
+    new_params = optax.apply_updates(state.params, updates)
+
+    new = (new_params, new_batch_stats, new_opt_state)
+    old = (state.params, state.batch_stats, state.opt_state)
+    if state.ema_params is not None:
+      # Decay from the pre-increment step, like TF's EMA with num_updates=global_step.
+      d = ema_decay_at(state.step, ema_decay)
+      avg = lambda e, x: (d * e + (1.0 - d) * x).astype(e.dtype)
+      new += (jax.tree.map(avg, state.ema_params, new_params),
+              jax.tree.map(avg, state.ema_batch_stats, new_batch_stats))
+      old += (state.ema_params, state.ema_batch_stats)
+    kept = _select(ok, new, old)
+    params, batch_stats, opt_state = kept[:3]
+    ema_params, ema_batch_stats = kept[3:] if len(kept) == 5 else (None, None)
+
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, ema_params=ema_params,
+                              ema_batch_stats=ema_batch_stats)
+    metrics = {
+        "loss": loss,
+        "ce_loss": ce,
+        "l2_loss": l2,
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+        "grad_norm": optax.global_norm(grads),
+        "bad_step": jnp.where(ok, 0.0, 1.0).astype(jnp.float32),
+    }
+    if lr_fn is not None:
+      metrics["learning_rate"] = jnp.asarray(lr_fn(state.step), jnp.float32)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, *, num_classes: int) -> Callable[[dict, Batch], Metrics]:
+  """Build `eval_step(variables, batch) -> sums`, evaluating whatever `variables` it is given.
+
+  The trainer passes the EMA variables (`effnetv2_jax.state.eval_variables(state)`). Returns SUMS weighted by
+  `batch['mask']` (padding examples have mask 0), so totals over batches and hosts are exact:
+  `{'top1_correct', 'top5_correct', 'loss_sum', 'count'}`; loss is plain CE (no smoothing).
+  """
+  k = min(5, num_classes)
+
+  def eval_step(variables: dict, batch: Batch) -> Metrics:
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    labels = batch["label"]
+    mask = batch.get("mask")
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    valid = mask > 0
+    top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    _, topk = jax.lax.top_k(logits, k)
+    top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+    # Padding rows may carry any label (even -1): select rather than multiply so a garbage
+    # loss on them cannot turn the sum into NaN.
+    safe_labels = jnp.where(valid, labels, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
+    return {
+        "top1_correct": jnp.sum(jnp.where(valid, top1 * mask, 0.0)),
+        "top5_correct": jnp.sum(jnp.where(valid, top5 * mask, 0.0)),
+        "loss_sum": jnp.sum(jnp.where(valid, ce * mask, 0.0)),
+        "count": jnp.sum(mask),
+    }
+
+  return eval_step
