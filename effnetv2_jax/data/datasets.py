@@ -1,0 +1,209 @@
+"""Dataset registry: names -> TFDS builders (or image folders), class counts, default splits.
+
+A registry entry carries the *static* facts (class count, default train/eval split, their sizes), so a
+config can be validated and a step count planned without touching the data. Sizes of custom split
+strings (``train[:10%]``, ``train[:-25021]``) are resolved from the prepared TFDS metadata by
+`split_size`, because only TFDS knows exactly how it rounds percentage slices.
+
+Names:
+  * ``imagenet2012``, ``imagenet2012_minival`` (the official code's 25,021-image holdout taken from the end
+    of train, evaluated on instead of `validation`), ``imagenet2012_subset/1pct`` and ``/10pct`` (TFDS'
+    semi-supervised subsets), ``cifar10``, ``cifar100``, ``oxford_flowers102``, ``cars196``,
+    ``fashion_mnist``;
+  * ``folder:/path/to/root``: class-per-subfolder images. If ``root`` has split subdirectories
+    (``train`` and one of ``val``/``validation``/``test``) those are the splits; otherwise the root itself
+    holds the class folders and is the single split ``all`` (used for both train and eval).
+Any TFDS split string may be passed as ``split=`` to the input pipeline; it is handed to TFDS unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+# Official code: the last 25,021 train images are held out as "minival" (reference section 2).
+IMAGENET_MINIVAL_SIZE = 25_021
+IMAGENET_TRAIN_SIZE = 1_281_167
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+_FOLDER_PREFIX = 'folder:'
+_FOLDER_EVAL_DIRS = ('val', 'validation', 'test')
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """The dataset's files are not where TFDS (or the folder reader) looks for them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  tfds_name: str          # '' for image folders
+  num_classes: int
+  train_split: str
+  eval_split: str
+  num_train: int
+  num_eval: int
+  folder_root: str | None = None        # only for folder: datasets
+  class_names: tuple[str, ...] = ()     # folder datasets: sorted class subfolder names
+  prepare_hint: str = ''                # how to make the data available; used in error messages
+
+  @property
+  def is_folder(self) -> bool:
+    return self.folder_root is not None
+
+
+def _tfds_hint(tfds_name: str) -> str:
+  return (f'build it with `tfds build {tfds_name} --data_dir=DATA_DIR` on a machine with network '
+          'access (or copy a prepared data_dir here).')
+
+
+_IMAGENET_HINT = (
+    'ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar and '
+    'ILSVRC2012_img_val.tar into DATA_DIR/downloads/manual/, then run '
+    '`tfds build imagenet2012 --data_dir=DATA_DIR` (about 150 GB of disk while building).')
+_FASHION_HINT = (
+    'build it offline from Debian\'s dataset-fashion-mnist files with '
+    '`python -m effnetv2_jax.data.prepare fashion_mnist --data_dir=DATA_DIR` '
+    '(or `tfds build fashion_mnist` where a network exists).')
+
+# name -> (tfds_name, classes, train split, eval split, #train, #eval, hint)
+_REGISTRY: dict[str, DatasetInfo] = {}
+
+
+def _register(name, tfds_name, num_classes, train_split, eval_split, num_train, num_eval, hint=None):
+  _REGISTRY[name] = DatasetInfo(name=name, tfds_name=tfds_name, num_classes=num_classes,
+                                train_split=train_split, eval_split=eval_split, num_train=num_train,
+                                num_eval=num_eval, prepare_hint=hint or _tfds_hint(tfds_name))
+
+
+_register('imagenet2012', 'imagenet2012', 1000, 'train', 'validation', IMAGENET_TRAIN_SIZE, 50_000,
+          _IMAGENET_HINT)
+_register('imagenet2012_minival', 'imagenet2012', 1000, f'train[:-{IMAGENET_MINIVAL_SIZE}]',
+          f'train[-{IMAGENET_MINIVAL_SIZE}:]', IMAGENET_TRAIN_SIZE - IMAGENET_MINIVAL_SIZE,
+          IMAGENET_MINIVAL_SIZE, _IMAGENET_HINT)
+_register('imagenet2012_subset/1pct', 'imagenet2012_subset/1pct', 1000, 'train', 'validation',
+          12_811, 50_000, _IMAGENET_HINT.replace('imagenet2012 ', 'imagenet2012_subset/1pct '))
+_register('imagenet2012_subset/10pct', 'imagenet2012_subset/10pct', 1000, 'train', 'validation',
+          128_116, 50_000, _IMAGENET_HINT.replace('imagenet2012 ', 'imagenet2012_subset/10pct '))
+_register('cifar10', 'cifar10', 10, 'train', 'test', 50_000, 10_000)
+_register('cifar100', 'cifar100', 100, 'train', 'test', 50_000, 10_000)
+# Flowers: the usual transfer protocol trains on train+validation (1,020 each) and tests on test.
+_register('oxford_flowers102', 'oxford_flowers102', 102, 'train+validation', 'test', 2_040, 6_149)
+_register('cars196', 'cars196', 196, 'train', 'test', 8_144, 8_041)
+_register('fashion_mnist', 'fashion_mnist', 10, 'train', 'test', 60_000, 10_000, _FASHION_HINT)
+
+
+def known_names() -> list[str]:
+  return sorted(_REGISTRY) + ['folder:/path/to/root']
+
+
+def _list_class_dirs(split_dir: str) -> list[str]:
+  return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+
+
+def _is_image(fname: str) -> bool:
+  return fname.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def folder_splits(root: str) -> dict[str, str]:
+  """Split name -> directory holding the class folders of that split."""
+  subdirs = set(_list_class_dirs(root)) if os.path.isdir(root) else set()
+  if 'train' in subdirs:
+    splits = {'train': os.path.join(root, 'train')}
+    for d in _FOLDER_EVAL_DIRS:
+      if d in subdirs:
+        splits[d] = os.path.join(root, d)
+    return splits
+  return {'all': root}
+
+
+def folder_files(root: str, split: str, class_names: tuple[str, ...]) -> tuple[list[str], list[int]]:
+  """Sorted (path, label) lists of one folder split; labels index the TRAIN split's class names."""
+  splits = folder_splits(root)
+  if split not in splits:
+    raise ValueError(f'folder dataset {root!r} has splits {sorted(splits)}, not {split!r}')
+  split_dir = splits[split]
+  index = {c: i for i, c in enumerate(class_names)}
+  paths, labels = [], []
+  for cls in _list_class_dirs(split_dir):
+    if cls not in index:
+      # Never guess a label: a class unseen in train would silently map to a wrong index.
+      raise ValueError(f'class folder {cls!r} in {split_dir!r} does not exist in the train split '
+                       f'(classes: {list(class_names)[:10]}...)')
+    cls_dir = os.path.join(split_dir, cls)
+    for fname in sorted(os.listdir(cls_dir)):
+      if _is_image(fname):
+        paths.append(os.path.join(cls_dir, fname))
+        labels.append(index[cls])
+  return paths, labels
+
+
+def _folder_info(name: str) -> DatasetInfo:
+  root = os.path.abspath(os.path.expanduser(name[len(_FOLDER_PREFIX):]))
+  hint = (f'create {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg '
+          f'(or {root}/<class>/*.jpg for a single split named "all").')
+  if not os.path.isdir(root):
+    raise DatasetNotPreparedError(f'Image folder {root!r} does not exist: {hint}')
+  splits = folder_splits(root)
+  train_split = 'train' if 'train' in splits else 'all'
+  eval_split = next((s for s in _FOLDER_EVAL_DIRS if s in splits), train_split)
+  classes = tuple(_list_class_dirs(splits[train_split]))
+  if not classes:
+    raise DatasetNotPreparedError(f'Image folder {splits[train_split]!r} has no class subfolders: {hint}')
+  num_train = len(folder_files(root, train_split, classes)[0])
+  num_eval = len(folder_files(root, eval_split, classes)[0])
+  return DatasetInfo(name=name, tfds_name='', num_classes=len(classes), train_split=train_split,
+                     eval_split=eval_split, num_train=num_train, num_eval=num_eval,
+                     folder_root=root, class_names=classes, prepare_hint=hint)
+
+
+def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+  """Registry lookup. ``data_dir`` is accepted for symmetry; the registry's facts do not depend on it."""
+  del data_dir
+  if name.startswith(_FOLDER_PREFIX):
+    return _folder_info(name)
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(known_names())}')
+  return _REGISTRY[name]
+
+
+def _builder(info: DatasetInfo, data_dir: str | None):
+  import tensorflow_datasets as tfds  # Imported lazily: the registry itself needs no TF.
+  return tfds.builder(info.tfds_name, data_dir=data_dir)
+
+
+def check_prepared(name: str, data_dir: str | None = None) -> None:
+  """Raises DatasetNotPreparedError, with one message saying how to prepare it, if data is missing."""
+  info = get_dataset_info(name, data_dir)
+  if info.is_folder:
+    return  # _folder_info already checked the directory layout.
+  try:
+    builder = _builder(info, data_dir)
+    # `is_prepared` is the public spelling in recent TFDS; fall back to the metadata file.
+    prepared = builder.is_prepared() if hasattr(builder, 'is_prepared') else os.path.exists(
+        os.path.join(builder.data_dir, 'dataset_info.json'))
+  except Exception as e:  # pylint: disable=broad-except  (bad config name, unreadable dir, ...)
+    raise DatasetNotPreparedError(f'Dataset {name!r} is not usable in data_dir {data_dir!r} ({e}); '
+                                  f'{info.prepare_hint}') from e
+  if not prepared:
+    root = data_dir or os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+    hint = info.prepare_hint.replace('DATA_DIR', root)
+    raise DatasetNotPreparedError(
+        f'Dataset {name!r} (TFDS {info.tfds_name!r}) is not prepared in {root!r}: {hint}')
+
+
+def split_size(info: DatasetInfo, split: str, data_dir: str | None = None) -> int:
+  """Number of examples of `split` (any TFDS split string, or a folder split name)."""
+  if info.is_folder:
+    return len(folder_files(info.folder_root, split, info.class_names)[0])
+  if split == info.train_split:
+    static = info.num_train
+  elif split == info.eval_split:
+    static = info.num_eval
+  else:
+    static = None
+  try:
+    return _builder(info, data_dir).info.splits[split].num_examples
+  except Exception:  # pylint: disable=broad-except  (not prepared: the static count is the best we know)
+    if static is None:
+      raise
+    return static
