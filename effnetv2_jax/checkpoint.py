@@ -82,8 +82,11 @@ def describe_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any],
 
 
 def _mismatch_error(where: str, lines: list[str]) -> CheckpointMismatchError:
-  shown = lines[:_MAX_LISTED]
-  more = f"\n  ... and {len(lines) - len(shown)} more" if len(lines) > len(shown) else ""
+  # The model's own arrays first; optimizer slots and EMA copies repeat the same differences.
+  primary = [l for l in lines if l.startswith(("params.", "batch_stats."))]
+  shown = (primary or lines)[:_MAX_LISTED]
+  rest = len(lines) - len(shown)
+  more = f"\n  ... and {rest} more (optimizer slots, EMA copies)" if rest else ""
   return CheckpointMismatchError(
       f"checkpoint {where} does not match the model being trained ({len(lines)} arrays differ; "
       "another model_name, model_overrides or num_classes?):\n  " + "\n  ".join(shown) + more)
@@ -129,6 +132,10 @@ class Checkpointer:
     md = self._mgr.item_metadata(step)["state"]
     tree = getattr(md, "tree", md)
     return flat_shapes(tree)
+
+  def reached_preemption(self, step: int) -> bool:
+    """Orbax's multi-host preemption agreement (only meaningful under jax.distributed)."""
+    return bool(self._mgr.reached_preemption(step))
 
   def read_meta(self, step: int) -> dict:
     with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:

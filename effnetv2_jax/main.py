@@ -1,0 +1,81 @@
+"""Command line: train, evaluate or print the stage plan of a config.
+
+  python -m effnetv2_jax.main --config=configs/demo.py --workdir=/tmp/demo
+  python -m effnetv2_jax.main --config=configs/imagenet.py:variant=s,preset=paper \\
+      --workdir=gs://bucket/s --config.batch_size=2048
+  python -m effnetv2_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=eval
+  python -m effnetv2_jax.main --config=configs/imagenet.py:variant=s --mode=plan
+
+Exit codes: 0 done or preempted (SIGTERM: the current step is checkpointed; rerun to resume);
+2 bad input (config field, dataset not prepared, checkpoint of another model, workdir in use),
+printed as one `error: ...` line without a traceback; 3 training diverged.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "plan"],
+                          "train: train and evaluate (resuming); eval: evaluate init_from or the "
+                          "workdir's latest checkpoint; plan: print the stage table.")
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+def _fail(message: str, code: int) -> None:
+  first = str(message).strip().splitlines()
+  print(f"error: {first[0] if first else message}", file=sys.stderr, flush=True)
+  rest = first[1:]
+  if rest:  # e.g. the list of mismatched arrays: still no traceback
+    print("\n".join(rest), file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def run(config, workdir, mode) -> int:
+  # Imported here so `--help` and flag errors stay fast.
+  from effnetv2_jax import checkpoint as ckpt_lib
+  from effnetv2_jax import config_validation
+  from effnetv2_jax import progressive
+  from effnetv2_jax import train
+  from effnetv2_jax import workdir as workdir_lib
+  from effnetv2_jax.data import datasets
+
+  try:
+    if mode == "plan":
+      config_validation.validate_config(config, check_dataset=False, num_devices=1)
+      print(progressive.format_plan(config), flush=True)
+      return 0
+    if not workdir:
+      raise config_validation.ConfigError("--workdir", "is required for --mode=" + mode)
+    if mode == "eval":
+      train.evaluate(config, workdir)
+      return 0
+    result = train.train_and_evaluate(config, workdir)
+    return 0 if result["status"] in ("completed", "preempted", "stopped") else 1
+  except config_validation.ConfigError as e:
+    _fail(str(e), EXIT_BAD_INPUT)
+  except (datasets.DatasetNotPreparedError, ckpt_lib.CheckpointMismatchError,
+          workdir_lib.WorkdirLockedError, FileNotFoundError) as e:
+    _fail(str(e), EXIT_BAD_INPUT)
+  except train.TrainingDivergedError as e:
+    _fail(str(e), EXIT_DIVERGED)
+  return 1
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO if os.environ.get("EFFNET_VERBOSE") else logging.WARNING)
+  sys.exit(run(_CONFIG.value, _WORKDIR.value, _MODE.value))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
