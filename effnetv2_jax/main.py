@@ -69,13 +69,35 @@ def run(config, workdir, mode) -> int:
   return 1
 
 
+def parse_flags(argv):
+  """absl's parser, but a bad `--config...` flag is one `error:` line and exit 2, no traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # an override naming a field the config lacks
+    name = str(e).strip("\"'")
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+           and a.split("=")[0].rsplit(".", 1)[-1] == name]
+    where = bad[0] if bad else "--config"
+    _fail(f"{where}: the config has no field {name!r} (overrides must name existing fields; "
+          "see configs/default.py)", EXIT_BAD_INPUT)
+  except flags.Error as e:
+    _fail(str(e), EXIT_BAD_INPUT)
+  except Exception as e:  # pylint: disable=broad-except  (the config file itself failed to load)
+    _fail(f"--config: {type(e).__name__}: {e}", EXIT_BAD_INPUT)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO if os.environ.get("EFFNET_VERBOSE") else logging.WARNING)
-  sys.exit(run(_CONFIG.value, _WORKDIR.value, _MODE.value))
+  try:
+    config = _CONFIG.value
+    config.get("seed")  # a config file that failed to load only reports it on first access
+  except Exception as e:  # pylint: disable=broad-except
+    _fail("--config: " + " ".join(str(e).split()), EXIT_BAD_INPUT)
+  sys.exit(run(config, _WORKDIR.value, _MODE.value))
 
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
