@@ -108,10 +108,15 @@ def init_distributed() -> None:
   passed explicitly; on Cloud TPU / Slurm / Open MPI JAX detects the cluster itself. Idempotent.
   """
   global _initialized
-  if _initialized or not _launched_multiprocess():
+  if _initialized or jax.distributed.is_initialized() or not _launched_multiprocess():
     return
   env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
+  if env.get("JAX_COORDINATOR_ADDRESS") or env.get("JAX_NUM_PROCESSES"):
+    missing = [v for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+               if not env.get(v)]
+    if missing:
+      raise RuntimeError(f"init_distributed: multi-process launch needs {', '.join(missing)} "
+                         "set as well (coordinator host:port, process count, this process's id)")
     jax.distributed.initialize(
         coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(env["JAX_NUM_PROCESSES"]),

@@ -28,8 +28,6 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def _copy(tree: PyTree) -> PyTree:
-  # A distinct buffer per leaf: donating a state whose EMA aliased the params would donate the
-  # same buffer twice.
   return jax.tree.map(jnp.copy, tree)
 
 
@@ -38,20 +36,28 @@ def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation, 
   """Initialize the model on a one-image batch at `image_size` and build the optimizer state.
 
   EfficientNets end in global pooling, so the variables do not depend on `image_size`; it only has
-  to be a size the model accepts. Init is jitted so large models do not crawl through eager ops.
+  to be a size the model accepts.
   """
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rng, dummy)
-  params = variables["params"]
-  batch_stats = variables.get("batch_stats", {})
-  return TrainState(
-      step=jnp.zeros([], jnp.int32),
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=tx.init(params),
-      ema_params=_copy(params) if ema else None,
-      ema_batch_stats=_copy(batch_stats) if ema else None,
-  )
+
+  # One jitted function for init, optimizer slots and EMA copies: a single compile instead of a
+  # compile per eager op, and the EMA copies are distinct buffers (donating a state whose EMA
+  # aliased the params would donate the same buffer twice).
+  @jax.jit
+  def init(rng):
+    variables = model.init(rng, dummy, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema_params=_copy(params) if ema else None,
+        ema_batch_stats=_copy(batch_stats) if ema else None,
+    )
+
+  return init(rng)
 
 
 def ema_decay_at(step, decay: float) -> jax.Array:

@@ -1,0 +1,118 @@
+"""Data parallelism (effnetv2_jax/sharding.py): same numbers on 1 and 8 devices, one compile."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from effnetv2_jax import optim, sharding, state as state_lib, steps
+from tiny_net import TinyNet
+
+K = 10
+GLOBAL_BATCH = 16
+
+
+def _run(devices, num_steps=3):
+  """Train a few steps on a mesh over `devices`; return (metrics per step, final state, jitted)."""
+  c = default.get_config()
+  c.batch_size, c.warmup_epochs = GLOBAL_BATCH, 1.0  # warmup: a changing LR inside the run
+  tx = optim.make_optimizer(c, 2.0, 100)
+  model = TinyNet(num_classes=K, dropout_rate=0.5)  # dropout on: masks must not depend on sharding
+  mesh = sharding.make_mesh(devices)
+  state = state_lib.create_train_state(jax.random.key(0), model, tx, 8)
+  state = sharding.put_replicated(state, mesh)
+  step = sharding.jit_train_step(
+      steps.make_train_step(model, tx, num_classes=K, label_smoothing=0.1, weight_decay=1e-5,
+                            ema_decay=0.9999, lr_fn=optim.lr_schedule(c, 2.0)), mesh, state)
+  rng = jax.random.key(42)
+  metrics = []
+  for t in range(num_steps):
+    r = np.random.default_rng(t)
+    batch = sharding.shard_batch(
+        {"image": r.normal(size=(GLOBAL_BATCH, 8, 8, 3)).astype(np.float32),
+         "label": r.integers(0, K, size=GLOBAL_BATCH).astype(np.int32)}, mesh)
+    state, m = step(state, batch, rng)
+    metrics.append(jax.device_get(m))
+  return metrics, jax.device_get(state), step, mesh
+
+
+@pytest.fixture(scope="module")
+def runs():
+  assert jax.device_count() == 8, "tests/conftest.py must force 8 CPU devices"
+  return _run(jax.devices()[:1]), _run(jax.devices())
+
+
+def test_one_and_eight_devices_agree(runs):
+  (m1, s1, _, _), (m8, s8, _, mesh8) = runs
+  assert mesh8.size == 8
+  for a, b in zip(m1, m8):
+    np.testing.assert_allclose(a["loss"], b["loss"], atol=1e-5)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+  assert m1[-1]["learning_rate"] > m1[0]["learning_rate"]
+  # BatchNorm statistics are global-batch statistics on both meshes, and so are params and EMA.
+  for field in ("params", "batch_stats", "ema_params", "ema_batch_stats", "opt_state"):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+                 getattr(s1, field), getattr(s8, field))
+
+
+def test_step_compiles_once_and_survives_donation(runs):
+  _, (_, state, step, mesh) = runs
+  compiles = []
+
+  def listener(event, duration, **kw):
+    if "backend_compile" in event:
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    state = sharding.put_replicated(state, mesh)
+    batch = sharding.shard_batch(
+        {"image": np.zeros((GLOBAL_BATCH, 8, 8, 3), np.float32),
+         "label": np.zeros((GLOBAL_BATCH,), np.int32)}, mesh)
+    rng = jax.random.key(0)
+    s1, _ = step(state, batch, rng)
+    s2, m = step(s1, batch, rng)  # the donated s1 buffers are not needed again
+    jax.block_until_ready(s2)
+    compiled_before = len(compiles)
+    jax.jit(lambda x: x * 3)(jnp.ones(2)).block_until_ready()  # the listener does see compiles
+    assert len(compiles) == compiled_before + 1
+    compiles = compiles[:compiled_before]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []  # the fixture's three steps compiled it; these two hit the cache
+  assert step._cache_size() == 1
+  assert int(s2.step) == 5 and np.isfinite(m["loss"])
+  assert s1.params["Dense_0"]["kernel"].is_deleted()  # donation really happened
+  assert s2.params["Dense_0"]["kernel"].sharding.is_fully_replicated
+
+
+def test_eval_sums_agree_across_meshes(runs):
+  (_, s1, _, _), _ = runs
+  model = TinyNet(num_classes=K)
+  r = np.random.default_rng(9)
+  host = {"image": r.normal(size=(GLOBAL_BATCH, 8, 8, 3)).astype(np.float32),
+          "label": r.integers(0, K, size=GLOBAL_BATCH).astype(np.int32),
+          "mask": (np.arange(GLOBAL_BATCH) < 13).astype(np.float32)}
+  out = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(devices)
+    ev = sharding.jit_eval_step(steps.make_eval_step(model, num_classes=K), mesh)
+    out.append(jax.device_get(ev(sharding.put_replicated(state_lib.eval_variables(s1), mesh),
+                                 sharding.shard_batch(host, mesh))))
+  assert out[0]["count"] == out[1]["count"] == 13
+  for k in out[0]:
+    np.testing.assert_allclose(out[0][k], out[1][k], rtol=1e-5)
+
+
+def test_shard_batch_rejects_uneven_batch():
+  mesh = sharding.make_mesh()
+  with pytest.raises(ValueError, match="multiple"):
+    sharding.shard_batch({"image": np.zeros((12, 2, 2, 3), np.float32)}, mesh)
+
+
+def test_init_distributed_is_noop_single_process(monkeypatch):
+  for var in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+              "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(var, raising=False)
+  sharding.init_distributed()
+  assert jax.process_count() == 1

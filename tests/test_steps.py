@@ -1,0 +1,196 @@
+"""Train/eval steps (effnetv2_jax/steps.py) and the train state (effnetv2_jax/state.py)."""
+import functools
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import effnetv2_jax
+from configs import default
+from effnetv2_jax import optim, state as state_lib, steps
+from tiny_net import TinyNet
+
+K = 10
+
+
+@functools.lru_cache(maxsize=None)
+def _init_state():
+  # One init for the whole module (compiles are the slow part of these tests); bf16 and no-EMA
+  # variants reuse it, since params are fp32 either way and only the EMA slots differ.
+  c = default.get_config()
+  c.batch_size, c.warmup_epochs, c.lr_schedule = 256, 0.0, "constant"
+  tx = optim.make_optimizer(c, 10.0, 100)
+  state = state_lib.create_train_state(jax.random.key(0), TinyNet(num_classes=K), tx, 8)
+  return c, tx, state
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(dropout=0.5, dtype=jnp.float32, ema=True, ema_decay=0.9999, mixup_alpha=0.0):
+  c, tx, state = _init_state()
+  if not ema:
+    state = state.replace(ema_params=None, ema_batch_stats=None)
+  model = TinyNet(num_classes=K, dropout_rate=dropout, dtype=dtype)
+  step = steps.make_train_step(model, tx, num_classes=K, label_smoothing=0.1, weight_decay=1e-5,
+                               ema_decay=ema_decay, mixup_alpha=mixup_alpha, cutmix_alpha=0.0,
+                               lr_fn=optim.lr_schedule(c, 10.0))
+  return model, state, jax.jit(step)
+
+
+def _dropout_key(rng, step):
+  # The documented derivation: fold the step into the run key, first half of a split for dropout.
+  return jax.random.split(jax.random.fold_in(rng, step))[0]
+
+
+def _batch(n=8, seed=0):
+  r = np.random.default_rng(seed)
+  return {"image": jnp.asarray(r.normal(size=(n, 8, 8, 3)), jnp.float32),
+          "label": jnp.asarray(r.integers(0, K, size=n), jnp.int32)}
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_ema_decay_warmup_formula():
+  assert float(state_lib.ema_decay_at(0, 0.9999)) == pytest.approx(0.1)
+  assert float(state_lib.ema_decay_at(8, 0.9999)) == pytest.approx(0.5)
+  assert float(state_lib.ema_decay_at(10 ** 7, 0.9999)) == pytest.approx(0.9999)
+  assert float(state_lib.ema_decay_at(10 ** 7, 0.0)) == 0.0
+
+
+def test_ema_covers_params_and_batch_stats():
+  _, s0, step = _setup()
+  s1, m = step(s0, _batch(), jax.random.key(1))
+  d = 0.1  # ema_decay_at(0)
+  for ema0, new, ema1 in ((s0.ema_params, s1.params, s1.ema_params),
+                          (s0.ema_batch_stats, s1.batch_stats, s1.ema_batch_stats)):
+    jax.tree.map(lambda e0, x, e1: np.testing.assert_allclose(e1, d * e0 + (1 - d) * x,
+                                                              rtol=1e-6, atol=1e-7),
+                 ema0, new, ema1)
+  # BN statistics moved, so the EMA test above was not vacuous for them.
+  assert not np.allclose(s1.batch_stats["BatchNorm_0"]["mean"],
+                         s0.batch_stats["BatchNorm_0"]["mean"])
+  assert int(s1.step) == 1 and float(m["bad_step"]) == 0.0
+
+
+def test_ema_disabled_representations():
+  _, s0, step = _setup(ema=False)
+  assert state_lib.create_train_state(
+      jax.random.key(0), TinyNet(num_classes=K), _init_state()[1], 8, ema=False).ema_params is None
+  assert s0.ema_params is None and s0.ema_batch_stats is None
+  s1, _ = step(s0, _batch(), jax.random.key(1))
+  assert s1.ema_params is None
+  assert state_lib.eval_variables(s1)["params"] is s1.params
+  # ema_decay=0 with EMA slots: they are exact copies of the weights.
+  _, s0, step = _setup(ema_decay=0.0)
+  s1, _ = step(s0, _batch(), jax.random.key(1))
+  _assert_trees_equal(s1.ema_params, s1.params)
+  _assert_trees_equal(s1.ema_batch_stats, s1.batch_stats)
+
+
+def test_label_smoothing_targets_and_loss():
+  t = steps.smooth_labels(jax.nn.one_hot(jnp.array([3]), K), 0.1)
+  np.testing.assert_allclose(t[0, 3], 0.91, rtol=1e-6)
+  np.testing.assert_allclose(t[0, 0], 0.01, rtol=1e-6)
+  np.testing.assert_allclose(jnp.sum(t), 1.0, rtol=1e-6)
+  # The step's loss is CE against smoothed targets, plus the L2 term.
+  # Dropout is on: reproducing the step's logits also pins the rng derivation.
+  model, s0, step = _setup()
+  b = _batch()
+  _, m = step(s0, b, jax.random.key(1))
+  logits, _ = model.apply({"params": s0.params, "batch_stats": s0.batch_stats}, b["image"],
+                          train=True, mutable=["batch_stats"],
+                          rngs={"dropout": _dropout_key(jax.random.key(1), 0)})
+  targets = steps.smooth_labels(jax.nn.one_hot(b["label"], K), 0.1)
+  ce = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+  np.testing.assert_allclose(m["ce_loss"], ce, rtol=1e-5)
+  np.testing.assert_allclose(m["loss"], ce + optim.l2_penalty(s0.params, 1e-5), rtol=1e-5)
+
+
+def test_smoothing_applies_after_mixing(monkeypatch):
+  seen = {}
+
+  def fake_mix(rng, images, onehot, *, mixup_alpha, cutmix_alpha):
+    seen["alphas"] = (mixup_alpha, cutmix_alpha)
+    half = jnp.full_like(onehot, 0.0).at[:, :2].set(0.5)  # every example half class 0, half 1
+    return images, half
+
+  fake = types.ModuleType("effnetv2_jax.mixing")
+  fake.mix = fake_mix
+  monkeypatch.setitem(sys.modules, "effnetv2_jax.mixing", fake)
+  monkeypatch.setattr(effnetv2_jax, "mixing", fake, raising=False)
+  model, s0, step = _setup(dropout=0.0, mixup_alpha=0.2)
+  b = _batch()
+  _, m = step(s0, b, jax.random.key(1))
+  assert seen["alphas"] == (0.2, 0.0)
+  logits, _ = model.apply({"params": s0.params, "batch_stats": s0.batch_stats}, b["image"],
+                          train=True, mutable=["batch_stats"])
+  targets = jnp.zeros((8, K)).at[:, :2].set(0.5) * 0.9 + 0.01
+  np.testing.assert_allclose(m["ce_loss"],
+                             jnp.mean(optax.softmax_cross_entropy(logits, targets)), rtol=1e-5)
+
+
+def test_divergence_guard_skips_update_but_advances_step():
+  _, s0, step = _setup()
+  s1, _ = step(s0, _batch(), jax.random.key(1))
+  bad = _batch(seed=1)
+  bad["image"] = bad["image"].at[0, 0, 0, 0].set(jnp.nan)
+  s2, m = step(s1, bad, jax.random.key(1))
+  assert float(m["bad_step"]) == 1.0 and not np.isfinite(float(m["loss"]))
+  assert int(s2.step) == 2
+  for field in ("params", "batch_stats", "opt_state", "ema_params", "ema_batch_stats"):
+    _assert_trees_equal(getattr(s2, field), getattr(s1, field))
+  # Training goes on normally afterwards.
+  s3, m = step(s2, _batch(seed=2), jax.random.key(1))
+  assert float(m["bad_step"]) == 0.0
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(s3))
+
+
+def test_bf16_compute_keeps_fp32_state():
+  _, s0, step = _setup(dtype=jnp.bfloat16)
+  s1, m = step(s0, _batch(), jax.random.key(1))
+  assert np.isfinite(float(m["loss"])) and m["loss"].dtype == jnp.float32
+  for field in ("params", "batch_stats", "opt_state", "ema_params", "ema_batch_stats"):
+    for x in jax.tree.leaves(getattr(s1, field)):
+      if jnp.issubdtype(x.dtype, jnp.floating):
+        assert x.dtype == jnp.float32, field
+
+
+def test_rng_is_folded_with_step():
+  _, s0, step = _setup()
+  b = _batch()
+  a1, ma = step(s0, b, jax.random.key(7))
+  a2, mb = step(s0, b, jax.random.key(7))
+  _assert_trees_equal(a1.params, a2.params)  # same (rng, step) -> same randomness
+  # Same batch at a later step draws different dropout masks.
+  _, mc = step(s0.replace(step=jnp.int32(5)), b, jax.random.key(7))
+  assert float(mc["ce_loss"]) != float(ma["ce_loss"])
+
+
+def test_eval_step_uses_given_variables_and_mask():
+  model, s0, step = _setup()
+  s1, _ = step(s0, _batch(), jax.random.key(1))
+  model = TinyNet(num_classes=K)  # eval builds its own model; dropout is off at eval anyway
+  s1 = s1.replace(ema_params=jax.tree.map(lambda x: x * 0.5, s1.ema_params))
+  ev = jax.jit(steps.make_eval_step(model, num_classes=K))
+  b = _batch(n=8, seed=3)
+  b["mask"] = jnp.array([1, 1, 1, 1, 1, 1, 0, 0], jnp.float32)
+  b["label"] = b["label"].at[6:].set(-1)  # padding rows may carry junk labels
+  out_ema = ev(state_lib.eval_variables(s1), b)
+  out_raw = ev(state_lib.eval_variables(s1, use_ema=False), b)
+
+  logits = model.apply({"params": s1.ema_params, "batch_stats": s1.ema_batch_stats},
+                       b["image"][:6], train=False)
+  labels = b["label"][:6]
+  assert float(out_ema["count"]) == 6.0
+  np.testing.assert_allclose(out_ema["top1_correct"], jnp.sum(jnp.argmax(logits, -1) == labels))
+  top5 = jnp.sum(jnp.any(jax.lax.top_k(logits, 5)[1] == labels[:, None], -1))
+  np.testing.assert_allclose(out_ema["top5_correct"], top5)
+  np.testing.assert_allclose(
+      out_ema["loss_sum"],
+      jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), rtol=1e-5)
+  assert float(out_ema["loss_sum"]) != pytest.approx(float(out_raw["loss_sum"]))
