@@ -176,7 +176,8 @@ def cutout(image, pad_size, replace=FILL_VALUE, seed=None):
 def _seed_or_random(seed):
   if seed is None:
     return tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
-  return tf.cast(seed, tf.int32)
+  seed = tf.convert_to_tensor(seed)
+  return seed if seed.dtype in (tf.int32, tf.int64) else tf.cast(seed, tf.int64)
 
 
 def _random_sign(value, seed):
