@@ -1,4 +1,9 @@
 """Data parallelism (effnetv2_jax/sharding.py): same numbers on 1 and 8 devices, one compile."""
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,14 +31,19 @@ def _run(devices, num_steps=3):
                             ema_decay=0.9999, lr_fn=optim.lr_schedule(c, 2.0)), mesh, state)
   rng = jax.random.key(42)
   metrics = []
+  # Each process feeds only its own rows of the global batch (all of it when single-process).
+  n_local = GLOBAL_BATCH // jax.process_count()
+  rows = slice(jax.process_index() * n_local, (jax.process_index() + 1) * n_local)
   for t in range(num_steps):
     r = np.random.default_rng(t)
     batch = sharding.shard_batch(
-        {"image": r.normal(size=(GLOBAL_BATCH, 8, 8, 3)).astype(np.float32),
-         "label": r.integers(0, K, size=GLOBAL_BATCH).astype(np.int32)}, mesh)
+        {"image": r.normal(size=(GLOBAL_BATCH, 8, 8, 3)).astype(np.float32)[rows],
+         "label": r.integers(0, K, size=GLOBAL_BATCH).astype(np.int32)[rows]}, mesh)
     state, m = step(state, batch, rng)
     metrics.append(jax.device_get(m))
-  return metrics, jax.device_get(state), step, mesh
+  # Replicated arrays: every process holds a full copy, so read its first shard.
+  host_state = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), state)
+  return metrics, host_state, step, mesh
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +83,12 @@ def test_step_compiles_once_and_survives_donation(runs):
     s1, _ = step(state, batch, rng)
     s2, m = step(s1, batch, rng)  # the donated s1 buffers are not needed again
     jax.block_until_ready(s2)
-    compiled_before = len(compiles)
-    jax.jit(lambda x: x * 3)(jnp.ones(2)).block_until_ready()  # the listener does see compiles
-    assert len(compiles) == compiled_before + 1
-    compiles = compiles[:compiled_before]
+    step_compiles = len(compiles)
+    jax.jit(lambda x: x * 3)(m["loss"]).block_until_ready()  # the listener does see compiles
+    assert len(compiles) == step_compiles + 1
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  assert compiles == []  # the fixture's three steps compiled it; these two hit the cache
+  assert step_compiles == 0  # the fixture's three steps compiled it; these two hit the cache
   assert step._cache_size() == 1
   assert int(s2.step) == 5 and np.isfinite(m["loss"])
   assert s1.params["Dense_0"]["kernel"].is_deleted()  # donation really happened
@@ -116,3 +125,29 @@ def test_init_distributed_is_noop_single_process(monkeypatch):
     monkeypatch.delenv(var, raising=False)
   sharding.init_distributed()
   assert jax.process_count() == 1
+
+
+def test_two_processes_match_one(tmp_path):
+  """2 processes x 2 CPU devices (jax.distributed over localhost) == 1 process x 4 devices."""
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(repo, "tests", "mp_worker.py"), str(tmp_path / f"{pid}.npz")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  for p in procs:
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out[-3000:]
+  m4, s4, _, _ = _run(jax.devices()[:4])
+  ref = np.concatenate([np.ravel(x) for x in jax.tree.leaves(s4.params)])
+  for pid in range(2):
+    got = np.load(tmp_path / f"{pid}.npz")
+    np.testing.assert_allclose(got["loss"], [m["loss"] for m in m4], atol=1e-5)
+    np.testing.assert_allclose(got["params"], ref, atol=1e-5)
