@@ -34,7 +34,8 @@ def test_alpha_zero_is_identity():
   np.testing.assert_array_equal(out_l, labels)
 
 
-@pytest.mark.parametrize('mixup_alpha,cutmix_alpha', [(0.4, 0.0), (0.0, 1.0), (1.0, 1.0)]  # same pairs as below: one compile each)
+# Same alpha pairs as the tests below, so each compiles once.
+@pytest.mark.parametrize('mixup_alpha,cutmix_alpha', [(0.4, 0.0), (0.0, 1.0), (1.0, 1.0)])
 def test_soft_labels_sum_to_one(mixup_alpha, cutmix_alpha):
   images, labels = _batch()
   for seed in range(5):
