@@ -155,8 +155,11 @@ class Checkpointer:
     self._mgr.wait_until_finished()
 
   def close(self):
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    """Wait for in-flight writes and release the manager (safe to call twice)."""
+    if self._mgr is not None:
+      self._mgr.wait_until_finished()
+      self._mgr.close()
+      self._mgr = None
 
   def check_compatible(self, step: int, abstract_state):
     """Raise CheckpointMismatchError unless the saved tree has the expected arrays and shapes."""

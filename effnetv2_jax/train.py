@@ -60,7 +60,13 @@ def setup_compilation_cache(config) -> str | None:
   if not cache_dir:
     return None
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  if jax.config.jax_compilation_cache_dir != cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    try:  # JAX decides once per process whether a cache is in use; make it look again.
+      from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+      compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+      pass
   # Cache everything, even the small/fast CPU programs of tests and demos.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -122,11 +128,17 @@ def _fresh_state(config, model, tx, image_size, mesh):
   return sharding.put_replicated(state, mesh)
 
 
-def run_eval(config, facts: RunFacts, model, variables, mesh) -> dict:
-  """Top-1/top-5 over the whole eval split at config.eval_image_size (masked padding excluded)."""
-  from effnetv2_jax.data import input_pipeline
+def make_evaluator(config, facts: RunFacts, mesh):
+  """A function variables -> eval dict, compiled once and reused at every stage end."""
+  model = build_model(config, facts.num_classes, facts.stages[-1].dropout_rate)  # train=False
   eval_step = sharding.jit_eval_step(steps_lib.make_eval_step(model, num_classes=facts.num_classes),
                                      mesh)
+  return lambda variables: run_eval(config, facts, eval_step, variables, mesh)
+
+
+def run_eval(config, facts: RunFacts, eval_step, variables, mesh) -> dict:
+  """Top-1/top-5 over the whole eval split at config.eval_image_size (masked padding excluded)."""
+  from effnetv2_jax.data import input_pipeline
   totals = None
   for batch in input_pipeline.eval_iterator(
       dataset=config.dataset, data_dir=config.data_dir, split=facts.eval_split,
@@ -209,8 +221,6 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
 def _train(config, workdir, *, stop_at_step, flag) -> dict:
   run_t0 = time.perf_counter()
   setup_compilation_cache(config)
-  from effnetv2_jax.data import input_pipeline
-
   facts = resolve(config)
   mesh = sharding.make_mesh()
   tx = optim.make_optimizer(config, facts.steps_per_epoch, facts.total_steps)
@@ -219,6 +229,19 @@ def _train(config, workdir, *, stop_at_step, flag) -> dict:
   train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
   writer = reporting.create_writer(workdir)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  try:
+    return _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt,
+                       stop_at_step=stop_at_step, flag=flag, run_t0=run_t0)
+  finally:
+    # Whatever happens (divergence, an exception, Ctrl-C), in-flight checkpoint writes finish:
+    # an interrupted async write would only leave a tmp dir, but a finished one is progress kept.
+    ckpt.close()
+    writer.close()
+
+
+def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt, *,
+                stop_at_step, flag, run_t0) -> dict:
+  from effnetv2_jax.data import input_pipeline
   cfg_hash = ckpt_lib.config_hash(config)
 
   # --- restore or init ------------------------------------------------------------------------
@@ -248,14 +271,16 @@ def _train(config, workdir, *, stop_at_step, flag) -> dict:
             "stages": {str(k): v for k, v in records.items()}}
 
   def save(stage_index):
+    if bad_run:  # the guard kept the last good state, but never write while diverging
+      return
     if ckpt.save(step, state, meta_for(step, stage_index)):
       logging.info("checkpoint at step %d", step)
 
+  evaluator = make_evaluator(config, facts, mesh)
   eta = reporting.EtaClock()
   num_stages = len(facts.stages)
   bad_run = 0
   status = "completed"
-  model = first_model
   for stage in facts.stages:
     if step >= stage.last_step:
       continue
@@ -299,9 +324,6 @@ def _train(config, workdir, *, stop_at_step, flag) -> dict:
         logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
                         step, bad_run)
         if bad_run >= config.max_bad_steps:
-          ckpt.wait()
-          ckpt.close()
-          writer.flush()
           raise TrainingDivergedError(
               f"training diverged: {bad_run} consecutive non-finite steps ending at step {step} "
               f"(max_bad_steps={config.max_bad_steps}); the last good checkpoint in "
@@ -326,8 +348,7 @@ def _train(config, workdir, *, stop_at_step, flag) -> dict:
       if preempted or (stop_at_step is not None and step >= stop_at_step):
         rec["wall_s"] += time.perf_counter() - stage_t0
         save(stage.index)
-        ckpt.close()
-        writer.flush()
+        ckpt.wait()
         status = "preempted" if preempted else "stopped"
         _print(f"{status} at step {step}: checkpoint saved to {ckpt.directory}/{step}; "
                "rerun the same command to resume")
@@ -342,7 +363,7 @@ def _train(config, workdir, *, stop_at_step, flag) -> dict:
     last = stage.index == num_stages - 1
     if config.eval_every_stage and not last:
       t0 = time.perf_counter()
-      ev = run_eval(config, facts, model, state_lib.eval_variables(state), mesh)
+      ev = evaluator(state_lib.eval_variables(state))
       rec.update(eval_top1=ev["top1"], eval_top5=ev["top5"])
       rec["wall_s"] += time.perf_counter() - t0
       writer.write_scalars(step, {"eval/top1": ev["top1"], "eval/top5": ev["top5"],
@@ -353,13 +374,12 @@ def _train(config, workdir, *, stop_at_step, flag) -> dict:
     save(stage.index)
 
   # --- final evaluation and report -----------------------------------------------------------
-  model = build_model(config, facts.num_classes, facts.stages[-1].dropout_rate)
-  final = run_eval(config, facts, model, state_lib.eval_variables(state), mesh)
+  final = evaluator(state_lib.eval_variables(state))
   records[num_stages - 1].update(eval_top1=final["top1"], eval_top5=final["top5"])
   writer.write_scalars(step, {"eval/top1": final["top1"], "eval/top5": final["top5"],
                               "eval/loss": final["loss"]})
   writer.flush()
-  ckpt.close()
+  ckpt.wait()
   results = {
       "status": status,
       "step": step,
@@ -401,7 +421,7 @@ def evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh()
   variables = sharding.put_replicated({"params": params, "batch_stats": batch_stats}, mesh)
   t0 = time.perf_counter()
-  final = run_eval(config, facts, model, variables, mesh)
+  final = make_evaluator(config, facts, mesh)(variables)
   results = {"status": "evaluated", "source": os.path.abspath(os.path.expanduser(source)),
              "step": src_step, "final_eval": final, "total_wall_s": time.perf_counter() - t0,
              "config": config.to_dict(), "params_checksum": reporting.params_checksum(params)}
