@@ -1,0 +1,171 @@
+"""Layers shared by the model families: initializers, TF-SAME depthwise conv, Conv-BN-Act, SE, DropPath.
+
+Parameter names produced here (weight converters are table lookups over them):
+  ConvBNAct      -> `conv/kernel` [kh, kw, in, out] (or depthwise [k, k, 1, C]), `bn/{scale,bias}`,
+                    batch_stats `bn/{mean,var}`
+  SqueezeExcite  -> `reduce/{kernel,bias}`, `expand/{kernel,bias}` (1x1 convs, kernel [1, 1, in, out])
+
+Precision: parameters and BN statistics are float32 whatever the compute dtype; BatchNorm normalizes in
+float32 and casts back, so bf16 training does not drift the running statistics.
+"""
+from typing import Any, Callable, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+Dtype = Any
+DEPTHWISE_IMPLS = ('auto', 'xla', 'shift')
+
+
+def conv_kernel_init(depthwise: bool = False) -> Callable:
+    """normal(0, sqrt(2 / fan_out)) with fan_out = kh * kw * out_channels, as the official EfficientNet code.
+
+    For a depthwise kernel the official code's fan_out counts the channel multiplier (1), not the
+    channels, so its scale is sqrt(2 / (kh * kw)); Flax's variance_scaling would use k*k*C instead.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        kh, kw, _, out = shape
+        fan_out = kh * kw * (1 if depthwise else out)
+        return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / fan_out)
+    return init
+
+
+def dense_kernel_init(key, shape, dtype=jnp.float32):
+    """uniform(-1/sqrt(num_classes), 1/sqrt(num_classes)): the official head initializer (out, not in)."""
+    limit = 1.0 / np.sqrt(shape[1])
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> Tuple[Tuple[int, int], int]:
+    """TF 'SAME' padding (extra pixel at the end when odd) and the output size for one spatial dim."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return (total // 2, total - total // 2), out
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
+    if impl == 'auto':
+        # XLA:CPU lowers grouped convolutions to a slow generic loop; on GPU/TPU the native op wins.
+        return 'shift' if jax.default_backend() == 'cpu' else 'xla'
+    return impl
+
+
+def _depthwise_xla(x, kernel, stride):
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=x.shape[-1])
+
+
+def _depthwise_shift(x, kernel, stride):
+    """Depthwise conv as k*k shifted multiply-adds over the padded input (strides by strided slicing).
+
+    Every op here is elementwise or a slice/pad, which XLA:CPU vectorizes well, in both directions of
+    autodiff (the transpose of a strided slice is an interior pad).
+    """
+    b, h, w, c = x.shape
+    kh, kw = kernel.shape[:2]
+    pad_h, out_h = same_padding(h, kh, stride)
+    pad_w, out_w = same_padding(w, kw, stride)
+    xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = lax.slice(xp, (0, i, j, 0),
+                            (b, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                            (1, stride, stride, 1))
+            term = tap * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def depthwise_conv(x, kernel, stride: int = 1, impl: str = 'auto'):
+    """Depthwise 2D conv, NHWC input, kernel [k, k, 1, C] (Flax grouped-conv layout), TF-SAME padding."""
+    impl = resolve_depthwise_impl(impl)
+    return (_depthwise_shift if impl == 'shift' else _depthwise_xla)(x, kernel, stride)
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv with a `kernel` [k, k, 1, C] parameter and a choice of implementation."""
+    kernel_size: int
+    strides: int = 1
+    impl: str = 'auto'
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param('kernel', conv_kernel_init(depthwise=True), (k, k, 1, x.shape[-1]),
+                            self.param_dtype)
+        return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.impl)
+
+
+class ConvBNAct(nn.Module):
+    """Conv (no bias) -> BatchNorm -> optional activation. Children are named `conv` and `bn`."""
+    features: int
+    kernel_size: int = 1
+    strides: int = 1
+    act: Union[Callable, None] = nn.swish
+    depthwise: bool = False
+    padding: Union[str, Sequence[Tuple[int, int]]] = 'SAME'  # TF-SAME; ResNet passes explicit pads
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-3
+    bn_scale_init: Callable = nn.initializers.ones
+    depthwise_impl: str = 'auto'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        k, s = self.kernel_size, self.strides
+        if self.depthwise:
+            x = DepthwiseConv(k, s, self.depthwise_impl, self.dtype, name='conv')(x)
+        else:
+            x = nn.Conv(self.features, (k, k), (s, s), self.padding, use_bias=False, dtype=self.dtype,
+                        param_dtype=jnp.float32, kernel_init=conv_kernel_init(), name='conv')(x)
+        # Normalize in float32 (statistics and affine), then cast back to the compute dtype.
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                         epsilon=self.bn_epsilon, dtype=jnp.float32, param_dtype=jnp.float32,
+                         scale_init=self.bn_scale_init, name='bn')(x.astype(jnp.float32))
+        x = x.astype(self.dtype)
+        return self.act(x) if self.act is not None else x
+
+
+class SqueezeExcite(nn.Module):
+    """Spatial mean -> 1x1 conv to `reduced_features` -> act -> 1x1 conv back -> sigmoid gate."""
+    reduced_features: int
+    act: Callable = nn.swish
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        # Mean in float32: a bf16 sum over a large feature map loses too many bits.
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+        conv = lambda f, name: nn.Conv(f, (1, 1), use_bias=True, dtype=self.dtype,
+                                       param_dtype=jnp.float32, kernel_init=conv_kernel_init(),
+                                       name=name)
+        s = self.act(conv(self.reduced_features, 'reduce')(s))
+        s = nn.sigmoid(conv(x.shape[-1], 'expand')(s))
+        return x * s
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample with probability `rate`.
+
+    The mask has shape [B, 1, 1, 1] (not elementwise), kept samples are scaled by 1/survival, and at
+    eval it is the identity. It draws from the 'dropout' rng stream, like the head dropout.
+    """
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if not train or self.rate <= 0.0:
+            return x
+        survival = 1.0 - self.rate
+        u = jax.random.uniform(self.make_rng('dropout'), (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = jnp.floor(survival + u)  # 1 with probability `survival`, as in the official code
+        return x * (mask / survival).astype(x.dtype)
