@@ -39,12 +39,14 @@ class DecodeStats:
     self._lock = threading.Lock()
     self.failures = 0
 
-  def add(self, n: int) -> None:
+  def add(self, n: int, log: bool = False) -> None:
     if n > 0:
       with self._lock:
         self.failures += n
-      tf.get_logger().warning('input pipeline: skipped %d undecodable image(s) (%d in total)', n,
-                              _TOTAL.failures if self is not _TOTAL else self.failures)
+        total = self.failures
+      if log:
+        tf.get_logger().warning('input pipeline: skipped %d undecodable image(s) (%d in this '
+                                'process so far)', n, total)
 
 
 _TOTAL = DecodeStats()
@@ -89,7 +91,7 @@ class BatchIterator:
   def _count(self, n):
     if n > 0:
       self.stats.add(n)
-      _TOTAL.add(n)
+      _TOTAL.add(n, log=True)  # the warning reaches the logs even if the caller never asks
 
 
 # ---------------------------------------------------------------------------------------- sources
