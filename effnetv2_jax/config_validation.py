@@ -12,7 +12,7 @@ V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "e
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
 LR_SCHEDULES = ("exponential", "cosine", "constant")
-FAMILIES = ("auto", "v2", "v2-base")
+FAMILIES = ("auto", "v2", "v2-base", "small")
 
 
 class ConfigError(ValueError):

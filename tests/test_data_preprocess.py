@@ -60,3 +60,27 @@ def test_v2_random_crop_reaches_small_areas():
 def test_unknown_family():
   with pytest.raises(ValueError, match='v2-base'):
     preprocess.eval_image(np.zeros((8, 8, 3), np.uint8), image_size=8, family='b0')
+
+
+def test_small_family_keeps_the_whole_image():
+  # A left half black / right half white image: a crop would change the column means.
+  img = np.zeros((28, 28, 3), np.uint8)
+  img[:, 14:] = 255
+  out = preprocess.eval_image(tf.constant(img), image_size=28, family='small').numpy()
+  np.testing.assert_allclose(out[:, :14], -1.0)
+  np.testing.assert_allclose(out[:, 14:], 1.0)
+  # Train without augmentation: the same picture up to a horizontal flip.
+  tr = preprocess.train_image(tf.constant(img), image_size=28, family='small',
+                              seed=tf.constant([3, 4], tf.int64), randaug_magnitude=0.0).numpy()
+  assert np.allclose(tr, out) or np.allclose(tr, out[:, ::-1])
+
+
+def test_small_family_scales_randaugment_pixel_constants():
+  from effnetv2_jax.data import randaug
+  assert randaug.scaled_hparams(224) == randaug.RANDAUGMENT_HPARAMS
+  small = randaug.scaled_hparams(28)
+  assert small == {'cutout_const': 5, 'translate_const': 12}
+  # Translating a 28-px image by the scaled constant at magnitude 10 keeps part of it in frame.
+  img = tf.fill([28, 28, 3], tf.constant(200, tf.uint8))
+  moved = randaug.apply_op(img, 'TranslateX', 10.0, tf.constant([0, 1], tf.int64), small).numpy()
+  assert (moved == 200).mean() > 0.5

@@ -9,6 +9,9 @@ Families:
             Inception crop with area (0.08, 1), min_object_covered 0.1, falling back to the eval centre
             crop when no box is found; bicubic resize; flip; AutoAugment v0 or RandAugment; ImageNet
             mean/std. Eval = centre crop size/(size+32), bicubic.
+  'small'   low-resolution datasets (Fashion-MNIST, CIFAR) and the official fine-tuning recipe: no crop,
+            the whole image resized (bilinear), flip, RandAugment with its pixel constants scaled to
+            the image size (randaug.scaled_hparams); (x/255 - 0.5)/0.5. Eval = whole image resized.
 Randomness comes from a per-example stateless `seed` (shape [2]) so a batch is a pure function of
 (global seed, example position): that is what makes resumed runs see identical batches.
 Works for tiny inputs (28x28 Fashion-MNIST at 16-32 px): crops are clamped to at least 1 pixel.
@@ -19,7 +22,7 @@ import tensorflow as tf
 
 from effnetv2_jax.data import randaug
 
-FAMILIES = ('v2', 'v2-base')
+FAMILIES = ('v2', 'v2-base', 'small')
 EVAL_CROP_PADDING = 32            # eval crop side = size / (size + 32) * short side
 V2_SQUASH_EVAL_FROM = 320         # 'v2' eval resizes the whole image at and above this size
 V2_CROP_AREA = (0.05, 1.0)
@@ -45,7 +48,7 @@ def decode(image_bytes):
 
 
 def _resize_method(family):
-  return 'bilinear' if family == 'v2' else 'bicubic'
+  return 'bicubic' if family == 'v2-base' else 'bilinear'
 
 
 def normalize(image, family):
@@ -53,6 +56,8 @@ def normalize(image, family):
   image = tf.cast(image, tf.float32)
   if family == 'v2':
     return (image - V2_MEAN) / V2_STD
+  if family == 'small':
+    return (image / 255.0 - 0.5) / 0.5
   return (image - tf.constant(IMAGENET_MEAN_RGB)) / tf.constant(IMAGENET_STD_RGB)
 
 
@@ -85,7 +90,7 @@ def random_crop(image, family, image_size, seed):
   return tf.cond(failed, lambda: center_crop(image, image_size), lambda: crop)
 
 
-def _augment(image_float, *, randaug_layers, randaug_magnitude, autoaugment, seed):
+def _augment(image_float, *, randaug_layers, randaug_magnitude, autoaugment, seed, hparams=None):
   """Apply AutoAugment / RandAugment on uint8 as the official code does (clip, truncate, augment)."""
   use_aa = autoaugment
   use_ra = (not autoaugment) and randaug_layers > 0 and randaug_magnitude > 0
@@ -95,7 +100,7 @@ def _augment(image_float, *, randaug_layers, randaug_magnitude, autoaugment, see
   if use_aa:
     image = randaug.autoaugment(image, seed=seed)
   else:
-    image = randaug.randaugment(image, randaug_layers, randaug_magnitude, seed=seed)
+    image = randaug.randaugment(image, randaug_layers, randaug_magnitude, seed=seed, hparams=hparams)
   return tf.cast(image, tf.float32)
 
 
@@ -104,11 +109,13 @@ def train_image(image, *, image_size, family, seed, randaug_layers=2, randaug_ma
   """uint8 [H, W, 3] -> float32 [image_size, image_size, 3], normalised, randomly augmented."""
   check_family(family)
   crop_seed, flip_seed, aug_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-  image = random_crop(image, family, image_size, crop_seed)
+  if family != 'small':
+    image = random_crop(image, family, image_size, crop_seed)
   image = tf.image.resize(image, [image_size, image_size], method=_resize_method(family))
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  hparams = randaug.scaled_hparams(image_size) if family == 'small' else None
   image = _augment(image, randaug_layers=randaug_layers, randaug_magnitude=randaug_magnitude,
-                   autoaugment=autoaugment, seed=aug_seed)
+                   autoaugment=autoaugment, seed=aug_seed, hparams=hparams)
   image = normalize(image, family)
   image.set_shape([image_size, image_size, 3])
   return image
@@ -117,7 +124,7 @@ def train_image(image, *, image_size, family, seed, randaug_layers=2, randaug_ma
 def eval_image(image, *, image_size, family):
   """uint8 [H, W, 3] -> float32 [image_size, image_size, 3], normalised, deterministic."""
   check_family(family)
-  if not (family == 'v2' and image_size >= V2_SQUASH_EVAL_FROM):
+  if family != 'small' and not (family == 'v2' and image_size >= V2_SQUASH_EVAL_FROM):
     image = center_crop(image, image_size)
   image = tf.image.resize(image, [image_size, image_size], method=_resize_method(family))
   image = normalize(image, family)

@@ -235,9 +235,24 @@ def apply_op(image, name, level, seed=None, hparams=None):
   return tf.ensure_shape(out, image.shape)
 
 
+def scaled_hparams(image_size: int, reference_size: int = 224) -> dict:
+  """RandAugment's pixel constants scaled from ImageNet-sized crops to `image_size`.
+
+  The official constants (translate 100 px, cutout 40 px) assume ~224-px crops; on a 28-px image
+  they push the whole picture out of frame at any magnitude. Scaling them keeps each op's effect
+  the same fraction of the image, which is what the magnitude means.
+  """
+  ratio = image_size / reference_size
+  return {k: max(1, int(round(v * ratio))) for k, v in RANDAUGMENT_HPARAMS.items()}
+
+
 @_no_autograph
-def randaugment(image_uint8_hwc, num_layers=2, magnitude=10.0, seed=None):
-  """RandAugment: `num_layers` times, apply one uniformly chosen op of `OPS` at `magnitude`."""
+def randaugment(image_uint8_hwc, num_layers=2, magnitude=10.0, seed=None, hparams=None):
+  """RandAugment: `num_layers` times, apply one uniformly chosen op of `OPS` at `magnitude`.
+
+  `hparams` overrides the pixel constants of the translate and cutout ops (default
+  RANDAUGMENT_HPARAMS, the official ImageNet values).
+  """
   image = tf.convert_to_tensor(image_uint8_hwc)
   if image.dtype != tf.uint8:
     raise TypeError(f'randaugment expects uint8 images, got {image.dtype}')
@@ -245,7 +260,7 @@ def randaugment(image_uint8_hwc, num_layers=2, magnitude=10.0, seed=None):
   for layer in range(num_layers):
     choice = tf.random.stateless_uniform([], seeds[2 * layer], maxval=len(OPS), dtype=tf.int32)
     op_seed = seeds[2 * layer + 1]
-    branches = [functools.partial(apply_op, image, name, magnitude, op_seed) for name in OPS]
+    branches = [functools.partial(apply_op, image, name, magnitude, op_seed, hparams) for name in OPS]
     image = tf.switch_case(choice, branches)
   return image
 
