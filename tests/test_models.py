@@ -199,3 +199,13 @@ def test_baselines_run_forward_and_train(name, overrides):
     logits, upd = jit_train(model, v, x, 2)
     assert logits.shape == (2, 3) and np.all(np.isfinite(logits))
     assert set(upd) == {'batch_stats'}
+
+
+def test_models_and_porting_never_import_tensorflow():
+    """House rule: TF lives under data/ only, so synthetic-data benchmarks run where TF is absent."""
+    import subprocess
+    import sys
+    code = ('import sys, effnetv2_jax.models as m, effnetv2_jax.porting; m.count_macs("efficientnetv2-b0", 64); '
+            'bad = [n for n in sys.modules if n.split(".")[0] in ("tensorflow", "keras")]; '
+            'assert not bad, bad')
+    subprocess.run([sys.executable, '-c', code], check=True)
