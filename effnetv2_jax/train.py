@@ -192,13 +192,15 @@ def _check_inputs(config):
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
-                       preemption: workdir_lib.PreemptionFlag | None = None) -> dict:
+                       preemption: workdir_lib.PreemptionFlag | None = None,
+                       devices=None) -> dict:
   """Train `config` in `workdir` (resuming from its latest checkpoint) and evaluate.
 
   Returns a dict with 'status': 'completed' (results.json written), 'preempted' (SIGTERM: the
   current step was checkpointed) or 'stopped' (`stop_at_step` reached, checkpointed; a test hook
   that simulates an interruption at an exact step). Raises TrainingDivergedError after
-  config.max_bad_steps consecutive non-finite steps.
+  config.max_bad_steps consecutive non-finite steps. `devices` restricts the mesh (default: all
+  devices of all processes).
   """
   sharding.init_distributed()
   _check_inputs(config)
@@ -211,18 +213,18 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
   try:
     if own_flag:
       flag.__enter__()
-    return _train(config, workdir, stop_at_step=stop_at_step, flag=flag)
+    return _train(config, workdir, stop_at_step=stop_at_step, flag=flag, devices=devices)
   finally:
     if own_flag:
       flag.__exit__(None, None, None)
     lock.release()
 
 
-def _train(config, workdir, *, stop_at_step, flag) -> dict:
+def _train(config, workdir, *, stop_at_step, flag, devices) -> dict:
   run_t0 = time.perf_counter()
   setup_compilation_cache(config)
   facts = resolve(config)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(devices)
   tx = optim.make_optimizer(config, facts.steps_per_epoch, facts.total_steps)
   lr_fn = optim.lr_schedule(config, facts.steps_per_epoch, facts.total_steps)
   _, train_rng = _rngs(config)
@@ -400,7 +402,7 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
   return results
 
 
-def evaluate(config, workdir: str) -> dict:
+def evaluate(config, workdir: str, *, devices=None) -> dict:
   """Evaluate `config.init_from` (or the workdir's latest checkpoint) and write results.json."""
   sharding.init_distributed()
   _check_inputs(config)
@@ -418,7 +420,7 @@ def evaluate(config, workdir: str) -> dict:
   lines = ckpt_lib.describe_mismatch(saved, expected)
   if lines:
     raise ckpt_lib._mismatch_error(source, lines)  # pylint: disable=protected-access
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(devices)
   variables = sharding.put_replicated({"params": params, "batch_stats": batch_stats}, mesh)
   t0 = time.perf_counter()
   final = make_evaluator(config, facts, mesh)(variables)

@@ -5,11 +5,15 @@ multi-host) need data that exists outside the test process.
 """
 import os
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One persistent XLA cache for every trainer test run (in-process and subprocesses, and across
+# sessions): only the first run of a program pays for compiling it.
+CACHE_DIR = os.path.join(tempfile.gettempdir(), f"effnetv2_jax_test_xla_cache_{os.getuid()}")
 TINY_BLOCKS = ["r1_k3_s1_e1_i8_o8_c1", "r1_k3_s2_e4_i8_o16_se0.25"]
 
 

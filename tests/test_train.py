@@ -1,0 +1,253 @@
+"""The training loop end to end on a tiny two-stage config and a tiny image-folder dataset.
+
+The runs use a one-device mesh (conftest forces 8 CPU devices; 1-vs-8-device numerics are pinned in
+test_sharding.py, and the multi-device loop in test_multihost.py): XLA:CPU's emulated devices run
+collectives on a shared thread pool that can deadlock on a 2-core machine when a collective program
+comes from the persistent cache, see the report in the commit log.
+
+One uninterrupted run (module fixture) is the reference: it must write TensorBoard events,
+checkpoints and a complete results.json, compile the train step exactly once per stage, and a run
+stopped mid-stage and again just past the stage boundary must end with bitwise-equal params.
+All runs share one persistent compilation cache, so only the first pays for compiling.
+"""
+import glob
+import json
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from effnetv2_jax import checkpoint as ckpt_lib
+from effnetv2_jax import main as main_lib
+from effnetv2_jax import reporting
+from effnetv2_jax import sharding
+from effnetv2_jax import train
+from effnetv2_jax import workdir as workdir_lib
+
+import _train_fixtures as fx
+
+STEPS = 8  # two stages of 4 steps: 16px then 24px
+ONE = jax.devices()[:1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  base = tmp_path_factory.mktemp("train")
+  data = fx.make_folder_dataset(str(base / "data"))
+  return {"base": base, "data": data, "cache": fx.CACHE_DIR}
+
+
+def _config(env, **kw):
+  kw.setdefault("cache", env["cache"])
+  return fx.tiny_config(env["data"], steps=STEPS, **kw)
+
+
+class _CompileCounter(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.names = []
+
+  def emit(self, record):
+    msg = record.getMessage()
+    if msg.startswith("Compiling jit("):
+      self.names.append(msg[len("Compiling jit("):msg.index(")")])
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+  """An uninterrupted run; returns (workdir, results, names of compiled jit functions)."""
+  wd = str(env["base"] / "reference")
+  counter = _CompileCounter()
+  logger = logging.getLogger("jax._src.interpreters.pxla")
+  logger.addHandler(counter)
+  try:
+    with jax.log_compiles(True):
+      results = train.train_and_evaluate(_config(env), wd, devices=ONE)
+  finally:
+    logger.removeHandler(counter)
+  return wd, results, counter.names
+
+
+def test_results_json_is_complete(reference):
+  wd, results, _ = reference
+  with open(os.path.join(wd, "results.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk["params_checksum"] == results["params_checksum"]
+  assert on_disk["final_eval"]["num_examples"] == 16  # every eval image exactly once
+  assert 0.0 <= on_disk["final_eval"]["top1"] <= on_disk["final_eval"]["top5"] <= 1.0
+  stages = on_disk["stages"]
+  assert [s["image_size"] for s in stages] == [16, 24]
+  assert [(s["first_step"], s["last_step"], s["steps"]) for s in stages] == [(0, 4, 4), (4, 8, 4)]
+  assert [s["dropout_rate"] for s in stages] == [0.1, 0.2]  # paper preset schedules dropout
+  assert [s["mixup_alpha"] for s in stages] == [0.0, 0.2]
+  assert all(s["compile_s"] > 0 and s["wall_s"] >= s["compile_s"] for s in stages)
+  assert "eval_top1" in stages[0]  # stage-end eval
+  assert on_disk["total_wall_s"] > 0
+  assert on_disk["config"]["model_name"] == "efficientnetv2-b0"
+  assert not glob.glob(os.path.join(wd, "*.tmp*"))  # written atomically
+  assert not os.path.exists(os.path.join(wd, ".lock"))  # released at the end
+
+
+def test_checksum_is_of_the_final_checkpointed_params(reference):
+  wd, results, _ = reference
+  ck = ckpt_lib.Checkpointer(wd, read_only=True)
+  assert ck.latest_step() == STEPS
+  assert ck.all_steps() == [6, 8]  # keep_checkpoints=2 (saves at 3, 4, 6, 8)
+  assert ck.read_meta(STEPS)["stage"] == 1
+  raw = jax.tree.map(np.asarray, ck._mgr.restore(STEPS)["state"]["params"])  # pylint: disable=protected-access
+  ck.close()
+  assert reporting.params_checksum(raw) == results["params_checksum"]
+
+
+def test_tensorboard_events_hold_train_and_eval_scalars(reference):
+  wd, _, _ = reference
+  events = glob.glob(os.path.join(wd, "events.out.tfevents.*"))
+  assert events
+  import tensorflow as tf  # only to read the event file back
+  tags = set()
+  for path in events:
+    for e in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in e.summary.value)
+  assert {"train/loss", "train/accuracy", "train/lr", "train/steps_per_sec",
+          "eval/top1", "eval/top5"} <= tags
+
+
+def test_train_step_compiles_exactly_once_per_stage(reference):
+  _, _, compiled = reference
+  assert compiled.count("train_step") == 2, compiled
+  assert compiled.count("eval_step") == 1, compiled  # one evaluator for every stage end
+
+
+def test_interrupted_runs_resume_bitwise(env, reference):
+  """Stop mid stage 1, again one step into stage 2, then finish: same params as no interruption."""
+  _, ref, _ = reference
+  wd = str(env["base"] / "interrupted")
+  cfg = _config(env)
+  first = train.train_and_evaluate(cfg, wd, stop_at_step=3, devices=ONE)
+  assert first == {"status": "stopped", "step": 3}
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+  assert train.train_and_evaluate(cfg, wd, stop_at_step=5, devices=ONE)["step"] == 5
+  final = train.train_and_evaluate(cfg, wd, devices=ONE)
+  assert final["status"] == "completed"
+  assert final["params_checksum"] == ref["params_checksum"]
+  assert final["final_eval"] == ref["final_eval"]
+  # Per-stage bookkeeping survives the restarts: stage 1 compiled in two runs, stage 0 in one.
+  assert final["stages"][0]["eval_top1"] == ref["stages"][0]["eval_top1"]
+
+
+def test_eval_mode_reproduces_the_final_eval(env, reference):
+  wd, ref, _ = reference
+  cfg = _config(env)
+  cfg.init_from = wd
+  out = str(env["base"] / "eval_only")
+  res = train.evaluate(cfg, out, devices=ONE)
+  assert res["final_eval"] == ref["final_eval"]
+  assert res["step"] == STEPS
+  with open(os.path.join(out, "results.json")) as f:
+    assert json.load(f)["final_eval"]["num_examples"] == 16
+
+
+def test_init_from_keeps_the_body_and_reinitialises_another_head(env, reference, caplog):
+  wd, _, _ = reference
+  cfg = _config(env)
+  cfg.init_from = wd
+  cfg.num_classes = 5
+  mesh = sharding.make_mesh(ONE)
+  model = train.build_model(cfg, 5, 0.1)
+  tx = train.optim.make_optimizer(cfg, 4, STEPS)
+  with caplog.at_level(logging.INFO):
+    st = train._fresh_state(cfg, model, tx, 16, mesh)  # pylint: disable=protected-access
+  assert "classifier.kernel" in caplog.text and "re-initialised" in caplog.text
+  src_params, _, _ = ckpt_lib.load_variables(wd)  # EMA weights of the reference
+  np.testing.assert_array_equal(st.params["stem"]["conv"]["kernel"],
+                                src_params["stem"]["conv"]["kernel"])
+  np.testing.assert_array_equal(st.ema_params["stem"]["conv"]["kernel"],
+                                src_params["stem"]["conv"]["kernel"])
+  assert st.params["classifier"]["kernel"].shape == (16, 5)
+  assert int(st.step) == 0  # fine-tuning starts a new schedule
+
+
+def test_divergence_stops_without_checkpointing_a_bad_state(env, monkeypatch, caplog):
+  """NaN inputs from step 5 on: the guard skips the updates, the run stops after max_bad_steps
+  naming the step, and no checkpoint is written after the last good step."""
+  from effnetv2_jax.data import input_pipeline
+  real = input_pipeline.train_iterator
+
+  def poisoned(**kw):
+    step = kw["start_step"]
+    for batch in real(**kw):
+      if step >= 5:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      step += 1
+      yield batch
+  monkeypatch.setattr(input_pipeline, "train_iterator", poisoned)
+  cfg = _config(env, ckpt_every=1)
+  cfg.max_bad_steps = 2
+  wd = str(env["base"] / "diverge")
+  with pytest.raises(train.TrainingDivergedError, match="2 consecutive non-finite steps ending "
+                     "at step 7"):
+    train.train_and_evaluate(cfg, wd, devices=ONE)
+  assert "step 6: non-finite loss or gradient, update skipped" in caplog.text
+  ck = ckpt_lib.Checkpointer(wd, read_only=True)
+  assert ck.all_steps() == [4, 5]  # step 6 (bad) is never saved, nor anything at the stop
+  ck.close()
+  assert not os.path.exists(os.path.join(wd, ".lock"))
+
+
+def test_cli_exit_codes(env, monkeypatch, capsys):
+  def diverge(*a, **k):
+    raise train.TrainingDivergedError("training diverged: 10 consecutive non-finite steps")
+  monkeypatch.setattr(train, "train_and_evaluate", diverge)
+  with pytest.raises(SystemExit) as e:
+    main_lib.run(_config(env), str(env["base"] / "cli"), "train")
+  assert e.value.code == main_lib.EXIT_DIVERGED == 3
+  assert capsys.readouterr().err == "error: training diverged: 10 consecutive non-finite steps\n"
+
+
+def test_bad_config_fails_before_touching_the_workdir(env, capsys):
+  cfg = _config(env)
+  cfg.progressive.min_image_size = 64  # > max_image_size 24
+  wd = str(env["base"] / "never_created")
+  with pytest.raises(SystemExit) as e:
+    main_lib.run(cfg, wd, "train")
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: progressive.min_image_size: 64 is larger than progressive.max_image_size 24"]
+  assert not os.path.exists(wd)
+
+
+def test_missing_dataset_is_one_line(env, capsys):
+  cfg = _config(env)
+  cfg.dataset = "cifar10"
+  cfg.data_dir = str(env["base"] / "no_tfds_here")
+  with pytest.raises(SystemExit) as e:
+    main_lib.run(cfg, str(env["base"] / "no_data"), "train")
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "cifar10" in err[0]
+
+
+def test_busy_workdir_is_refused_naming_the_holder(env, capsys):
+  wd = str(env["base"] / "busy")
+  with workdir_lib.WorkdirLock(wd):
+    with pytest.raises(SystemExit) as e:
+      main_lib.run(_config(env), wd, "train")
+  assert e.value.code == 2
+  assert f"pid {os.getpid()}" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_named(env, reference, capsys, tmp_path):
+  wd, _, _ = reference
+  cfg = _config(env)
+  cfg.num_classes = 7
+  other = str(tmp_path / "wd")
+  shutil.copytree(os.path.join(wd, "checkpoints"), os.path.join(other, "checkpoints"))
+  with pytest.raises(SystemExit) as e:
+    main_lib.run(cfg, other, "train")
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "params.classifier.kernel: checkpoint shape (16, 2) != model shape (16, 7)" in err
+  assert "Traceback" not in err
