@@ -182,7 +182,8 @@ class Checkpointer:
     return state, dict(restored["meta"] or {})
 
 
-def load_variables(path: str, *, step: int | None = None) -> tuple[dict, dict, int]:
+def load_variables(path: str, *, step: int | None = None,
+                   prefer_ema: bool = True) -> tuple[dict, dict, int]:
   """Read params and batch_stats (EMA if present) from a checkpoint of this package.
 
   `path` is a workdir, its `checkpoints` directory or a single step directory. Used by
@@ -216,8 +217,10 @@ def load_variables(path: str, *, step: int | None = None) -> tuple[dict, dict, i
     restored = jax.device_get(restored["state"])
   finally:
     mgr.close()
-  params = restored.get("ema_params") or restored["params"]
-  batch_stats = restored.get("ema_batch_stats") or restored.get("batch_stats") or {}
+  if prefer_ema and restored.get("ema_params"):
+    return restored["ema_params"], restored.get("ema_batch_stats") or {}, int(step)
+  params = restored["params"]
+  batch_stats = restored.get("batch_stats") or {}
   return params, batch_stats, int(step)
 
 
