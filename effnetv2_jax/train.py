@@ -35,6 +35,7 @@ from effnetv2_jax import workdir as workdir_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESULTS_NAME = "results.json"
+EVAL_RESULTS_NAME = "eval_results.json"  # --mode=eval on a training workdir
 
 
 class TrainingDivergedError(RuntimeError):
@@ -403,7 +404,11 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
 
 
 def evaluate(config, workdir: str, *, devices=None) -> dict:
-  """Evaluate `config.init_from` (or the workdir's latest checkpoint) and write results.json."""
+  """Evaluate `config.init_from` (or the workdir's latest checkpoint) with its EMA weights.
+
+  Writes DIR/results.json, or DIR/eval_results.json when DIR is the checkpoint's own training
+  workdir (its results.json belongs to the training run).
+  """
   sharding.init_distributed()
   _check_inputs(config)
   setup_compilation_cache(config)
@@ -428,8 +433,12 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
              "step": src_step, "final_eval": final, "total_wall_s": time.perf_counter() - t0,
              "config": config.to_dict(), "params_checksum": reporting.params_checksum(params)}
   os.makedirs(workdir, exist_ok=True)
+  # Evaluating a training workdir must not clobber its training results.json.
+  same = os.path.abspath(os.path.expanduser(workdir)) == results["source"]
+  out = os.path.join(workdir, EVAL_RESULTS_NAME if same else RESULTS_NAME)
+  results["results_file"] = out
   if jax.process_index() == 0:
-    reporting.write_json_atomic(os.path.join(workdir, RESULTS_NAME), results)
+    reporting.write_json_atomic(out, results)
   _print(f"eval of {results['source']} (step {src_step}): top1 {final['top1']:.4f} top5 "
-         f"{final['top5']:.4f} on {final['num_examples']} images")
+         f"{final['top5']:.4f} on {final['num_examples']} images; written to {out}")
   return results

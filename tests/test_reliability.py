@@ -176,5 +176,6 @@ def test_interrupted_cli_runs_end_with_the_uninterrupted_params(env):
   cli.finish()
 
   final = _Cli(env, wd).run_to_end()  # also takes over the dead run's stale lock
+  assert os.listdir(fx.CACHE_DIR)  # the persistent compilation cache is on by default
   assert final["params_checksum"] == reference["params_checksum"]
   assert final["final_eval"] == reference["final_eval"]

@@ -148,6 +148,13 @@ def test_eval_mode_reproduces_the_final_eval(env, reference):
   assert res["step"] == STEPS
   with open(os.path.join(out, "results.json")) as f:
     assert json.load(f)["final_eval"]["num_examples"] == 16
+  # Evaluating the training workdir itself leaves its training results.json alone.
+  cfg.init_from = ""
+  train.evaluate(cfg, wd, devices=ONE)
+  with open(os.path.join(wd, "results.json")) as f:
+    assert "stages" in json.load(f)
+  with open(os.path.join(wd, "eval_results.json")) as f:
+    assert json.load(f)["final_eval"] == ref["final_eval"]
 
 
 def test_init_from_keeps_the_body_and_reinitialises_another_head(env, reference, caplog):
