@@ -33,6 +33,17 @@ STEPS = 8  # two stages of 4 steps: 16px then 24px
 ONE = jax.devices()[:1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_compilation_cache_setting():
+  """The runs here turn the persistent cache on for this process; later test modules must not
+  inherit it (emulated-device collective programs loaded from it can deadlock, see above)."""
+  before = jax.config.jax_compilation_cache_dir
+  yield
+  jax.config.update("jax_compilation_cache_dir", before)
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   base = tmp_path_factory.mktemp("train")
