@@ -136,8 +136,8 @@ def format_plan(config, num_train_examples: int | None = None) -> str:
   for s, mac, w in zip(table, macs, work):
     epochs = f"{s.num_steps / steps_per_epoch:.1f}" if steps_per_epoch else "-"
     lines.append(
-        f"| {s.index} | {s.image_size} | {s.randaug_magnitude:g} | {s.mixup_alpha:g} | "
-        f"{s.cutmix_alpha:g} | {s.dropout_rate:g} | {s.first_step}-{s.last_step} | {epochs} | "
+        f"| {s.index} | {s.image_size} | {s.randaug_magnitude:.3g} | {s.mixup_alpha:.3g} | "
+        f"{s.cutmix_alpha:.3g} | {s.dropout_rate:.3g} | {s.first_step}-{s.last_step} | {epochs} | "
         f"{mac / 1e9:.3f} | {100 * w / total_work:.1f}% |")
   # What the same number of steps would cost at the final size alone (the 'none' baseline).
   flat = macs[-1] * table[-1].last_step

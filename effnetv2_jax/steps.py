@@ -33,7 +33,9 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _select(pred: jax.Array, on_true, on_false):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+  # One conditional over the whole state, not a `where` per leaf: XLA:CPU spent ~20 s of a ~30 s
+  # train-step compile on per-leaf selects (measured on the demo model); the cond compiles in ~1 s.
+  return jax.lax.cond(pred, lambda: on_true, lambda: on_false)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, *, num_classes: int,
@@ -91,6 +93,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *, num_classes: int
     updates, new_opt_state = optax.with_extra_args_support(tx).update(
         grads, state.opt_state, state.params, step=state.step)
     new_params = optax.apply_updates(state.params, updates)
+    # A finite gradient can still produce an overflowing update; never keep non-finite weights.
+    ok = ok & _all_finite(new_params)
 
     new = (new_params, new_batch_stats, new_opt_state)
     old = (state.params, state.batch_stats, state.opt_state)
