@@ -10,6 +10,8 @@ Names:
     of train, evaluated on instead of `validation`), ``imagenet2012_subset/1pct`` and ``/10pct`` (TFDS'
     semi-supervised subsets), ``cifar10``, ``cifar100``, ``oxford_flowers102``, ``cars196``,
     ``fashion_mnist``;
+  * ``imagenet21k``: TFDS has no builder for it; the name points at a TFDS dataset the user builds
+    (single integer labels: the pipeline has no multi-hot labels), see ``_IMAGENET21K_HINT``;
   * ``folder:/path/to/root``: class-per-subfolder images. If ``root`` has split subdirectories
     (``train`` and one of ``val``/``validation``/``test``) those are the splits; otherwise the root itself
     holds the class folders and is the single split ``all`` (used for both train and eval).
@@ -65,6 +67,17 @@ _FASHION_HINT = (
     '`python -m effnetv2_jax.data.prepare fashion_mnist --data_dir=DATA_DIR` '
     '(or `tfds build fashion_mnist` where a network exists).')
 
+# TFDS ships no ImageNet-21k builder (the data is behind a login), so the entry names a dataset the
+# user builds; the sizes are the paper's round figures and only convert epochs to steps.
+IMAGENET21K_CLASSES = 21_843  # the released code's count; the paper says 21,841 (reference sec. 9)
+IMAGENET21K_TRAIN_SIZE = 13_000_000  # "about 13M training images" (paper); set num_train_steps to pin
+IMAGENET21K_EVAL_SIZE = 100_000
+_IMAGENET21K_HINT = (
+    'TFDS has no ImageNet-21k builder: create one with `tfds new imagenet21k` whose examples are '
+    '{"image": jpeg, "label": int in [0, 21843)} with splits "train" and "validation" (one label per '
+    'image: multi-hot labels are not supported), then `tfds build imagenet21k --data_dir=DATA_DIR`; '
+    'or use dataset="folder:/path/to/unpacked/fall11" (class-per-subfolder, slow to list at this size).')
+
 # name -> (tfds_name, classes, train split, eval split, #train, #eval, hint)
 _REGISTRY: dict[str, DatasetInfo] = {}
 
@@ -89,6 +102,8 @@ _register('cifar100', 'cifar100', 100, 'train', 'test', 50_000, 10_000)
 # Flowers: the usual transfer protocol trains on train+validation (1,020 each) and tests on test.
 _register('oxford_flowers102', 'oxford_flowers102', 102, 'train+validation', 'test', 2_040, 6_149)
 _register('cars196', 'cars196', 196, 'train', 'test', 8_144, 8_041)
+_register('imagenet21k', 'imagenet21k', IMAGENET21K_CLASSES, 'train', 'validation',
+          IMAGENET21K_TRAIN_SIZE, IMAGENET21K_EVAL_SIZE, _IMAGENET21K_HINT)
 _register('fashion_mnist', 'fashion_mnist', 10, 'train', 'test', 60_000, 10_000, _FASHION_HINT)
 
 
@@ -182,7 +197,9 @@ def check_prepared(name: str, data_dir: str | None = None) -> None:
     prepared = builder.is_prepared() if hasattr(builder, 'is_prepared') else os.path.exists(
         os.path.join(builder.data_dir, 'dataset_info.json'))
   except Exception as e:  # pylint: disable=broad-except  (bad config name, unreadable dir, ...)
-    raise DatasetNotPreparedError(f'Dataset {name!r} is not usable in data_dir {data_dir!r} ({e}); '
+    # TFDS lists every builder it knows when a name is not one of them (imagenet21k): keep line 1.
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise DatasetNotPreparedError(f'Dataset {name!r} is not usable in data_dir {data_dir!r} ({reason}); '
                                   f'{info.prepare_hint}') from e
   if not prepared:
     root = data_dir or os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
