@@ -13,6 +13,9 @@ printed as one `error: ...` line without a traceback; 3 training diverged.
 import os
 import sys
 
+# TensorFlow (input pipeline only) greets every process with C++ info lines; keep warnings.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
 from absl import app
 from absl import flags
 from absl import logging

@@ -107,28 +107,32 @@ def progress_line(*, stage_index: int, num_stages: int, step: int, total_steps: 
 class EtaClock:
   """Estimates remaining time from training throughput measured in this process.
 
+  Work is counted in pixel-steps (steps x image_size^2), since a progressive run's later stages
+  cost more per step: a rate measured at 128 px would otherwise promise a far too early finish.
   Compile and eval time are excluded from the rate; each remaining stage is charged an average
   compile time (measured so far) so the ETA does not jump at stage boundaries.
   """
 
   def __init__(self):
     self.train_s = 0.0
-    self.train_steps = 0
+    self.work = 0.0
     self.compile_s: list[float] = []
 
-  def add_train(self, seconds: float, steps: int):
+  def add_train(self, seconds: float, steps: int, image_size: int = 1):
     self.train_s += seconds
-    self.train_steps += steps
+    self.work += steps * image_size ** 2
 
   def add_compile(self, seconds: float):
     self.compile_s.append(seconds)
 
-  def eta(self, remaining_steps: int, remaining_stages: int = 0) -> float:
-    if self.train_steps == 0:
+  def eta(self, remaining: list[tuple[int, int]], remaining_stages: int = 0) -> float:
+    """`remaining`: (steps, image_size) still to train, per stage."""
+    if self.work == 0:
       return float("nan")
-    per_step = self.train_s / self.train_steps
+    per_unit = self.train_s / self.work
     compile_avg = float(np.mean(self.compile_s)) if self.compile_s else 0.0
-    return remaining_steps * per_step + remaining_stages * compile_avg
+    todo = sum(steps * size ** 2 for steps, size in remaining)
+    return todo * per_unit + remaining_stages * compile_avg
 
 
 def _jsonable(x):

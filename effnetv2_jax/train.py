@@ -336,7 +336,7 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
 
       if step % config.log_every_steps == 0 or not more:
         means, dt, n = meter.flush()
-        eta.add_train(dt, n)
+        eta.add_train(dt, n, stage.image_size)
         means["lr"] = means.pop("learning_rate", float("nan"))
         scalars = {f"train/{k}": v for k, v in means.items()}
         scalars["train/steps_per_sec"] = n / max(dt, 1e-9)
@@ -345,7 +345,9 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
             stage_index=stage.index, num_stages=num_stages, step=step,
             total_steps=facts.total_steps, metrics=means,
             images_per_sec=n * config.batch_size / max(dt, 1e-9),
-            eta_s=eta.eta(facts.total_steps - step, num_stages - 1 - stage.index)))
+            eta_s=eta.eta([(stage.last_step - step, stage.image_size)] +
+                          [(s.num_steps, s.image_size) for s in facts.stages[stage.index + 1:]],
+                          num_stages - 1 - stage.index)))
 
       preempted = flag.requested or (jax.process_count() > 1 and ckpt.reached_preemption(step))
       if preempted or (stop_at_step is not None and step >= stop_at_step):
