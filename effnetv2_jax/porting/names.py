@@ -12,6 +12,7 @@ Arrays stay numpy on the host: nothing is placed on a device until the caller ap
 and zero-copy views (np.broadcast_to) pass through, which lets tests check XL's 208M-parameter
 mapping without allocating it.
 """
+import functools
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -53,7 +54,23 @@ def block_layout(spec) -> str:
 
 
 def build(model_name: str, num_classes: int, **overrides):
-    """(model, block specs, leaves) of an EfficientNet, without allocating its weights."""
+    """(model, block specs, leaves) of an EfficientNet, without allocating its weights.
+
+    Cached: tracing a large model's init takes seconds, and converting then inverting (tests,
+    to_timm/from_timm) asks for the same model twice.
+    """
+    try:
+        return _build_cached(model_name, int(num_classes), tuple(sorted(overrides.items())))
+    except TypeError:   # an unhashable override (a list from a config): build uncached
+        return _build(model_name, int(num_classes), overrides)
+
+
+@functools.lru_cache(maxsize=16)
+def _build_cached(model_name, num_classes, overrides):
+    return _build(model_name, num_classes, dict(overrides))
+
+
+def _build(model_name, num_classes, overrides):
     from effnetv2_jax.models import create_model  # late: porting stays importable on its own
     model = create_model(model_name, num_classes=num_classes, **overrides)
     if not hasattr(model, 'architecture'):
@@ -66,7 +83,7 @@ def build(model_name: str, num_classes: int, **overrides):
             path = tuple(k.key for k in key_path)
             block = int(path[0].split('_')[1]) if path[0].startswith('blocks_') else -1
             leaves.append(Leaf(collection, path, tuple(leaf.shape), np.dtype(leaf.dtype), block))
-    return model, specs, leaves
+    return model, specs, tuple(leaves)
 
 
 def _unflatten(items: Sequence[Tuple[Leaf, np.ndarray]]) -> Dict[str, dict]:
