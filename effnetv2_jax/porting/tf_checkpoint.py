@@ -99,8 +99,8 @@ def select_weights(variables: Mapping[str, np.ndarray], use_ema: bool = True) ->
     """Model variable name -> the array to load: its EMA copy (use_ema) or the raw value.
 
     Every name of the form `<variable>/<suffix>` where `<variable>` is itself in the checkpoint is
-    a slot of it (EMA, optimizer) and not a weight of its own. With use_ema, a variable without an
-    EMA copy is left out, so the converter reports it as missing instead of mixing raw and EMA.
+    a slot of it (EMA, optimizer) and not a weight of its own. With use_ema, raw and EMA values are
+    never mixed: a variable without an EMA copy is reported, not loaded raw.
     """
     base = {n for n in variables if '/' not in n or n.rsplit('/', 1)[0] not in variables}
     if not use_ema:
@@ -108,7 +108,10 @@ def select_weights(variables: Mapping[str, np.ndarray], use_ema: bool = True) ->
     if not any(n.endswith(EMA_SUFFIX) for n in variables):
         raise ValueError('the checkpoint has no ExponentialMovingAverage copies; pass use_ema=False '
                          '(--use_ema=false) to load the raw weights, which usually evaluate worse')
-    return {n: variables[n + EMA_SUFFIX] for n in base if n + EMA_SUFFIX in variables}
+    # A variable without its EMA copy stays visible under a name no table asks for, so it is
+    # reported (as unexpected, next to the missing weight) instead of silently dropped.
+    return {n if n + EMA_SUFFIX in variables else f'{n} (no EMA copy)':
+            variables.get(n + EMA_SUFFIX, variables[n]) for n in base}
 
 
 def from_tf_checkpoint(path: str, model_name: str, use_ema: bool = True,
