@@ -15,7 +15,7 @@ tf = pytest.importorskip('tensorflow')
 from effnetv2_jax.models import create_model  # noqa: E402
 from effnetv2_jax.porting import from_tf_checkpoint, to_tf_names  # noqa: E402
 from effnetv2_jax.porting.tf_checkpoint import from_tf_variables  # noqa: E402
-from tests._porting_fixtures import assert_same_tree, leaf_value, random_variables  # noqa: E402
+from _porting_fixtures import assert_same_tree, leaf_value, random_variables  # noqa: E402
 
 BN = 'tpu_batch_normalization'
 SMALL_S = dict(stage_repeats=(2, 2, 1, 2, 1, 1))   # every S block layout, 9 blocks instead of 40

@@ -9,7 +9,7 @@ import pytest
 
 from effnetv2_jax.porting import from_timm, load_state_dict, names, to_timm
 from effnetv2_jax.porting.timm import read_safetensors, timm_lookup, write_safetensors
-from tests._porting_fixtures import assert_same_tree, leaf_value, random_variables
+from _porting_fixtures import assert_same_tree, leaf_value, random_variables
 
 
 @pytest.fixture(scope='module')
