@@ -12,7 +12,7 @@ command that turns it into safetensors on a machine that has torch.
 """
 import json
 import os
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping
 
 import numpy as np
 
