@@ -23,5 +23,6 @@ setup(
     extras_require={
         "test": ["pytest"],
         "bench": ["timm", "torch"],
+        "experiments": ["matplotlib"],  # plots of experiments/*.py (tables work without)
     },
 )

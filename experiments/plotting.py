@@ -1,0 +1,84 @@
+"""Small helpers the experiment scripts share: write a markdown table atomically, and plot it.
+
+matplotlib is optional (`pip install -e .[experiments]`): without it `bar_plot`/`line_plot` print
+one message and return None, and the scripts still write their tables.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def write_text(name: str, text: str) -> str:
+  """experiments/results/<name>, via a tmp file so an interrupted run never leaves half a table."""
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, name)
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def markdown_table(header, rows) -> str:
+  lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def _pyplot():
+  try:
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+    return plt
+  except ImportError:
+    print("matplotlib is not installed (pip install -e .[experiments]): table only, no plot",
+          file=sys.stderr, flush=True)
+    return None
+
+
+def _save(plt, fig, name: str) -> str:
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, name)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png", dpi=120)
+  os.replace(path + ".tmp.png", path)
+  plt.close(fig)
+  return path
+
+
+def bar_plot(name: str, labels, series: dict, *, title: str, ylabels: dict | None = None):
+  """One subplot per series (e.g. params, MACs, imgs/s), bars per label; PNG path or None."""
+  plt = _pyplot()
+  if plt is None:
+    return None
+  fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.6), squeeze=False)
+  for ax, (key, values) in zip(axes[0], series.items()):
+    ours = values if not isinstance(values, tuple) else values[0]
+    ax.bar(range(len(labels)), ours, color="tab:blue", label="measured here")
+    if isinstance(values, tuple) and values[1] is not None:  # (ours, paper): paper as markers
+      ax.plot(range(len(labels)), values[1], "o", color="tab:red", label="paper")
+      ax.legend(fontsize=7)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_title((ylabels or {}).get(key, key), fontsize=9)
+  fig.suptitle(title, fontsize=10)
+  return _save(plt, fig, name)
+
+
+def line_plot(name: str, curves: dict, *, title: str, xlabel: str, ylabel: str):
+  """curves: label -> (xs, ys); PNG path or None."""
+  plt = _pyplot()
+  if plt is None:
+    return None
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for label, (xs, ys) in curves.items():
+    ax.plot(xs, ys, "o-", label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  return _save(plt, fig, name)
