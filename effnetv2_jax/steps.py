@@ -42,7 +42,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *, num_classes: int
                     label_smoothing: float, weight_decay: float, ema_decay: float,
                     mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                     lr_fn: Callable[[jax.Array], jax.Array] | None = None,
-                    dtype: Any = None) -> Callable[[TrainState, Batch, jax.Array],
+                    dtype: Any = None, freeze_bn_stats: bool = False
+                    ) -> Callable[[TrainState, Batch, jax.Array],
                                                    tuple[TrainState, Metrics]]:
   """Build `train_step(state, batch, rng) -> (state, metrics)` for one progressive stage.
 
@@ -52,6 +53,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, num_classes: int
   and mixing as an uninterrupted one. `dtype`, when given, is the dtype images are cast to before
   the model (the model's own dtype decides compute; params/opt state/EMA/BN stats stay fp32).
   `weight_decay` is the L2 coefficient in the loss (`optim.loss_weight_decay(config)`).
+  `freeze_bn_stats` keeps the BN running statistics fixed (fine-tuning).
 
   Divergence guard: when the loss or any gradient is non-finite the update is dropped (params, BN
   stats, optimizer state and EMA keep their old values), the step still advances and
@@ -82,7 +84,11 @@ def make_train_step(model, tx: optax.GradientTransformation, *, num_classes: int
       logits = logits.astype(jnp.float32)  # fp32 softmax/loss even when computing in bf16
       ce = jnp.mean(optax.softmax_cross_entropy(logits, targets))
       l2 = l2_penalty(params, weight_decay)
-      return ce + l2, (ce, l2, logits, new_vars.get("batch_stats", state.batch_stats))
+      # freeze_bn_stats (fine-tuning from pretrained weights on small data): batches are still
+      # normalised by their own statistics, but the running statistics keep the pretrained values.
+      stats = state.batch_stats if freeze_bn_stats else new_vars.get("batch_stats",
+                                                                     state.batch_stats)
+      return ce + l2, (ce, l2, logits, stats)
 
     (loss, (ce, l2, logits, new_batch_stats)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)

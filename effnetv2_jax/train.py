@@ -293,7 +293,8 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
     train_step = steps_lib.make_train_step(
         model, tx, num_classes=facts.num_classes, label_smoothing=config.label_smoothing,
         weight_decay=optim.loss_weight_decay(config), ema_decay=config.ema_decay,
-        mixup_alpha=stage.mixup_alpha, cutmix_alpha=stage.cutmix_alpha, lr_fn=lr_fn)
+        mixup_alpha=stage.mixup_alpha, cutmix_alpha=stage.cutmix_alpha, lr_fn=lr_fn,
+        freeze_bn_stats=config.freeze_bn_stats)
     jitted = sharding.jit_train_step(train_step, mesh, state)
     data = input_pipeline.train_iterator(
         dataset=config.dataset, data_dir=config.data_dir, split=facts.train_split,

@@ -194,3 +194,21 @@ def test_eval_step_uses_given_variables_and_mask():
       out_ema["loss_sum"],
       jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), rtol=1e-5)
   assert float(out_ema["loss_sum"]) != pytest.approx(float(out_raw["loss_sum"]))
+
+
+def test_freeze_bn_stats_keeps_running_statistics_but_trains_weights():
+  c, tx, state = _init_state()
+  model = TinyNet(num_classes=K, dropout_rate=0.0)
+  frozen = jax.jit(steps.make_train_step(model, tx, num_classes=K, label_smoothing=0.0,
+                                         weight_decay=0.0, ema_decay=0.0, freeze_bn_stats=True))
+  live = jax.jit(steps.make_train_step(model, tx, num_classes=K, label_smoothing=0.0,
+                                       weight_decay=0.0, ema_decay=0.0))
+  rng = jax.random.key(1)
+  after_frozen, _ = frozen(state, _batch(), rng)
+  after_live, _ = live(state, _batch(), rng)
+  _assert_trees_equal(after_frozen.batch_stats, state.batch_stats)
+  # The unfrozen step does move them (so the assertion above could fail), and both train weights.
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         after_live.batch_stats, state.batch_stats)
+  assert any(jax.tree.leaves(changed))
+  _assert_trees_equal(after_frozen.params, after_live.params)
