@@ -26,6 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from effnetv2_jax import paths
+
 CHECKPOINT_SUBDIR = "checkpoints"
 _MAX_LISTED = 12  # mismatched arrays named in an error message
 
@@ -101,6 +103,13 @@ def _as_abstract(tree):
   return jax.tree.map(leaf, tree)
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """`<workdir>/checkpoints`: absolute for a local workdir, the URL as given for gs://... ."""
+  if paths.is_remote(workdir):
+    return paths.join(workdir, CHECKPOINT_SUBDIR)  # orbax takes gs:// URLs as they are
+  return os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+
+
 def _handlers():
   return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
@@ -110,7 +119,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,
         create=not read_only,
@@ -138,8 +147,7 @@ class Checkpointer:
     return bool(self._mgr.reached_preemption(step))
 
   def read_meta(self, step: int) -> dict:
-    with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(paths.join(self.directory, str(step), "meta", "metadata")))
 
   # --- save / restore ------------------------------------------------------------------------
   def save(self, step: int, state, meta: Mapping[str, Any]) -> bool:
@@ -190,14 +198,18 @@ def load_variables(path: str, *, step: int | None = None,
   `config.init_from` (fine-tuning) and `--mode=eval`. Returns (params, batch_stats, step); the
   arrays come back as host numpy arrays. No pickle: orbax reads tensorstore arrays and JSON.
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, "state")):  # a step directory
-    root, step = os.path.dirname(path), int(os.path.basename(path))
-  elif os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
-    root = os.path.join(path, CHECKPOINT_SUBDIR)
+  path = paths.normalize(path)
+  if paths.isdir(paths.join(path, "state")):  # a step directory
+    if paths.is_remote(path):
+      root, _, name = path.rstrip("/").rpartition("/")
+    else:
+      root, name = os.path.dirname(path), os.path.basename(path)
+    step = int(name)
+  elif paths.isdir(paths.join(path, CHECKPOINT_SUBDIR)):
+    root = paths.join(path, CHECKPOINT_SUBDIR)
   else:
     root = path
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     raise FileNotFoundError(f"init_from: no checkpoint directory at {path}")
   mgr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
                               item_names=("state", "meta"), item_handlers=_handlers())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from effnetv2_jax import paths
 from effnetv2_jax import progressive
 
 V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "efficientnetv2-xl")
@@ -106,7 +107,9 @@ def validate_config(config, *, num_devices: int | None = None,
   _require(config.randaug_layers >= 0, "randaug_layers", f"must be >= 0, got {config.randaug_layers}")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_bad_steps"):
     _require(config[field] >= 1, field, f"must be >= 1, got {config[field]}")
-  if config.init_from:
+  # A remote init_from (gs://...) is not looked up here (that needs the network); loading it
+  # reports a missing checkpoint as FileNotFoundError, which main also turns into exit code 2.
+  if config.init_from and not paths.is_remote(config.init_from):
     _require(isinstance(config.init_from, str) and os.path.isdir(os.path.expanduser(config.init_from)),
              "init_from", f"{config.init_from!r} is not a directory holding a checkpoint of this package")
 

@@ -1,7 +1,8 @@
 """What a run tells the world: interval-averaged metrics, a progress line with ETA, results.json.
 
 TensorBoard events go through clu's metric writers (process 0 only: the others get a logging-only
-writer). results.json is written to a tmp file and renamed, so a reader never sees half of it.
+writer). results.json is written to a tmp file and renamed, so a reader never sees half of it;
+on a gs:// workdir it is written as one object, which GCS also replaces atomically.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from effnetv2_jax import paths
 
 
 def params_checksum(params) -> str:
@@ -146,7 +149,14 @@ def _jsonable(x):
 
 
 def write_json_atomic(path: str, obj: Mapping[str, Any]):
-  """Write JSON to `path` via a tmp file in the same directory and an atomic rename."""
+  """Write JSON to `path` via a tmp file in the same directory and an atomic rename.
+
+  A remote `path` (gs://...) is written directly: an object upload is atomic by itself, and a
+  rename there would be a non-atomic copy + delete.
+  """
+  if paths.is_remote(path):
+    paths.write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp.{os.getpid()}"
   with open(tmp, "w") as f:

@@ -26,6 +26,7 @@ import numpy as np
 from effnetv2_jax import checkpoint as ckpt_lib
 from effnetv2_jax import config_validation
 from effnetv2_jax import optim
+from effnetv2_jax import paths
 from effnetv2_jax import progressive
 from effnetv2_jax import reporting
 from effnetv2_jax import sharding
@@ -205,7 +206,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
   """
   sharding.init_distributed()
   _check_inputs(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   lock = workdir_lib.WorkdirLock(workdir)
   if jax.process_index() == 0:
     lock.acquire()
@@ -399,10 +400,10 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
   if failures is not None:
     results["decode_failures"] = failures
   if jax.process_index() == 0:
-    reporting.write_json_atomic(os.path.join(workdir, RESULTS_NAME), results)
+    reporting.write_json_atomic(paths.join(workdir, RESULTS_NAME), results)
   _print(f"done: step {step}, eval top1 {final['top1']:.4f} top5 {final['top5']:.4f} on "
          f"{final['num_examples']} images; {reporting.format_duration(results['total_wall_s'])} "
-         f"total; results in {os.path.join(workdir, RESULTS_NAME)}")
+         f"total; results in {paths.join(workdir, RESULTS_NAME)}")
   return results
 
 
@@ -432,13 +433,13 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
   variables = sharding.put_replicated({"params": params, "batch_stats": batch_stats}, mesh)
   t0 = time.perf_counter()
   final = make_evaluator(config, facts, mesh)(variables)
-  results = {"status": "evaluated", "source": os.path.abspath(os.path.expanduser(source)),
+  results = {"status": "evaluated", "source": paths.normalize(source),
              "step": src_step, "final_eval": final, "total_wall_s": time.perf_counter() - t0,
              "config": config.to_dict(), "params_checksum": reporting.params_checksum(params)}
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   # Evaluating a training workdir must not clobber its training results.json.
-  same = os.path.abspath(os.path.expanduser(workdir)) == results["source"]
-  out = os.path.join(workdir, EVAL_RESULTS_NAME if same else RESULTS_NAME)
+  same = paths.normalize(workdir) == results["source"]
+  out = paths.join(workdir, EVAL_RESULTS_NAME if same else RESULTS_NAME)
   results["results_file"] = out
   if jax.process_index() == 0:
     reporting.write_json_atomic(out, results)

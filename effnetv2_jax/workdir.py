@@ -6,6 +6,13 @@ exists, like O_EXCL). A lock whose pid is dead on this host -- or alive but a di
 seen from its /proc start time -- is stale: it is taken over with a warning. A lock from another
 host cannot be checked and is refused, naming that host.
 
+Remote workdirs (gs://BUCKET/run): GCS offers no create-if-absent through etils.epath, so the lock
+there is ADVISORY only: `<workdir>/.lock` is read, refused if held by a live run (same rules as
+above: another host's lock is always refused, never pid-checked), then overwritten with this run's
+record and read back. Two runs starting within the same second can both pass; a warning says so.
+A run killed without cleanup leaves the lock behind; a new VM (another hostname) then refuses it
+until the file is deleted, as the error message says.
+
 Preemption: GCP sends SIGTERM about 30 s before it stops a VM. The handler only sets a flag; the
 training loop polls it once per step, saves the current step and returns (exit code 0).
 """
@@ -18,6 +25,8 @@ import signal
 import socket
 import threading
 import time
+
+from effnetv2_jax import paths
 
 LOCK_NAME = ".lock"
 
@@ -58,11 +67,15 @@ class WorkdirLock:
   """Context manager: `with WorkdirLock(workdir): ...`. acquire() raises WorkdirLockedError."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_NAME)
+    self.remote = paths.is_remote(workdir)
+    self.workdir = workdir
+    self.path = paths.join(workdir, LOCK_NAME)
     self.held = False
 
   def _read(self) -> dict | None:
     try:
+      if self.remote:
+        return json.loads(paths.read_text(self.path))
       with open(self.path) as f:
         return json.load(f)
     except FileNotFoundError:
@@ -70,11 +83,41 @@ class WorkdirLock:
     except (OSError, ValueError):
       return {}  # unreadable: treated as stale below
 
+  def _refuse_if_held(self, other: dict, where: str):
+    """Raise WorkdirLockedError unless `other` (a lock record, may be {}) is stale."""
+    host = other.get("host")
+    if other and host != socket.gethostname():
+      raise WorkdirLockedError(
+          f"workdir {where} is locked by pid {other.get('pid')} on host "
+          f"{host} (since {other.get('start_time')}); if that run is gone, delete {self.path}")
+    if other and _holder_alive(other):
+      raise WorkdirLockedError(
+          f"workdir {where} is in use by a running job: pid "
+          f"{other.get('pid')} on {host} since {other.get('start_time')}")
+    logging.warning("taking over stale lock %s (pid %s on %s is not running)", self.path,
+                    other.get("pid"), host)
+
+  def _acquire_remote(self, info: dict) -> "WorkdirLock":
+    logging.warning("workdir %s is remote: its lock %s is advisory (no atomic create on object "
+                    "stores); do not start two runs on it at the same time", self.workdir,
+                    self.path)
+    other = self._read()
+    if other is not None:
+      self._refuse_if_held(other, self.workdir)
+    paths.makedirs(self.workdir)
+    paths.write_text(self.path, json.dumps(info))
+    if self._read() != info:  # another run wrote after us: let it have the workdir
+      raise WorkdirLockedError(f"could not take the lock {self.path} (contended)")
+    self.held = True
+    return self
+
   def acquire(self) -> "WorkdirLock":
-    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
     info = {"pid": os.getpid(), "host": socket.gethostname(),
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "proc_start": _proc_start(os.getpid())}
+    if self.remote:
+      return self._acquire_remote(info)
+    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
     tmp = f"{self.path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       json.dump(info, f)
@@ -89,17 +132,7 @@ class WorkdirLock:
         other = self._read()
         if other is None:
           continue  # released meanwhile: try again
-        host = other.get("host")
-        if other and host != socket.gethostname():
-          raise WorkdirLockedError(
-              f"workdir {os.path.dirname(self.path)} is locked by pid {other.get('pid')} on host "
-              f"{host} (since {other.get('start_time')}); if that run is gone, delete {self.path}")
-        if other and _holder_alive(other):
-          raise WorkdirLockedError(
-              f"workdir {os.path.dirname(self.path)} is in use by a running job: pid "
-              f"{other.get('pid')} on {host} since {other.get('start_time')}")
-        logging.warning("taking over stale lock %s (pid %s on %s is not running)", self.path,
-                        other.get("pid"), host)
+        self._refuse_if_held(other, os.path.dirname(self.path))
         try:
           os.unlink(self.path)
         except FileNotFoundError:
@@ -112,7 +145,11 @@ class WorkdirLock:
     if self.held:
       info = self._read()
       if info and info.get("pid") == os.getpid():
-        os.unlink(self.path)
+        if self.remote:
+          if info.get("host") == socket.gethostname():
+            paths.remove(self.path)
+        else:
+          os.unlink(self.path)
       self.held = False
 
   def __enter__(self):
