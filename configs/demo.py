@@ -4,7 +4,7 @@ r"""The embedded demo: progressive learning with adaptive regularization on Fash
   python -m effnetv2_jax.main --config=configs/demo.py --workdir=workdirs/demo
 
 A small EfficientNetV2-family network (Fused-MBConv early, MBConv + SE later, defined here by block
-strings: no code change) trains in 4 stages with the paper's Algorithm 1: image size 16 -> 28 px
+strings: no code change) trains in 4 stages with the paper's Algorithm 1: image size 20 -> 32 px
 while RandAugment magnitude, mixup and dropout grow with it. Sized to finish in under 15 minutes on a
 2-core CPU and reach at least 91% top-1 on the 10,000 test images; the recorded run is in
 experiments/results/demo.md. `runlocal` shrinks it to a few steps (tests).
@@ -33,14 +33,22 @@ def get_config(arg=None):
   c.batch_size = 128
   c.eval_batch_size = 500
   c.num_epochs = 5.0
-  c.eval_image_size = 28
+  c.eval_image_size = 32
   c.shuffle_buffer = 60000
 
   p = c.progressive
   p.preset = "paper"
   p.num_stages = 4
-  p.min_image_size, p.max_image_size = 16, 28
-  p.min_randaug, p.max_randaug = 1.0, 5.0
+  # 20 -> 32 px (the 28-px images upsampled in the last stage), evaluated at 32: a 5-epoch prototype
+  # before this codebase reached 92.1% at a fixed 32 px but 90.1% with a 16 -> 32 px schedule, and
+  # a first cut of this config at 16 -> 28 px ended at 88.1%.
+  p.min_image_size, p.max_image_size = 20, 32
+  # RandAugment starts at 5 as in the paper: under the official op semantics a magnitude below 5
+  # is not "weaker" (Brightness/Contrast/Color factors (L/10)*1.8+0.1 fall below 1, Posterize keeps
+  # int(L/10*4) bits, so L=1 turns images nearly black). A first cut at 1 -> 5 capped train
+  # accuracy near 70% in stage 0 and ended ~6 points short.
+  p.min_randaug, p.max_randaug = 5.0, 10.0
+  c.randaug_layers = 1  # one op per image: a 5-epoch run of a tiny model underfits with two
   p.min_mixup, p.max_mixup = 0.0, 0.1
   p.min_cutmix = p.max_cutmix = 0.0
   p.min_dropout, p.max_dropout = 0.05, 0.2
