@@ -5,9 +5,9 @@ r"""The embedded demo: progressive learning with adaptive regularization on Fash
 
 A small EfficientNetV2-family network (Fused-MBConv early, MBConv + SE later, defined here by block
 strings: no code change) trains in 4 stages with the paper's Algorithm 1: image size 20 -> 32 px
-while RandAugment magnitude, mixup and dropout grow with it. Sized to finish in under 15 minutes on a
-2-core CPU and reach at least 91% top-1 on the 10,000 test images; the recorded run is in
-experiments/results/demo.md. `runlocal` shrinks it to a few steps (tests).
+while RandAugment magnitude, mixup and dropout grow with it. The target is at least 91% top-1 on the
+10,000 test images within 15 minutes on a 2-core CPU; the recorded run (experiments/results/demo.md)
+reached 88.9%, so the target is not met yet. `runlocal` shrinks it to a few steps (tests).
 """
 from configs import common, default
 
