@@ -78,3 +78,24 @@ def test_batch_norm_module_matches_flax_variables_and_running_update():
     evals = [m.clone(use_running_average=True).apply({'params': v['params'], **upd}, x)
              for m in (ours, ref)]
     np.testing.assert_allclose(evals[0], evals[1], atol=1e-5)
+
+
+def test_remat_override_keeps_names_values_and_gradients():
+    from effnetv2_jax.models import create_model
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    plain, remat = (create_model('efficientnetv2-b0', num_classes=10, remat=r) for r in (False, True))
+    v = plain.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(v) == jax.tree.structure(remat.init(jax.random.PRNGKey(1), x))
+
+    def loss_and_grad(model):
+        def f(p):
+            y, upd = model.apply({'params': p, 'batch_stats': v['batch_stats']}, x, train=True,
+                                 rngs={'dropout': jax.random.PRNGKey(2)}, mutable=['batch_stats'])
+            return jnp.sum(y ** 2), upd
+        return jax.value_and_grad(f, has_aux=True)(v['params'])
+
+    (la, ua), ga = loss_and_grad(plain)
+    (lb, ub), gb = loss_and_grad(remat)
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-5), ga, gb)
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6), ua, ub)

@@ -199,6 +199,7 @@ class EfficientNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-3
     depthwise_impl: str = 'auto'
+    remat: bool = False                    # recompute each block's activations in the backward
     dtype: Dtype = jnp.float32
 
     def architecture(self) -> Tuple[int, List[BlockSpec], int]:
@@ -216,6 +217,9 @@ class EfficientNet(nn.Module):
         x = ConvBNAct(stem, 3, 2, name='stem', **norm)(x, train)
         for k, spec in enumerate(specs):
             block = FusedMBConv if spec.fused else MBConv
+            if self.remat:
+                # Keep only block inputs for the backward; `train` (arg 2 after self) is static.
+                block = nn.remat(block, static_argnums=(2,))
             x = block(spec.in_filters, spec.out_filters, spec.kernel_size, spec.stride,
                       spec.expand_ratio, spec.se_filters,
                       drop_path_rate=self.drop_path_rate * k / len(specs),

@@ -1,0 +1,281 @@
+r"""GPU training throughput and MFU: this codebase vs timm, EfficientNetV2-S at 300 and 384, bf16.
+
+  python experiments/bench_gpu.py                      # one H100/H200, < 8 minutes, synthetic data
+  python experiments/bench_gpu.py --torch-compile      # timm also under torch.compile
+  python experiments/bench_gpu.py --dry-run-cpu        # tiny sizes on the CPU: proves the script
+
+No TensorFlow is imported (the train step and models never import it). Each contender runs in its
+own subprocess, one after the other, so neither holds GPU memory while the other measures.
+
+  jax   the trainer's full step (bench_train_step.build_jax_step: forward, backward, L2, label
+        smoothing, TF1-RMSProp, BN statistics, EMA, divergence guard), compute dtype bf16 (params,
+        optimizer, EMA and BN statistics fp32). Batch: compile once at a probe batch, read XLA's
+        buffer assignment (`memory_analysis()`), take the largest power of two whose temp + state
+        fits 90% of the device; halve on an out-of-memory at run time.
+  timm  tf_efficientnetv2_s (same TF-SAME architecture), channels_last, torch.autocast bf16,
+        RMSprop(alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5), CE with label smoothing, no
+        EMA; batch by doubling until out of memory. `--torch-compile` compiles the model.
+
+MFU = images/s * (3 * 2 * MACs per image, forward MACs from models.count_macs) / peak dense bf16
+FLOP/s of the device (H100 SXM / H200: 989e12; `--peak-tflops` overrides). Appends a row block to
+experiments/results/bench_gpu.md (`--dry-run-cpu` prints only, unless `--record`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXP = os.path.join(ROOT, 'experiments')
+TAG = '@@'
+PEAK_BF16 = (('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
+             ('L4', 121e12))
+
+
+def _say(obj):
+  print(TAG, json.dumps(obj), flush=True)
+
+
+def _time_steps(fn, n):
+  t0 = time.perf_counter()
+  fn(n)
+  return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------
+def jax_worker(args):
+  sys.path[:0] = [ROOT, EXP]
+  import jax
+  from bench_train_step import build_jax_step
+  from effnetv2_jax import models
+  assert 'tensorflow' not in sys.modules, 'the GPU benchmark must not import TensorFlow'
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() or {}
+  limit = stats.get('bytes_limit', args.cpu_memory_gib * 2 ** 30)
+  out = {'device': dev.device_kind, 'jax': jax.__version__, 'rows': []}
+  for size in args.sizes:
+    probe = args.probe_batch
+    compiled, state, data, rng, t = build_jax_step(args.model, probe, size, 'bf16')
+    mem = compiled.memory_analysis()
+    per_image = mem.temp_size_in_bytes / probe
+    fixed = mem.argument_size_in_bytes
+    batch = probe
+    while batch * 2 <= args.max_batch and fixed + per_image * batch * 2 < 0.9 * limit:
+      batch *= 2
+    while True:
+      try:
+        if batch != probe:
+          del compiled, state, data
+          compiled, state, data, rng, t = build_jax_step(args.model, batch, size, 'bf16')
+        holder = [state]
+
+        def run(n):
+          s = holder[0]
+          for _ in range(n):
+            s, m = compiled(s, data, rng)
+          jax.block_until_ready((s, m))
+          holder[0] = s
+
+        run(args.warmup)
+        break
+      except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED
+        if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower() or batch <= 1:
+          raise
+        batch //= 2
+        probe = -1  # force a fresh compile at the smaller batch
+    secs = _time_steps(run, args.steps)
+    ips = batch * args.steps / secs
+    out['rows'].append(dict(size=size, batch=batch, images_per_s=ips, compile_s=t['compile_s'],
+                            per_image_mib=per_image / 2 ** 20,
+                            macs=models.count_macs(args.model, size)))
+    print(f'jax {size}px batch {batch}: {ips:.1f} img/s (compile {t["compile_s"]:.0f}s)',
+          file=sys.stderr, flush=True)
+    del compiled, holder, data, state
+  _say(out)
+
+
+def timm_worker(args):
+  sys.path[:0] = [ROOT, EXP]
+  import torch
+  from bench_train_step import TIMM_NAMES, _stub_torchvision
+  _stub_torchvision()
+  import timm
+  from effnetv2_jax import models
+  assert 'tensorflow' not in sys.modules
+  cuda = torch.cuda.is_available() and not args.dry_run_cpu
+  dev = torch.device('cuda' if cuda else 'cpu')
+  torch.backends.cudnn.benchmark = True
+  torch.backends.cuda.matmul.allow_tf32 = True
+  torch.backends.cudnn.allow_tf32 = True
+  out = {'device': torch.cuda.get_device_name() if cuda else 'cpu',
+         'torch': torch.__version__, 'timm': timm.__version__, 'rows': []}
+  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+  def make(batch, size, compile_model):
+    model = timm.create_model(TIMM_NAMES[args.model], num_classes=1000, drop_rate=0.2,
+                              drop_path_rate=0.2).to(dev).to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-3, momentum=0.9,
+                              weight_decay=1e-5)
+    fwd = torch.compile(model) if compile_model else model
+    x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+
+    def run(n):
+      for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+          loss = loss_fn(fwd(x), y)
+        loss.backward()
+        opt.step()
+      if cuda:
+        torch.cuda.synchronize()
+    return run
+
+  def fits(batch, size):
+    try:
+      make(batch, size, False)(2)
+      return True
+    except torch.cuda.OutOfMemoryError:
+      return False
+    finally:
+      if cuda:
+        torch.cuda.empty_cache()
+
+  for size in args.sizes:
+    batch = args.probe_batch
+    while batch * 2 <= args.max_batch and fits(batch * 2, size):
+      batch *= 2
+    if cuda:
+      torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    run = make(batch, size, args.torch_compile)
+    run(args.warmup)
+    setup = time.perf_counter() - t0
+    secs = _time_steps(run, args.steps)
+    ips = batch * args.steps / secs
+    out['rows'].append(dict(size=size, batch=batch, images_per_s=ips, compile_s=setup,
+                            macs=models.count_macs(args.model, size)))
+    print(f'timm {size}px batch {batch}: {ips:.1f} img/s', file=sys.stderr, flush=True)
+    del run
+    if cuda:
+      torch.cuda.empty_cache()
+  _say(out)
+
+
+# ------------------------------------------------------------------------------------------------
+def _peak(device_kind, override):
+  if override:
+    return override * 1e12
+  for key, flops in PEAK_BF16:
+    if key in device_kind:
+      return flops
+  return None
+
+
+def _run_worker(kind, argv, timeout):
+  cmd = [sys.executable, os.path.abspath(__file__), '--worker', kind] + argv
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  if '--dry-run-cpu' in argv:
+    env['JAX_PLATFORMS'] = 'cpu'
+    env['CUDA_VISIBLE_DEVICES'] = ''
+  try:
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+  except subprocess.TimeoutExpired:
+    return None, f'{kind}: timed out after {timeout:.0f}s'
+  lines = [l for l in p.stdout.splitlines() if l.startswith(TAG)]
+  sys.stderr.write(p.stderr[-2000:] if p.returncode else '')
+  if not lines:
+    return None, f'{kind} failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:] }'
+  return json.loads(lines[-1][len(TAG):]), None
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument('--model', default='efficientnetv2-s')
+  ap.add_argument('--sizes', default='300,384')
+  ap.add_argument('--probe-batch', type=int, default=32)
+  ap.add_argument('--max-batch', type=int, default=1024)
+  ap.add_argument('--steps', type=int, default=20)
+  ap.add_argument('--warmup', type=int, default=3)
+  ap.add_argument('--torch-compile', action='store_true')
+  ap.add_argument('--skip-timm', action='store_true')
+  ap.add_argument('--peak-tflops', type=float, default=0.0, help='override the device peak')
+  ap.add_argument('--budget-s', type=float, default=None,
+                  help='wall budget for both workers (450 on a GPU, 1800 for --dry-run-cpu)')
+  ap.add_argument('--dry-run-cpu', action='store_true',
+                  help='CPU, sizes 64,96, batches 2-4, 2 steps: proves the script end to end')
+  ap.add_argument('--cpu-memory-gib', type=float, default=4.0, help=argparse.SUPPRESS)
+  ap.add_argument('--record', action='store_true', help='record a --dry-run-cpu run too')
+  ap.add_argument('--worker', choices=('jax', 'timm'), help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.dry_run_cpu and not args.worker:
+    args.sizes, args.probe_batch, args.max_batch, args.steps, args.warmup = '64,96', 2, 4, 2, 1
+  if args.budget_s is None:
+    args.budget_s = 1800.0 if args.dry_run_cpu else 450.0
+  args.sizes = [int(s) for s in str(args.sizes).split(',')]
+  if args.worker:
+    (jax_worker if args.worker == 'jax' else timm_worker)(args)
+    return
+
+  t0 = time.perf_counter()
+  argv = ['--model', args.model, '--sizes', ','.join(map(str, args.sizes)),
+          '--probe-batch', str(args.probe_batch), '--max-batch', str(args.max_batch),
+          '--steps', str(args.steps), '--warmup', str(args.warmup)]
+  if args.torch_compile:
+    argv.append('--torch-compile')
+  if args.dry_run_cpu:
+    argv.append('--dry-run-cpu')
+  results, notes = {}, []
+  jax_budget = args.budget_s * (0.6 if not args.skip_timm else 1.0)
+  results['jax'], err = _run_worker('jax', argv, jax_budget)
+  if err:
+    notes.append(err)
+  if not args.skip_timm:
+    left = args.budget_s - (time.perf_counter() - t0)
+    results['timm'], err = _run_worker('timm', argv, max(left, 30.0))
+    if err:
+      notes.append(err)
+  wall = time.perf_counter() - t0
+
+  device = (results.get('jax') or results.get('timm') or {}).get('device', '?')
+  peak = _peak(device, args.peak_tflops)
+  lines = [f'### {args.model}, bf16, {device}' + (' (CPU dry run, tiny sizes)' if args.dry_run_cpu else ''),
+           '', f'`python experiments/bench_gpu.py {" ".join(sys.argv[1:])}`  ',
+           f'{time.strftime("%Y-%m-%d %H:%M")}, wall {wall:.0f}s; ' +
+           ', '.join(f'{k}: ' + ', '.join(f'{a} {b}' for a, b in v.items() if a not in ('rows', 'device'))
+                     for k, v in results.items() if v) +
+           (f'; peak bf16 {peak / 1e12:.0f} TFLOP/s' if peak else '; peak unknown (no MFU)'), '',
+           '| size | contender | batch | images/s | MFU | jax / timm | compile or warm-up s |',
+           '|---|---|---|---|---|---|---|']
+  by = {k: {r['size']: r for r in v['rows']} for k, v in results.items() if v}
+  for size in args.sizes:
+    for k in ('jax', 'timm'):
+      r = by.get(k, {}).get(size)
+      if not r:
+        continue
+      mfu = f'{r["images_per_s"] * 6 * r["macs"] / peak:.1%}' if peak else 'n/a'
+      other = by.get('timm', {}).get(size) if k == 'jax' else None
+      ratio = f'{r["images_per_s"] / other["images_per_s"]:.2f}x' if other else ''
+      lines.append(f'| {size} | {k} | {r["batch"]} | {r["images_per_s"]:.1f} | {mfu} | {ratio} | '
+                   f'{r["compile_s"]:.0f} |')
+  if notes:
+    lines += ['', 'Notes: ' + '; '.join(notes)]
+  text = '\n'.join(lines) + '\n'
+  print(text)
+  if not args.dry_run_cpu or args.record:
+    path = os.path.join(EXP, 'results', 'bench_gpu.md')
+    new = not os.path.exists(path)
+    with open(path, 'a') as f:
+      if new:
+        f.write('# GPU training throughput and MFU: effnetv2_jax vs timm\n\n'
+                'Written by `experiments/bench_gpu.py` (see its docstring).\n\n')
+      f.write(text + '\n')
+
+
+if __name__ == '__main__':
+  main()
