@@ -134,7 +134,9 @@ def build_jax_step(model_name, batch, size, dtype_name, opts=None):
 
 def worker_jax(args, opts):
   if 'xla_flags' in opts:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + opts.pop('xla_flags')).strip()
+    # Several flags in one variant: join them with '+' (commas separate variant options).
+    flags = opts.pop('xla_flags').replace('+', ' ')
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flags).strip()
   for k in [k for k in opts if k.startswith('env_')]:
     os.environ[k[4:]] = opts.pop(k)
   prng = opts.pop('prng', None)
