@@ -86,6 +86,8 @@ def _parse_variant(spec):
 
 
 def _coerce(v):
+  if not isinstance(v, str):
+    return v
   for cast in (int, float):
     try:
       return cast(v)
