@@ -49,6 +49,11 @@ def _time_steps(fn, n):
 # ------------------------------------------------------------------------------------------------
 def jax_worker(args):
   sys.path[:0] = [ROOT, EXP]
+  t_start = time.perf_counter()
+
+  def log(msg):  # stderr, timestamped: the parent shows the tail when a worker is cut off
+    print(f'[jax {time.perf_counter() - t_start:6.1f}s] {msg}', file=sys.stderr, flush=True)
+
   import jax
   from bench_train_step import build_jax_step
   from effnetv2_jax import models
@@ -59,7 +64,8 @@ def jax_worker(args):
   out = {'device': dev.device_kind, 'jax': jax.__version__, 'rows': []}
   for size in args.sizes:
     probe = args.probe_batch
-    compiled, state, data, rng, t = build_jax_step(args.model, probe, size, 'bf16')
+    log(f'{size}px: building the step at batch {probe}')
+    compiled, state, data, rng, t = build_jax_step(args.model, probe, size, 'bf16', log=log)
     mem = compiled.memory_analysis()
     per_image = mem.temp_size_in_bytes / probe
     fixed = mem.argument_size_in_bytes
@@ -70,7 +76,7 @@ def jax_worker(args):
       try:
         if batch != probe:
           del compiled, state, data
-          compiled, state, data, rng, t = build_jax_step(args.model, batch, size, 'bf16')
+          compiled, state, data, rng, t = build_jax_step(args.model, batch, size, 'bf16', log=log)
         holder = [state]
 
         def run(n):
@@ -81,6 +87,7 @@ def jax_worker(args):
           holder[0] = s
 
         run(args.warmup)
+        log(f'{size}px batch {batch}: {args.warmup} warm-up steps done')
         break
       except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED
         if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower() or batch <= 1:
@@ -94,6 +101,7 @@ def jax_worker(args):
                             macs=models.count_macs(args.model, size)))
     print(f'jax {size}px batch {batch}: {ips:.1f} img/s (compile {t["compile_s"]:.0f}s)',
           file=sys.stderr, flush=True)
+    _say(out)  # after every size: a worker cut off by the budget still reports what it measured
     del compiled, holder, data, state
   _say(out)
 
@@ -161,6 +169,7 @@ def timm_worker(args):
     out['rows'].append(dict(size=size, batch=batch, images_per_s=ips, compile_s=setup,
                             macs=models.count_macs(args.model, size)))
     print(f'timm {size}px batch {batch}: {ips:.1f} img/s', file=sys.stderr, flush=True)
+    _say(out)
     del run
     if cuda:
       torch.cuda.empty_cache()
@@ -185,13 +194,23 @@ def _run_worker(kind, argv, timeout):
     env['CUDA_VISIBLE_DEVICES'] = ''
   try:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-  except subprocess.TimeoutExpired:
-    return None, f'{kind}: timed out after {timeout:.0f}s'
-  lines = [l for l in p.stdout.splitlines() if l.startswith(TAG)]
-  sys.stderr.write(p.stderr[-2000:] if p.returncode else '')
+    stdout, stderr, failed = p.stdout, p.stderr, p.returncode and f'exit {p.returncode}'
+  except subprocess.TimeoutExpired as e:
+    decode = lambda b: b.decode(errors='replace') if isinstance(b, bytes) else (b or '')
+    stdout, stderr, failed = decode(e.stdout), decode(e.stderr), f'timed out after {timeout:.0f}s'
+  lines = [l for l in stdout.splitlines() if l.startswith(TAG)]
+  sys.stderr.write(stderr[-2000:] if failed else '')
+  # The last phase the worker logged says where a cut-off run spent its time (library warnings,
+  # e.g. the autotuner's, would otherwise be the last line).
+  phases = [l for l in stderr.splitlines() if l.startswith(f'[{kind}')]
+  last = (phases or stderr.strip().splitlines() or [''])[-1]
+  if failed:
+    failed += f' (last: {last!r})'
   if not lines:
-    return None, f'{kind} failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:] }'
-  return json.loads(lines[-1][len(TAG):]), None
+    return None, f'{kind} failed ({failed})'
+  # The worker reports after every size, so a cut-off run keeps the sizes it finished.
+  return json.loads(lines[-1][len(TAG):]), (f'{kind}: {failed}; sizes it finished are shown'
+                                              if failed else None)
 
 
 def main():

@@ -96,8 +96,13 @@ def _coerce(v):
   return {'true': True, 'false': False}.get(v.lower(), v)
 
 
-def build_jax_step(model_name, batch, size, dtype_name, opts=None):
-  """-> (jitted step, state, batch, rng, compile seconds). Shared with bench_memory.py."""
+def build_jax_step(model_name, batch, size, dtype_name, opts=None, log=None):
+  """-> (jitted step, state, batch, rng, compile seconds). Shared with bench_memory.py.
+
+  `log(message)`, when given, hears each phase as it ends (state built, lowered, compiled), so a
+  run cut off by a time limit still tells where its time went.
+  """
+  log = log or (lambda _: None)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -125,12 +130,16 @@ def build_jax_step(model_name, batch, size, dtype_name, opts=None):
           'label': r.integers(0, NUM_CLASSES, size=batch).astype(np.int32)}
   data = sharding.shard_batch(host, mesh)
   rng = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(mesh))
+  jax.block_until_ready((state, data))
+  log('state and batch on the device')
   jitted = sharding.jit_train_step(step, mesh, state)
   t0 = time.perf_counter()
   lowered = jitted.lower(state, data, rng)
   t1 = time.perf_counter()
+  log(f'lowered in {t1 - t0:.1f}s')
   compiled = lowered.compile()
   t2 = time.perf_counter()
+  log(f'compiled in {t2 - t1:.1f}s')
   return compiled, state, data, rng, {'trace_s': t1 - t0, 'compile_s': t2 - t1}
 
 
