@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.preprocess_family = "auto"  # 'v2' | 'v2-base' | 'auto' (from the model name)
   c.autoaugment = False  # AutoAugment v0 instead of RandAugment (B0-B3 in the official code)
   c.randaug_layers = 2
+  c.randaug_ops = ""  # comma-separated subset of data.randaug.OPS; "" = all 16 (official)
   c.shuffle_buffer = 16384
   c.cache_dataset = False
 

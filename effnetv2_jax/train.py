@@ -301,7 +301,8 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
         dataset=config.dataset, data_dir=config.data_dir, split=facts.train_split,
         global_batch_size=config.batch_size, image_size=stage.image_size, family=facts.family,
         randaug_magnitude=stage.randaug_magnitude, randaug_layers=config.randaug_layers,
-        autoaugment=config.autoaugment, seed=config.seed, start_step=max(step, stage.first_step),
+        autoaugment=config.autoaugment, randaug_ops=config.get('randaug_ops') or None,
+        seed=config.seed, start_step=max(step, stage.first_step),
         process_index=jax.process_index(), process_count=jax.process_count(),
         shuffle_buffer=config.shuffle_buffer, cache=config.cache_dataset)
     batch = sharding.shard_batch(next(data), mesh)

@@ -47,6 +47,7 @@ def _error(config, **kw):
     ({"optimizer": "lamb"}, "optimizer"),
     ({"label_smoothing": 1.5}, "label_smoothing"),
     ({"init_from": "/no/such/checkpoint"}, "init_from"),
+    ({"randaug_ops": "Rotate,Flip"}, "randaug_ops"),
 ])
 def test_bad_field_is_named(change, field):
   err = _error(_config(**change))

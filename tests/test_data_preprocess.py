@@ -84,3 +84,15 @@ def test_small_family_scales_randaugment_pixel_constants():
   img = tf.fill([28, 28, 3], tf.constant(200, tf.uint8))
   moved = randaug.apply_op(img, 'TranslateX', 10.0, tf.constant([0, 1], tf.int64), small).numpy()
   assert (moved == 200).mean() > 0.5
+
+
+def test_train_image_passes_the_randaugment_op_set():
+  # With the op set reduced to Invert, every augmented image is the negative of the plain one
+  # (up to the uint8 truncation RandAugment works in); the configured set reaches the op choice.
+  img = np.random.default_rng(1).integers(0, 256, size=(28, 28, 3), dtype=np.uint8)
+  kw = dict(image_size=28, family='small', seed=tf.constant([3, 4], tf.int64), randaug_layers=1)
+  plain = preprocess.train_image(tf.constant(img), randaug_magnitude=0.0, **kw).numpy()
+  inverted = preprocess.train_image(tf.constant(img), randaug_magnitude=5.0, randaug_ops='Invert',
+                                    **kw).numpy()
+  np.testing.assert_allclose(inverted, -plain, atol=2 / 127.5)
+  assert np.abs(plain).mean() > 0.1

@@ -135,6 +135,30 @@ def test_randaugment_is_a_function_of_its_seed():
     randaug.randaugment(IMG.astype(np.float32))
 
 
+def test_randaugment_op_subset():
+  # A one-op set always applies that op, with the op's own seed: equal to apply_op directly.
+  seed = tf.constant([5, 6])
+  only_rotate = randaug.randaugment(IMG, 1, 9.0, seed=seed, ops='Rotate').numpy()
+  op_seed = tf.random.experimental.stateless_split(seed, 2)[1]
+  np.testing.assert_array_equal(only_rotate, randaug.apply_op(IMG, 'Rotate', 9.0, op_seed).numpy())
+  # Over many seeds a two-op set produces exactly those two ops' outputs, both of them.
+  outs = set()
+  for s in range(12):
+    seed = tf.constant([7, s])
+    op_seed = tf.random.experimental.stateless_split(seed, 2)[1]
+    got = randaug.randaugment(IMG, 1, 8.0, seed=seed, ops=('Invert', 'Equalize')).numpy()
+    cands = {n: randaug.apply_op(IMG, n, 8.0, op_seed).numpy() for n in ('Invert', 'Equalize')}
+    outs.add(next(n for n, c in cands.items() if np.array_equal(c, got)))
+  assert outs == {'Invert', 'Equalize'}
+  # The default ('' or None) is the official 16, so seeded outputs do not change.
+  np.testing.assert_array_equal(randaug.randaugment(IMG, 2, 10.0, seed=[1, 2], ops='').numpy(),
+                                randaug.randaugment(IMG, 2, 10.0, seed=[1, 2]).numpy())
+  assert randaug.parse_ops(' Rotate, ShearX ') == ('Rotate', 'ShearX')
+  for bad in ('Rotate,Blur', 'Rotate,Rotate', ','):
+    with pytest.raises(ValueError):
+      randaug.parse_ops(bad)
+
+
 def test_autoaugment_policy_v0():
   assert len(randaug.POLICY_V0) == 25 and all(len(s) == 2 for s in randaug.POLICY_V0)
   assert all(op in randaug.OPS for sub in randaug.POLICY_V0 for op, _, _ in sub)

@@ -151,7 +151,8 @@ def _epoch_seed(seed, epoch, process_index):
 # ------------------------------------------------------------------------------------------ train
 def train_iterator(*, dataset: str, data_dir: str | None, split: str | None, global_batch_size: int,
                    image_size: int, family: str, randaug_magnitude: float, randaug_layers: int = 2,
-                   autoaugment: bool = False, seed: int, start_step: int = 0, process_index: int = 0,
+                   autoaugment: bool = False, randaug_ops=None, seed: int, start_step: int = 0,
+                   process_index: int = 0,
                    process_count: int = 1, shuffle_buffer: int = 16384, cache: bool = False,
                    num_parallel_calls: int = tf.data.AUTOTUNE, private_threadpool_size: int | None = None,
                    prefetch_batches: int = 2) -> BatchIterator:
@@ -185,7 +186,7 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str | None, glo
     image = preprocess.decode(load(ex['raw']))
     image = preprocess.train_image(image, image_size=image_size, family=family, seed=ex_seed,
                                    randaug_layers=randaug_layers, randaug_magnitude=randaug_magnitude,
-                                   autoaugment=autoaugment)
+                                   autoaugment=autoaugment, randaug_ops=randaug_ops)
     return {'image': image, 'label': tf.cast(ex['label'], tf.int32), _POS: pos}
 
   ds = ds.map(process, num_parallel_calls=num_parallel_calls).ignore_errors()

@@ -90,7 +90,8 @@ def random_crop(image, family, image_size, seed):
   return tf.cond(failed, lambda: center_crop(image, image_size), lambda: crop)
 
 
-def _augment(image_float, *, randaug_layers, randaug_magnitude, autoaugment, seed, hparams=None):
+def _augment(image_float, *, randaug_layers, randaug_magnitude, autoaugment, seed, hparams=None,
+             randaug_ops=None):
   """Apply AutoAugment / RandAugment on uint8 as the official code does (clip, truncate, augment)."""
   use_aa = autoaugment
   use_ra = (not autoaugment) and randaug_layers > 0 and randaug_magnitude > 0
@@ -100,13 +101,16 @@ def _augment(image_float, *, randaug_layers, randaug_magnitude, autoaugment, see
   if use_aa:
     image = randaug.autoaugment(image, seed=seed)
   else:
-    image = randaug.randaugment(image, randaug_layers, randaug_magnitude, seed=seed, hparams=hparams)
+    image = randaug.randaugment(image, randaug_layers, randaug_magnitude, seed=seed, hparams=hparams,
+                                ops=randaug_ops)
   return tf.cast(image, tf.float32)
 
 
 def train_image(image, *, image_size, family, seed, randaug_layers=2, randaug_magnitude=0.0,
-                autoaugment=False):
-  """uint8 [H, W, 3] -> float32 [image_size, image_size, 3], normalised, randomly augmented."""
+                autoaugment=False, randaug_ops=None):
+  """uint8 [H, W, 3] -> float32 [image_size, image_size, 3], normalised, randomly augmented.
+
+  `randaug_ops`: RandAugment's op set (randaug.parse_ops; default all 16)."""
   check_family(family)
   crop_seed, flip_seed, aug_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   if family != 'small':
@@ -115,7 +119,7 @@ def train_image(image, *, image_size, family, seed, randaug_layers=2, randaug_ma
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   hparams = randaug.scaled_hparams(image_size) if family == 'small' else None
   image = _augment(image, randaug_layers=randaug_layers, randaug_magnitude=randaug_magnitude,
-                   autoaugment=autoaugment, seed=aug_seed, hparams=hparams)
+                   autoaugment=autoaugment, seed=aug_seed, hparams=hparams, randaug_ops=randaug_ops)
   image = normalize(image, family)
   image.set_shape([image_size, image_size, 3])
   return image

@@ -20,14 +20,14 @@ import math
 
 import tensorflow as tf
 
+# The 16 op names and the op-set parser live in a TF-free module (config validation uses them).
+from effnetv2_jax.data.randaug_ops import OPS, parse_ops  # noqa: F401  (re-exported)
+
 MAX_LEVEL = 10.0
 FILL_VALUE = 128
 # Official RandAugment hparams; AutoAugment v0 uses wider ranges for cutout/translate.
 RANDAUGMENT_HPARAMS = dict(cutout_const=40, translate_const=100)
 AUTOAUGMENT_HPARAMS = dict(cutout_const=100, translate_const=250)
-
-OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
-       'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout', 'SolarizeAdd')
 
 
 # --------------------------------------------------------------------------------------------- ops
@@ -247,20 +247,23 @@ def scaled_hparams(image_size: int, reference_size: int = 224) -> dict:
 
 
 @_no_autograph
-def randaugment(image_uint8_hwc, num_layers=2, magnitude=10.0, seed=None, hparams=None):
-  """RandAugment: `num_layers` times, apply one uniformly chosen op of `OPS` at `magnitude`.
+def randaugment(image_uint8_hwc, num_layers=2, magnitude=10.0, seed=None, hparams=None, ops=None):
+  """RandAugment: `num_layers` times, apply one uniformly chosen op of `ops` at `magnitude`.
 
-  `hparams` overrides the pixel constants of the translate and cutout ops (default
-  RANDAUGMENT_HPARAMS, the official ImageNet values).
+  `ops` (default all 16 `OPS`, as the official code) restricts the choice, e.g. to the geometric
+  ops for grey-scale data where Invert/Solarize/Posterize change what the image shows. `hparams`
+  overrides the pixel constants of the translate and cutout ops (default RANDAUGMENT_HPARAMS, the
+  official ImageNet values).
   """
+  ops = parse_ops(ops)
   image = tf.convert_to_tensor(image_uint8_hwc)
   if image.dtype != tf.uint8:
     raise TypeError(f'randaugment expects uint8 images, got {image.dtype}')
   seeds = tf.random.experimental.stateless_split(_seed_or_random(seed), 2 * max(num_layers, 1))
   for layer in range(num_layers):
-    choice = tf.random.stateless_uniform([], seeds[2 * layer], maxval=len(OPS), dtype=tf.int32)
+    choice = tf.random.stateless_uniform([], seeds[2 * layer], maxval=len(ops), dtype=tf.int32)
     op_seed = seeds[2 * layer + 1]
-    branches = [functools.partial(apply_op, image, name, magnitude, op_seed, hparams) for name in OPS]
+    branches = [functools.partial(apply_op, image, name, magnitude, op_seed, hparams) for name in ops]
     image = tf.switch_case(choice, branches)
   return image
 
