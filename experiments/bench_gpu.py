@@ -287,13 +287,10 @@ def main():
   text = '\n'.join(lines) + '\n'
   print(text)
   if not args.dry_run_cpu or args.record:
-    path = os.path.join(EXP, 'results', 'bench_gpu.md')
-    new = not os.path.exists(path)
-    with open(path, 'a') as f:
-      if new:
-        f.write('# GPU training throughput and MFU: effnetv2_jax vs timm\n\n'
-                'Written by `experiments/bench_gpu.py` (see its docstring).\n\n')
-      f.write(text + '\n')
+    sys.path.insert(0, EXP)
+    import plotting
+    plotting.append_record('bench_gpu.md', '# GPU training throughput and MFU: effnetv2_jax vs timm\n\n'
+                           'Written by `experiments/bench_gpu.py` (see its docstring).', text)
 
 
 if __name__ == '__main__':

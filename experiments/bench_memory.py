@@ -76,13 +76,10 @@ def main():
   text = '\n'.join(lines) + '\n'
   print(text)
   if not args.no_record:
-    path = os.path.join(ROOT, 'experiments', 'results', 'bench_memory.md')
-    new = not os.path.exists(path)
-    with open(path, 'a') as f:
-      if new:
-        f.write('# Peak train-step memory per image, with and without rematerialisation\n\n'
-                'Written by `experiments/bench_memory.py` (see its docstring).\n\n')
-      f.write(text + '\n')
+    import plotting
+    plotting.append_record(
+        'bench_memory.md', '# Peak train-step memory per image, with and without rematerialisation\n\n'
+        'Written by `experiments/bench_memory.py` (see its docstring).', text)
 
 
 if __name__ == '__main__':

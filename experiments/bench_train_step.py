@@ -407,13 +407,16 @@ def bench(args):
   print()
   print(text)
   if not args.no_record:
-    new = not os.path.exists(RESULTS)
-    with open(RESULTS, 'a') as f:
-      if new:
-        f.write('# Train-step throughput: effnetv2_jax vs timm vs Keras (same machine, same run)\n\n'
-                'Written by `experiments/bench_train_step.py`; see its docstring for what each '
-                'contender times.\n\n')
-      f.write(text + '\n')
+    _record(text)
+
+
+def _record(text):
+  import plotting
+  plotting.append_record(
+      os.path.basename(RESULTS),
+      '# Train-step throughput: effnetv2_jax vs timm vs Keras (same machine, same run)\n\n'
+      'Written by `experiments/bench_train_step.py`; see its docstring for what each contender times.',
+      text)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,8 +467,7 @@ def compile_report(args):
   text = '\n'.join(lines) + '\n'
   print(text)
   if not args.no_record:
-    with open(RESULTS, 'a') as f:
-      f.write(text + '\n')
+    _record(text)
 
 
 def main():

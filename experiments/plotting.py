@@ -21,6 +21,17 @@ def write_text(name: str, text: str) -> str:
   return path
 
 
+def append_record(name: str, header: str, text: str) -> str:
+  """Append one measured block to experiments/results/<name>; a new file starts with `header`
+  (title and the script that writes it). Records accumulate: each run adds its own dated block."""
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, name)
+  new = not os.path.exists(path)
+  with open(path, "a") as f:
+    f.write((header.rstrip() + "\n\n" if new else "") + text.rstrip() + "\n\n")
+  return path
+
+
 def markdown_table(header, rows) -> str:
   lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
