@@ -31,7 +31,7 @@ def _product(**axes):
 
 # file -> every argument combination it accepts (runlocal is added to each below).
 VARIANTS = {
-    "demo": [""],
+    "demo": ["", "model=resnet"],
     "imagenet": _product(variant=["b0", "b1", "b2", "b3", "s", "m", "l", "xl"],
                          preset=["official", "paper", "none"]),
     "imagenet21k": _product(variant=["s", "m", "l", "xl"]),
