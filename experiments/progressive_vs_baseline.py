@@ -1,123 +1,180 @@
-r"""Progressive learning vs. the fixed-size baseline on Fashion-MNIST (paper's Table 12, toy scale).
+r"""Progressive-learning ablation on Fashion-MNIST: the paper's Tables 12/13 in miniature.
 
-  python experiments/progressive_vs_baseline.py [--quick] [--seeds 0 1] [--workdir DIR]
+  python experiments/progressive_vs_baseline.py                       # v2 net, 4 arms, seeds 0 1
+  python experiments/progressive_vs_baseline.py --models v2 resnet --epochs 2
+  python experiments/progressive_vs_baseline.py --quick               # 0.5 epochs, plumbing check
 
-Runs configs/demo.py twice per seed through the sweep runner (effnetv2_jax.sweep), identical except
-for `progressive.preset`: 'paper' (4 stages, 16 -> 28 px with RandAugment, mixup and dropout growing)
-and 'none' (every step at 28 px with the final regularization). Same steps, same batch, same LR
-schedule; the eval is at 28 px for both. Records final top-1, wall time and the speed-up
-(baseline wall / progressive wall), and writes experiments/results/progressive_vs_baseline.md and
-.png (eval top-1 at each stage end against elapsed time).
+Every trial is configs/demo.py (for `resnet`: configs/demo.py:model=resnet) run through the sweep
+runner (effnetv2_jax.sweep), with the same epochs, batch, LR schedule and eval size; only the
+schedule differs between the arms:
 
-The full run (5 epochs, as the demo) takes about 25 minutes on a 2-core CPU; `--quick` trains
-0.5 epochs to check the plumbing and the direction of the effect in a few minutes. Finished trials
-are skipped on a re-run (the sweep runner's rule), so an interrupted run continues.
+  fixed                       progressive.preset=none: every step at the final size with the final
+                              regularization (the baseline)
+  progressive, constant reg   the paper's size schedule, regularization held at its final values
+                              (the paper's Table 13 "progressive learning without adaptive reg.")
+  progressive, adaptive       the paper's Algorithm 1: size and regularization grow together
+  official, adaptive          the released code's schedule: sizes int(min + (max-min)(i+1)/M),
+                              RandAugment/mixup linspace, dropout constant
+
+For each arm it reports final top-1 (mean and each seed), wall time (compiles and stage-end evals
+included), the speed-up over `fixed`, and the time at which the arm's stage-end eval first reached
+the fixed arm's final top-1 (stage ends are the only eval points, so this is coarse). Writes
+experiments/results/progressive_ablation[_quick].md and .png (top-1 at stage ends against
+elapsed time). Finished trials are skipped on a re-run (the sweep runner's rule), so an
+interrupted ablation continues where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from experiments import plotting  # noqa: E402
 
-CONFIG = "configs/demo.py"
-FULL_EPOCHS = 5.0  # the demo's own length
+MODELS = {"v2": "configs/demo.py", "resnet": "configs/demo.py:model=resnet"}
 QUICK_EPOCHS = 0.5
-PRESETS = ("paper", "none")
 # The paper's Table 12 claims (ImageNet, reference section 6) shown beside the toy result.
 PAPER_SPEEDUPS = "ResNet50 1.4x, ResNet152 2.1x, EfficientNet-B4 2.2x at equal or better accuracy"
 
 
-def run_sweep(workdir: str, epochs: float, seeds, data_dir: str | None) -> None:
+def arms(config) -> dict:
+  """Arm name -> `config.*` overrides. The constant-regularization arm pins every regularizer's
+  min to its max, so only the image size moves."""
+  p = config.progressive
+  return {
+      "fixed": {"progressive.preset": "none"},
+      "progressive, constant reg": {
+          "progressive.preset": "paper", "progressive.min_randaug": float(p.max_randaug),
+          "progressive.min_mixup": float(p.max_mixup), "progressive.min_cutmix": float(p.max_cutmix),
+          "progressive.min_dropout": float(p.max_dropout)},
+      "progressive, adaptive": {"progressive.preset": "paper"},
+      "official, adaptive": {"progressive.preset": "official"},
+  }
+
+
+def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | None):
+  """Runs (or resumes) every arm x seed of one model; -> {(arm, seed): results.json or None}."""
+  from effnetv2_jax import sweep
+  config_arg = MODELS[model]
+  config = sweep.load_config(os.path.join(REPO, config_arg))
+  trials, keys = [], []
+  for arm, overrides in arms(config).items():
+    for seed in seeds:
+      trials.append(dict(overrides, seed=seed))
+      keys.append((arm, seed))
   os.makedirs(workdir, exist_ok=True)
-  spec = os.path.join(workdir, "spec.yaml")
+  spec = os.path.join(workdir, "spec.py")
   with open(spec, "w") as f:
-    f.write(f"grid: {{progressive.preset: [{', '.join(PRESETS)}], seed: [{', '.join(map(str, seeds))}]}}\n")
-  argv = [sys.executable, "-m", "effnetv2_jax.sweep", f"--config={CONFIG}", f"--sweep={spec}",
+    f.write(f"def get_sweep():\n  return {trials!r}\n")
+  argv = [sys.executable, "-m", "effnetv2_jax.sweep", f"--config={config_arg}", f"--sweep={spec}",
           f"--workdir={workdir}", f"--config.num_epochs={epochs}"]
   if data_dir:
     argv.append(f"--config.data_dir={data_dir}")
   print("$ " + " ".join(argv), flush=True)
   subprocess.run(argv, cwd=REPO, check=False)  # failures show up as missing results below
+  out = {}
+  for key, name in zip(keys, sweep.trial_names(trials)):
+    path = os.path.join(workdir, name, "results.json")
+    out[key] = json.load(open(path)) if os.path.exists(path) else None
+  return out, config
 
 
-def load(workdir: str, preset: str, seed: int):
-  path = os.path.join(workdir, f"preset={preset},seed={seed}", "results.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+def _curve(r):
+  elapsed, xs, ys = 0.0, [], []
+  for s in r["stages"]:
+    elapsed += s.get("wall_s", 0.0)
+    if s.get("eval_top1") is not None:
+      xs.append(elapsed)
+      ys.append(s["eval_top1"])
+  return xs, ys
+
+
+def summarize(model, results, config, seeds):
+  mean = lambda v: statistics.fmean(v) if v else float("nan")
+  by_arm = {}
+  for (arm, seed), r in results.items():
+    by_arm.setdefault(arm, []).append((seed, r))
+  fixed = [r for _, r in by_arm["fixed"] if r]
+  target = mean([r["final_eval"]["top1"] for r in fixed]) if fixed else None
+  fixed_wall = mean([r["total_wall_s"] for r in fixed]) if fixed else None
+  rows, curves = [], {}
+  for arm, runs in by_arm.items():
+    done = [(s, r) for s, r in runs if r]
+    if not done:
+      rows.append([model, arm, "-", "missing (see the trial's sweep.log)", "-", "-", "-", "-", "-"])
+      continue
+    top1 = [r["final_eval"]["top1"] for _, r in done]
+    walls = [r["total_wall_s"] for _, r in done]
+    compile_s = mean([sum(st.get("compile_s", 0.0) for st in r["stages"]) for _, r in done])
+    reach = []
+    for _, r in done:
+      xs, ys = _curve(r)
+      hit = next((x for x, y in zip(xs, ys) if target is not None and y >= target), None)
+      reach.append(hit)
+    reach_txt = ("not reached" if all(h is None for h in reach)
+                 else " / ".join("-" if h is None else f"{h:.0f}" for h in reach))
+    sizes = "/".join(str(st["image_size"]) for st in done[0][1]["stages"])
+    rows.append([model, arm, sizes, f"{mean(top1):.4f} (" + ", ".join(f"{t:.4f}" for t in top1) + ")",
+                 f"{100 * (mean(top1) - target):+.2f}" if target is not None else "-",
+                 f"{mean(walls):.0f}", f"{compile_s:.0f}",
+                 f"{fixed_wall / mean(walls):.2f}x" if fixed_wall else "-", reach_txt])
+    for s, r in done:
+      curves[f"{model} {arm} (seed {s})"] = _curve(r)
+  return rows, curves
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs instead of {FULL_EPOCHS}")
-  ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+  ap.add_argument("--models", nargs="+", default=["v2"], choices=sorted(MODELS))
+  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+  ap.add_argument("--epochs", type=float, default=0.0, help="default: the demo's own length")
+  ap.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs, one seed")
   ap.add_argument("--workdir", default="")
   ap.add_argument("--data_dir", default="", help="TFDS data_dir holding fashion_mnist")
   args = ap.parse_args(argv)
-  epochs = QUICK_EPOCHS if args.quick else FULL_EPOCHS
-  workdir = args.workdir or os.path.join(REPO, "workdirs", "progressive_vs_baseline"
-                                         + ("_quick" if args.quick else ""))
-  command = "python experiments/progressive_vs_baseline.py" + (" --quick" if args.quick else "") + (
-      f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "")
-  run_sweep(workdir, epochs, args.seeds, args.data_dir or None)
+  if args.quick:
+    args.epochs, args.seeds = QUICK_EPOCHS, args.seeds[:1]
+  suffix = "_quick" if args.quick else ""
+  root = args.workdir or os.path.join(REPO, "workdirs", "progressive_ablation" + suffix)
+  command = "python experiments/progressive_vs_baseline.py " + " ".join(argv or sys.argv[1:])
 
-  rows, curves, walls, top1s = [], {}, {p: [] for p in PRESETS}, {p: [] for p in PRESETS}
-  for seed in args.seeds:
-    res = {p: load(workdir, p, seed) for p in PRESETS}
-    for p in PRESETS:
-      r = res[p]
-      if r is None:
-        rows.append([p, seed, "-", "missing (see the trial's sweep.log)", "-", "-", "-", "-"])
-        continue
-      walls[p].append(r["total_wall_s"])
-      top1s[p].append(r["final_eval"]["top1"])
-      sizes = "/".join(str(s["image_size"]) for s in r["stages"])
-      base = res["none"]
-      speed = f"{base['total_wall_s'] / r['total_wall_s']:.2f}x" if base else "-"
-      delta = f"{100 * (r['final_eval']['top1'] - base['final_eval']['top1']):+.2f}" if base else "-"
-      compile_s = sum(s.get("compile_s", 0.0) for s in r["stages"])
-      rows.append([p, seed, sizes, f"{r['final_eval']['top1']:.4f}", delta,
-                   f"{r['total_wall_s']:.0f}", f"{compile_s:.0f}", speed])
-      elapsed, xs, ys = 0.0, [], []
-      for s in r["stages"]:
-        elapsed += s.get("wall_s", 0.0)
-        if s.get("eval_top1") is not None:
-          xs.append(elapsed)
-          ys.append(s["eval_top1"])
-      curves[f"{p} (seed {seed})"] = (xs, ys)
-  steps = next((r["step"] for s in args.seeds for p in PRESETS if (r := load(workdir, p, s))), "?")
-  summary = []
-  if all(walls[p] for p in PRESETS):
-    mean = lambda v: sum(v) / len(v)
-    summary = [f"Mean over {len(args.seeds)} seed(s): progressive {mean(top1s['paper']):.4f} top-1 in "
-               f"{mean(walls['paper']):.0f} s, baseline {mean(top1s['none']):.4f} in "
-               f"{mean(walls['none']):.0f} s: {mean(walls['none']) / mean(walls['paper']):.2f}x "
-               f"faster, {100 * (mean(top1s['paper']) - mean(top1s['none'])):+.2f} points top-1.", ""]
-  header = ["preset", "seed", "stage sizes", "top-1 (28 px eval, EMA)", "vs none (points)",
-            "wall s", "of which compiling", "speed-up vs none"]
+  rows, curves, notes = [], {}, []
+  for model in args.models:
+    from effnetv2_jax import sweep
+    epochs = args.epochs or float(sweep.load_config(os.path.join(REPO, MODELS[model])).num_epochs)
+    results, config = run_model(model, os.path.join(root, model), epochs, args.seeds,
+                                args.data_dir or None)
+    r, c = summarize(model, results, config, args.seeds)
+    rows += r
+    curves.update(c)
+    some = next((x for x in results.values() if x), None)
+    if some:
+      notes.append(f"{model}: {config.model_name}, {epochs:g} epochs = {some['step']} steps at batch "
+                   f"{config.batch_size}, eval at {config.eval_image_size} px; final regularization "
+                   f"RandAugment {config.progressive.max_randaug:g} "
+                   f"({config.randaug_ops or 'all 16 ops'}, {config.randaug_layers} layer(s)), "
+                   f"mixup {config.progressive.max_mixup:g}, dropout {config.progressive.max_dropout:g}.")
+  header = ["model", "arm", "stage sizes", "top-1 mean (per seed)", "vs fixed (points)", "wall s",
+            "of which compiling", "speed-up vs fixed", "s to reach fixed's top-1 (per seed)"]
+  load = " ".join(f"{x:.2f}" for x in os.getloadavg())
   text = "\n".join([
-      "# Progressive learning vs. fixed size on Fashion-MNIST (paper's Table 12 shape)", "",
-      f"Generated by `{command}`: configs/demo.py for {epochs} epochs ({steps} steps at batch 128) "
-      "with `progressive.preset=paper` vs `none`; wall time includes compiling each stage and the "
-      "stage-end evals. Each stage compiles its own train step (a cold XLA cache costs tens of "
-      "seconds per stage on this CPU, a warm one nearly nothing) and evaluates all 10,000 test "
-      "images, so in a short run these fixed costs, paid once per stage, can outweigh what the "
-      "smaller early images save; compare the full run, where they are amortised.", "",
-      plotting.markdown_table(header, rows), "", *summary,
+      "# Progressive-learning ablation on Fashion-MNIST (paper's Tables 12/13 in miniature)", "",
+      f"Generated by `{command.strip()}` (load average {load} at the end). Seeds: "
+      f"{', '.join(map(str, args.seeds))}. Wall time includes compiling each stage's train step "
+      "(cold XLA cache for a new shape or dropout rate, warm for a repeated one) and evaluating all "
+      "10,000 test images at every stage end.", "", *notes, "",
+      plotting.markdown_table(header, rows), "",
       f"Paper (ImageNet): {PAPER_SPEEDUPS}.", ""])
   print(text)
-  plotting.write_text("progressive_vs_baseline" + ("_quick" if args.quick else "") + ".md", text)
-  png = plotting.line_plot("progressive_vs_baseline" + ("_quick" if args.quick else "") + ".png",
-                           curves, title=f"Fashion-MNIST, {epochs} epochs: eval top-1 at stage ends",
+  plotting.write_text(f"progressive_ablation{suffix}.md", text)
+  png = plotting.line_plot(f"progressive_ablation{suffix}.png", curves,
+                           title="Fashion-MNIST: eval top-1 at stage ends",
                            xlabel="elapsed train wall time (s)", ylabel="top-1")
   if png:
     print(f"plot: {png}")
