@@ -58,13 +58,21 @@ def arms(config) -> dict:
   }
 
 
-def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | None):
-  """Runs (or resumes) every arm x seed of one model; -> {(arm, seed): results.json or None}."""
+# Short names for --arms.
+ARM_KEYS = {"fixed": "fixed", "const": "progressive, constant reg",
+            "adaptive": "progressive, adaptive", "official": "official, adaptive"}
+
+
+def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | None, only=None):
+  """Runs (or resumes) the arms (`only`: names, default all) x seeds of one model;
+  -> ({(arm, seed): results.json or None}, config)."""
   from effnetv2_jax import sweep
   config_arg = MODELS[model]
   config = sweep.load_config(os.path.join(REPO, config_arg))
   trials, keys = [], []
   for arm, overrides in arms(config).items():
+    if only and arm not in only:
+      continue
     for seed in seeds:
       trials.append(dict(overrides, seed=seed))
       keys.append((arm, seed))
@@ -100,7 +108,7 @@ def summarize(model, results, config, seeds):
   by_arm = {}
   for (arm, seed), r in results.items():
     by_arm.setdefault(arm, []).append((seed, r))
-  fixed = [r for _, r in by_arm["fixed"] if r]
+  fixed = [r for _, r in by_arm.get("fixed", []) if r]
   target = mean([r["final_eval"]["top1"] for r in fixed]) if fixed else None
   fixed_wall = mean([r["total_wall_s"] for r in fixed]) if fixed else None
   rows, curves = [], {}
@@ -134,6 +142,8 @@ def main(argv=None):
   ap.add_argument("--models", nargs="+", default=["v2"], choices=sorted(MODELS))
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   ap.add_argument("--epochs", type=float, default=0.0, help="default: the demo's own length")
+  ap.add_argument("--arms", default="fixed,const,adaptive,official",
+                  help=f"comma-separated subset of {','.join(ARM_KEYS)}")
   ap.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs, one seed")
   ap.add_argument("--workdir", default="")
   ap.add_argument("--data_dir", default="", help="TFDS data_dir holding fashion_mnist")
@@ -144,29 +154,40 @@ def main(argv=None):
   root = args.workdir or os.path.join(REPO, "workdirs", "progressive_ablation" + suffix)
   command = "python experiments/progressive_vs_baseline.py " + " ".join(argv or sys.argv[1:])
 
-  rows, curves, notes = [], {}, []
+  only = [ARM_KEYS[a.strip()] for a in args.arms.split(",") if a.strip()]
   for model in args.models:
     from effnetv2_jax import sweep
     epochs = args.epochs or float(sweep.load_config(os.path.join(REPO, MODELS[model])).num_epochs)
     results, config = run_model(model, os.path.join(root, model), epochs, args.seeds,
-                                args.data_dir or None)
+                                args.data_dir or None, only)
     r, c = summarize(model, results, config, args.seeds)
-    rows += r
-    curves.update(c)
     some = next((x for x in results.values() if x), None)
-    if some:
-      notes.append(f"{model}: {config.model_name}, {epochs:g} epochs = {some['step']} steps at batch "
-                   f"{config.batch_size}, eval at {config.eval_image_size} px; final regularization "
-                   f"RandAugment {config.progressive.max_randaug:g} "
-                   f"({config.randaug_ops or 'all 16 ops'}, {config.randaug_layers} layer(s)), "
-                   f"mixup {config.progressive.max_mixup:g}, dropout {config.progressive.max_dropout:g}.")
+    note = (f"{model}: {config.model_name}, {epochs:g} epochs = {some['step']} steps at batch "
+            f"{config.batch_size}, seeds {', '.join(map(str, args.seeds))}, eval at "
+            f"{config.eval_image_size} px; final regularization RandAugment "
+            f"{config.progressive.max_randaug:g} ({config.randaug_ops or 'all 16 ops'}, "
+            f"{config.randaug_layers} layer(s)), mixup {config.progressive.max_mixup:g}, dropout "
+            f"{config.progressive.max_dropout:g}.") if some else f"{model}: no finished trial."
+    # Each model's part is kept in its workdir, so models run by separate invocations (with their
+    # own epochs, seeds, arms) end up in one table.
+    with open(os.path.join(root, model, "summary.json"), "w") as f:
+      json.dump({"rows": r, "curves": c, "note": note, "command": command.strip()}, f)
+  rows, curves, notes = [], {}, []
+  for model in MODELS:
+    path = os.path.join(root, model, "summary.json")
+    if os.path.exists(path):
+      part = json.load(open(path))
+      rows += part["rows"]
+      curves.update({k: tuple(v) for k, v in part["curves"].items()})
+      notes.append(f"{part['note']} (`{part['command']}`)")
   header = ["model", "arm", "stage sizes", "top-1 mean (per seed)", "vs fixed (points)", "wall s",
             "of which compiling", "speed-up vs fixed", "s to reach fixed's top-1 (per seed)"]
   load = " ".join(f"{x:.2f}" for x in os.getloadavg())
   text = "\n".join([
       "# Progressive-learning ablation on Fashion-MNIST (paper's Tables 12/13 in miniature)", "",
-      f"Generated by `{command.strip()}` (load average {load} at the end). Seeds: "
-      f"{', '.join(map(str, args.seeds))}. Wall time includes compiling each stage's train step "
+      f"Generated by `experiments/progressive_vs_baseline.py` (load average {load} at the end of "
+      "the last invocation; each model's command is below). Wall time includes compiling each "
+      "stage's train step "
       "(cold XLA cache for a new shape or dropout rate, warm for a repeated one) and evaluating all "
       "10,000 test images at every stage end.", "", *notes, "",
       plotting.markdown_table(header, rows), "",

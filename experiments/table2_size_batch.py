@@ -1,0 +1,84 @@
+r"""Training throughput and memory against image size and batch (the paper's Table 2 shape).
+
+  python experiments/table2_size_batch.py                        # efficientnetv2-s, CPU-sized grid
+  python experiments/table2_size_batch.py --model efficientnet-b6 --sizes 380,512 --batches 24,32
+
+The paper's Table 2 trains EfficientNet-B6 at 380 and 512 px at two batch sizes on TPUv3 and V100:
+throughput falls with the image size and the larger batch at 512 px runs out of memory, which is
+what motivates progressive learning. Here, for each (size, batch), this codebase's full
+train step (bench_train_step.build_jax_step: forward, backward, RMSProp, EMA; fp32) is compiled,
+its memory read from XLA's buffer assignment (temp = activations + scratch, plus the state and
+batch arguments), and `--steps` steps timed after one warm-up step. The last column says whether
+the step would fit a 16 GiB accelerator (one TPUv3 core or a V100-16GB), from those bytes; on a
+GPU/TPU the buffer layout differs, so read it as an estimate. Writes
+experiments/results/table2_size_batch.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXP = os.path.join(ROOT, 'experiments')
+sys.path[:0] = [ROOT, EXP]
+
+GiB = 2.0 ** 30
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--model', default='efficientnetv2-s')
+  ap.add_argument('--sizes', default='128,192,256')
+  ap.add_argument('--batches', default='4,8')
+  ap.add_argument('--steps', type=int, default=3)
+  ap.add_argument('--device-gib', type=float, default=16.0)
+  args = ap.parse_args()
+  import jax
+  from bench_train_step import build_jax_step
+  start = time.time()
+  rows = []
+  for size in [int(s) for s in args.sizes.split(',')]:
+    for batch in [int(b) for b in args.batches.split(',')]:
+      compiled, state, data, rng, times = build_jax_step(args.model, batch, size, 'fp32')
+      mem = compiled.memory_analysis()
+      holder = [state]
+
+      def run(n):
+        s = holder[0]
+        for _ in range(n):
+          s, m = compiled(s, data, rng)
+        jax.block_until_ready((s, m))
+        holder[0] = s
+
+      run(1)
+      t0 = time.perf_counter()
+      run(args.steps)
+      ips = batch * args.steps / (time.perf_counter() - t0)
+      total = mem.temp_size_in_bytes + mem.argument_size_in_bytes
+      rows.append((size, batch, ips, mem.temp_size_in_bytes / GiB, total / GiB, times['compile_s']))
+      print(f'{size}px batch {batch}: {ips:.2f} img/s, temp {rows[-1][3]:.2f} GiB', file=sys.stderr,
+            flush=True)
+      del compiled, state, data, holder
+  base = {b: ips for s, b, ips, *_ in rows if s == rows[0][0]}
+  lines = [f'| image size | batch | train img/s | vs {rows[0][0]} px | temp GiB | temp + state GiB | '
+           f'fits {args.device_gib:g} GiB? | compile s |', '|---|---|---|---|---|---|---|---|']
+  for size, batch, ips, temp, total, comp in rows:
+    lines.append(f'| {size} | {batch} | {ips:.2f} | {ips / base[batch]:.2f}x | {temp:.2f} | '
+                 f'{total:.2f} | {"yes" if total < args.device_gib else "no (OOM)"} | {comp:.0f} |')
+  load = ' '.join(f'{x:.2f}' for x in os.getloadavg())
+  cmd = ('python experiments/table2_size_batch.py ' + ' '.join(sys.argv[1:])).strip()
+  text = '\n'.join([
+      f'### {args.model}, fp32, {jax.default_backend()} ({jax.device_count()} device(s))', '',
+      f'`{cmd}`  ', f'{time.strftime("%Y-%m-%d %H:%M")}, {time.time() - start:.0f} s, load average '
+      f'{load} at the end; {args.steps} timed steps after one warm-up step.', '', *lines, ''])
+  print(text)
+  import plotting
+  plotting.append_record(
+      'table2_size_batch.md', '# Train throughput and memory vs image size and batch (Table 2 '
+      'shape)\n\nWritten by `experiments/table2_size_batch.py` (see its docstring).', text)
+
+
+if __name__ == '__main__':
+  main()
