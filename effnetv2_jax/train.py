@@ -274,7 +274,28 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
             "total_wall_s": prior_wall + time.perf_counter() - run_t0,
             "stages": {str(k): v for k, v in records.items()}}
 
+  # Each step's divergence flag is read on the host only after the next step has been dispatched,
+  # so the host never waits for the device between steps; checkpoints and stage ends drain it.
+  pending_bad = []  # [(step, device bool)] of at most the one previous step
+
+  def check_bad():
+    nonlocal bad_run
+    while pending_bad:
+      bad_step, flag = pending_bad.pop(0)
+      if float(flag) > 0:
+        bad_run += 1
+        logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        bad_step, bad_run)
+        if bad_run >= config.max_bad_steps:
+          raise TrainingDivergedError(
+              f"training diverged: {bad_run} consecutive non-finite steps ending at step "
+              f"{bad_step} (max_bad_steps={config.max_bad_steps}); the last good checkpoint in "
+              f"{ckpt.directory} is kept. Lower the learning rate or enable grad_clip_norm.")
+      else:
+        bad_run = 0
+
   def save(stage_index):
+    check_bad()
     if bad_run:  # the guard kept the last good state, but never write while diverging
       return
     if ckpt.save(step, state, meta_for(step, stage_index)):
@@ -325,17 +346,8 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
       if more:  # the host prepares the next batch while the device runs this step
         batch = sharding.shard_batch(next(data), mesh)
       meter.add(metrics)
-      if float(metrics["bad_step"]) > 0:
-        bad_run += 1
-        logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                        step, bad_run)
-        if bad_run >= config.max_bad_steps:
-          raise TrainingDivergedError(
-              f"training diverged: {bad_run} consecutive non-finite steps ending at step {step} "
-              f"(max_bad_steps={config.max_bad_steps}); the last good checkpoint in "
-              f"{ckpt.directory} is kept. Lower the learning rate or enable grad_clip_norm.")
-      else:
-        bad_run = 0
+      check_bad()  # the previous step's flag: the device is already running this one
+      pending_bad.append((step, metrics["bad_step"]))
 
       if step % config.log_every_steps == 0 or not more:
         means, dt, n = meter.flush()
@@ -365,6 +377,7 @@ def _train_loop(config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt
         break
       if step % config.checkpoint_every_steps == 0:
         save(stage.index)
+    check_bad()
     del data
 
     rec["wall_s"] += time.perf_counter() - stage_t0
