@@ -15,8 +15,11 @@ def parse_ops(spec) -> tuple:
     return OPS
   names = [n.strip() for n in spec.split(',')] if isinstance(spec, str) else [str(n) for n in spec]
   names = [n for n in names if n]
+  if not names:
+    raise ValueError(f'{spec!r} names no RandAugment op; use "" for all 16 or names from '
+                     f'{", ".join(OPS)}')
   unknown = [n for n in names if n not in OPS]
-  if unknown or not names:
+  if unknown:
     raise ValueError(f'unknown RandAugment op(s) {unknown}; choose from {", ".join(OPS)}')
   if len(set(names)) != len(names):
     raise ValueError(f'RandAugment ops repeat a name: {names}')
