@@ -55,7 +55,7 @@ def jax_worker(args):
     print(f'[jax {time.perf_counter() - t_start:6.1f}s] {msg}', file=sys.stderr, flush=True)
 
   import jax
-  from bench_train_step import build_jax_step
+  from bench_train_step import build_jax_step, jax_runner
   from effnetv2_jax import models
   assert 'tensorflow' not in sys.modules, 'the GPU benchmark must not import TensorFlow'
   dev = jax.devices()[0]
@@ -77,15 +77,7 @@ def jax_worker(args):
         if batch != probe:
           del compiled, state, data
           compiled, state, data, rng, t = build_jax_step(args.model, batch, size, 'bf16', log=log)
-        holder = [state]
-
-        def run(n):
-          s = holder[0]
-          for _ in range(n):
-            s, m = compiled(s, data, rng)
-          jax.block_until_ready((s, m))
-          holder[0] = s
-
+        run = jax_runner(compiled, state, data, rng)
         run(args.warmup)
         log(f'{size}px batch {batch}: {args.warmup} warm-up steps done')
         break
@@ -102,7 +94,7 @@ def jax_worker(args):
     print(f'jax {size}px batch {batch}: {ips:.1f} img/s (compile {t["compile_s"]:.0f}s)',
           file=sys.stderr, flush=True)
     _say(out)  # after every size: a worker cut off by the budget still reports what it measured
-    del compiled, holder, data, state
+    del compiled, run, data, state
   _say(out)
 
 

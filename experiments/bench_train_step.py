@@ -143,6 +143,21 @@ def build_jax_step(model_name, batch, size, dtype_name, opts=None, log=None):
   return compiled, state, data, rng, {'trace_s': t1 - t0, 'compile_s': t2 - t1}
 
 
+def jax_runner(compiled, state, data, rng):
+  """-> run(n): `n` more train steps of `compiled` on the fixed batch, blocking until they are
+  done. The state carries over between calls (it is donated, so the caller's copy is consumed)."""
+  import jax
+  holder = [state]
+
+  def run(n):
+    s = holder[0]
+    for _ in range(n):
+      s, metrics = compiled(s, data, rng)
+    jax.block_until_ready((s, metrics))
+    holder[0] = s
+  return run
+
+
 def worker_jax(args, opts):
   if 'xla_flags' in opts:
     # Several flags in one variant: join them with '+' (commas separate variant options).
@@ -157,15 +172,7 @@ def worker_jax(args, opts):
     jax.config.update('jax_default_prng_impl', prng)
   compiled, state, data, rng, times = build_jax_step(args.model, args.batch, args.image_size,
                                                      args.dtype, opts)
-  holder = [state]
-
-  def run(n):
-    s = holder[0]
-    for _ in range(n):
-      s, metrics = compiled(s, data, rng)
-    jax.block_until_ready((s, metrics))
-    holder[0] = s
-
+  run = jax_runner(compiled, state, data, rng)
   run(2)  # warm-up: first calls allocate and touch every buffer
   _say(ready=True, version=f'jax {jax.__version__}', **times)
   _serve(run)

@@ -109,19 +109,11 @@ def hlo_op_names(hlo_text: str) -> dict:
 
 def profile_jax(args) -> dict:
   import jax
-  from bench_train_step import build_jax_step
+  from bench_train_step import build_jax_step, jax_runner
   compiled, state, data, rng, times = build_jax_step(args.model, args.batch, args.image_size,
                                                      args.dtype)
   names = hlo_op_names(compiled.as_text())
-  holder = [state]
-
-  def run(n):
-    s = holder[0]
-    for _ in range(n):
-      s, m = compiled(s, data, rng)
-    jax.block_until_ready((s, m))
-    holder[0] = s
-
+  run = jax_runner(compiled, state, data, rng)
   run(2)
   trace_dir = tempfile.mkdtemp(prefix='jaxprof-')
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):

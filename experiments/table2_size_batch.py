@@ -36,22 +36,14 @@ def main():
   ap.add_argument('--device-gib', type=float, default=16.0)
   args = ap.parse_args()
   import jax
-  from bench_train_step import build_jax_step
+  from bench_train_step import build_jax_step, jax_runner
   start = time.time()
   rows = []
   for size in [int(s) for s in args.sizes.split(',')]:
     for batch in [int(b) for b in args.batches.split(',')]:
       compiled, state, data, rng, times = build_jax_step(args.model, batch, size, 'fp32')
       mem = compiled.memory_analysis()
-      holder = [state]
-
-      def run(n):
-        s = holder[0]
-        for _ in range(n):
-          s, m = compiled(s, data, rng)
-        jax.block_until_ready((s, m))
-        holder[0] = s
-
+      run = jax_runner(compiled, state, data, rng)
       run(1)
       t0 = time.perf_counter()
       run(args.steps)
@@ -60,7 +52,7 @@ def main():
       rows.append((size, batch, ips, mem.temp_size_in_bytes / GiB, total / GiB, times['compile_s']))
       print(f'{size}px batch {batch}: {ips:.2f} img/s, temp {rows[-1][3]:.2f} GiB', file=sys.stderr,
             flush=True)
-      del compiled, state, data, holder
+      del compiled, state, data, run
   base = {b: ips for s, b, ips, *_ in rows if s == rows[0][0]}
   lines = [f'| image size | batch | train img/s | vs {rows[0][0]} px | temp GiB | temp + state GiB | '
            f'fits {args.device_gib:g} GiB? | compile s |', '|---|---|---|---|---|---|---|---|']

@@ -55,21 +55,12 @@ def static_row(name: str) -> dict:
 
 
 def measure(name: str, batch: int, steps: int) -> dict:
-  import jax
-  from bench_train_step import build_jax_step
+  from bench_train_step import build_jax_step, jax_runner
   from effnetv2_jax import models
   size = models.model_defaults(name)['train_size']
   t0 = time.perf_counter()
   compiled, state, data, rng, times = build_jax_step(name, batch, size, 'fp32')
-  holder = [state]
-
-  def run(n):
-    s = holder[0]
-    for _ in range(n):
-      s, m = compiled(s, data, rng)
-    jax.block_until_ready((s, m))
-    holder[0] = s
-
+  run = jax_runner(compiled, state, data, rng)
   run(1)
   t1 = time.perf_counter()
   run(steps)
