@@ -103,7 +103,7 @@ def _curve(r):
   return xs, ys
 
 
-def summarize(model, results, config, seeds):
+def summarize(model, results):
   mean = lambda v: statistics.fmean(v) if v else float("nan")
   by_arm = {}
   for (arm, seed), r in results.items():
@@ -160,7 +160,7 @@ def main(argv=None):
     epochs = args.epochs or float(sweep.load_config(os.path.join(REPO, MODELS[model])).num_epochs)
     results, config = run_model(model, os.path.join(root, model), epochs, args.seeds,
                                 args.data_dir or None, only)
-    r, c = summarize(model, results, config, args.seeds)
+    r, c = summarize(model, results)
     some = next((x for x in results.values() if x), None)
     note = (f"{model}: {config.model_name}, {epochs:g} epochs = {some['step']} steps at batch "
             f"{config.batch_size}, seeds {', '.join(map(str, args.seeds))}, eval at "

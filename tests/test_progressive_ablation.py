@@ -36,14 +36,13 @@ def _result(top1s, walls, final):
 
 
 def test_summary_speedup_and_time_to_reach_the_baseline():
-  config = demo.get_config()
   results = {
       ("fixed", 0): _result([0.90], [400.0], 0.90),
       ("progressive, adaptive", 0): _result([0.5, 0.8, 0.91, 0.92], [50.0, 50.0, 60.0, 40.0], 0.92),
       ("progressive, constant reg", 0): _result([0.5, 0.7, 0.8, 0.85], [50.0] * 4, 0.85),
       ("official, adaptive", 0): None,
   }
-  rows, curves = ab.summarize("v2", results, config, [0])
+  rows, curves = ab.summarize("v2", results)
   by_arm = {r[1]: r for r in rows}
   adaptive = by_arm["progressive, adaptive"]
   assert adaptive[4] == "+2.00" and adaptive[5] == "200" and adaptive[7] == "2.00x"
