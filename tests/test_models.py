@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from effnetv2_jax.models import count_params, create_model, list_models, model_defaults
+from effnetv2_jax.models import count_macs, count_params, create_model, list_models, model_defaults
 from effnetv2_jax.models.effnetv2 import build_block_specs, parse_block_string, round_filters
 from effnetv2_jax.models.layers import DropPath
 
@@ -188,6 +188,22 @@ def test_a_new_variant_is_defined_purely_from_config_values():
     assert p['head']['conv']['kernel'].shape == (1, 1, 32, 128)
     assert jax.jit(model.apply)(v, x).shape == (2, 10)
 
+
+def test_stem_stride_one_keeps_full_resolution_at_four_times_the_macs():
+    """`stem_stride=1` (tiny images): same parameters, every later feature map 2x larger per side."""
+    tiny = dict(blocks=('r1_k3_s1_e1_i8_o8_c1', 'r1_k3_s2_e4_i8_o16_se0.25'), head_filters=32)
+    x = jnp.zeros((1, 28, 28, 3))
+    inter = {}
+    for stride in (2, 1):
+        model = create_model('efficientnetv2-b0', num_classes=10, stem_stride=stride, **tiny)
+        v = jit_init(model, x)
+        _, state = model.apply(v, x, capture_intermediates=lambda mdl, _: mdl.name == 'head')
+        inter[stride] = (count_params(v), state['intermediates']['head']['__call__'][0].shape,
+                         count_macs('efficientnetv2-b0', 28, num_classes=10, stem_stride=stride,
+                                    **tiny))
+    assert inter[1][0] == inter[2][0]
+    assert inter[2][1] == (1, 7, 7, 32) and inter[1][1] == (1, 14, 14, 32)
+    assert 3.5 < inter[1][2] / inter[2][2] < 4.5
 
 @pytest.mark.parametrize('name,overrides', [
     ('efficientnet-b0', dict(stage_repeats=[1] * 7, width_mult=0.25)),   # keeps the 5x5 stages

@@ -9,7 +9,7 @@
 Overrides (plain python values from configs are fine; lists become tuples):
   all families:  dropout_rate, drop_path_rate, bn_momentum, bn_epsilon, depthwise_impl
   EfficientNets: blocks (block strings), width_mult, depth_mult, stage_repeats (exact block count per
-                 stage), stem_filters, head_filters, remat (rematerialize blocks: less memory, more
+                 stage), stem_filters, stem_stride, head_filters, remat (rematerialize blocks: less memory, more
                  compute; set `model_overrides.remat=True` in a config)
   ResNets:       depths (blocks per stage), zero_init_residual
 Parameter names: see effnetv2.py (EfficientNets) and resnet.py.
@@ -33,7 +33,7 @@ __all__ = ['create_model', 'list_models', 'count_macs', 'count_params', 'model_d
 
 _COMMON = ('dropout_rate', 'drop_path_rate', 'bn_momentum', 'bn_epsilon', 'depthwise_impl')
 _EFFNET = _COMMON + ('blocks', 'width_mult', 'depth_mult', 'stage_repeats', 'stem_filters',
-                     'head_filters', 'remat')
+                     'stem_stride', 'head_filters', 'remat')
 _RESNET = _COMMON + ('depths', 'zero_init_residual')
 _TUPLE_FIELDS = ('blocks', 'stage_repeats', 'depths')
 

@@ -191,6 +191,7 @@ class EfficientNet(nn.Module):
     depth_mult: float = 1.0
     stage_repeats: Optional[Tuple[int, ...]] = None
     stem_filters: Optional[int] = None
+    stem_stride: int = 2                   # 1 keeps full resolution for tiny images (28-32 px)
     head_filters: Optional[int] = None     # None: round_filters(1280)
     round_down_guard: bool = False         # True for V1's filter rounding
     num_classes: int = 1000
@@ -214,7 +215,7 @@ class EfficientNet(nn.Module):
         stem, specs, head = self.architecture()
         norm = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
         x = images.astype(self.dtype)
-        x = ConvBNAct(stem, 3, 2, name='stem', **norm)(x, train)
+        x = ConvBNAct(stem, 3, self.stem_stride, name='stem', **norm)(x, train)
         for k, spec in enumerate(specs):
             block = FusedMBConv if spec.fused else MBConv
             if self.remat:
