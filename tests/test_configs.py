@@ -15,6 +15,7 @@ import os
 import jax
 import pytest
 
+from configs import demo
 from effnetv2_jax import config_validation
 from effnetv2_jax import train
 
@@ -31,7 +32,7 @@ def _product(**axes):
 
 # file -> every argument combination it accepts (runlocal is added to each below).
 VARIANTS = {
-    "demo": ["", "model=resnet"],
+    "demo": ["", "model=resnet"] + [f"model={m}" for m in demo.NETWORKS if m != "v2"],
     "imagenet": _product(variant=["b0", "b1", "b2", "b3", "s", "m", "l", "xl"],
                          preset=["official", "paper", "none"]),
     "imagenet21k": _product(variant=["s", "m", "l", "xl"]),
@@ -73,6 +74,8 @@ def test_unknown_arguments_and_values_are_refused():
     _load("finetune", "dataset=mnist")
   with pytest.raises(ValueError, match="variant"):
     _load("imagenet21k", "variant=b0")
+  with pytest.raises(ValueError, match="v2-stem2"):  # the message lists the networks
+    _load("demo", "model=v3")
 
 
 def test_imagenet21k_recipe_is_the_reference_one():

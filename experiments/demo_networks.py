@@ -1,0 +1,101 @@
+r"""Which small network and learning rate buy the demo the most accuracy per second?
+
+  python experiments/demo_networks.py                  # every probe below, 1 epoch each
+  python experiments/demo_networks.py --probes v2 v2-stem2 --epochs 0.2
+
+Each probe is configs/demo.py with one network from `configs.demo.NETWORKS` (and optionally another
+optimizer or learning rate), trained for the same epochs at a fixed 28 px with the demo's final
+regularization (progressive.preset=none), then evaluated on the 10,000 test images. It is a cheap
+proxy for the 15-minute progressive demo: one epoch is 3-9 minutes here instead of 15. Probes run
+one after another (timings need the two cores to themselves); a finished probe is skipped on a
+re-run. Writes experiments/results/demo_networks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import demo  # noqa: E402
+from effnetv2_jax import models  # noqa: E402
+from experiments import plotting  # noqa: E402
+
+# name -> (network in configs.demo.NETWORKS, extra config overrides)
+PROBES = {
+    "v2-stem2": ("v2-stem2", {"lr_per_256": 0.016}),
+    "v2-stem2, adamw": ("v2-stem2", {"lr_per_256": 0.004, "optimizer": "adamw",
+                                     "weight_decay": 0.05}),
+    "v2-stem2, sgd": ("v2-stem2", {"lr_per_256": 0.2, "optimizer": "sgd"}),
+    "v2-stem2, lr 0.048": ("v2-stem2", {"lr_per_256": 0.048}),
+    "v2-stem2-late-stride": ("v2-stem2-late-stride", {"lr_per_256": 0.016}),
+    "v2-stem2-wide": ("v2-stem2-wide", {"lr_per_256": 0.016}),
+    "v2-deep-fused": ("v2-deep-fused", {"lr_per_256": 0.016}),
+    "v2, lr 0.048": ("v2", {"lr_per_256": 0.048}),
+    "v2-stem2-body-fullres-stem, lr 0.048": ("v2-stem2-body-fullres-stem", {"lr_per_256": 0.048}),
+}
+
+
+def run_probe(name, workdir, epochs):
+  network, overrides = PROBES[name]
+  wd = os.path.join(workdir, name.replace(", ", "_").replace(" ", ""))
+  results = os.path.join(wd, "results.json")
+  if not os.path.exists(results):
+    cmd = [sys.executable, "-m", "effnetv2_jax.main", f"--config=configs/demo.py:model={network}",
+           f"--workdir={wd}", "--config.progressive.preset=none", f"--config.num_epochs={epochs}"]
+    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+    print("running:", " ".join(cmd[1:]), flush=True)
+    os.makedirs(wd, exist_ok=True)
+    if os.path.exists(os.path.join(wd, "caveat.txt")):  # it described the results being replaced
+      os.remove(os.path.join(wd, "caveat.txt"))
+    with open(os.path.join(wd, "load_at_start.txt"), "w") as f:
+      f.write(f"{os.getloadavg()[0]:.2f}\n")
+    with open(os.path.join(wd, "probe.log"), "w") as log:
+      subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+  with open(results) as f:
+    out = json.load(f)
+  # The load when it started, and a note left beside its results by hand (caveat.txt), if any.
+  read = lambda n: open(os.path.join(wd, n)).read().strip()
+  out["notes"] = ([f"load {read('load_at_start.txt')} at start"]
+                  if os.path.exists(os.path.join(wd, "load_at_start.txt")) else [])
+  out["notes"] += [read("caveat.txt")] if os.path.exists(os.path.join(wd, "caveat.txt")) else []
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--probes", nargs="+", default=list(PROBES), choices=list(PROBES))
+  ap.add_argument("--epochs", type=float, default=1.0)
+  ap.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "demo_networks"))
+  args = ap.parse_args(argv)
+  rows = []
+  for name in args.probes:
+    r = run_probe(name, args.workdir, args.epochs)
+    network, overrides = PROBES[name]
+    ov = dict(demo.NETWORKS[network], num_classes=10)
+    macs = models.count_macs("efficientnetv2-b0", 28, **ov) / 1e6
+    top1, wall = r["final_eval"]["top1"], r["total_wall_s"]
+    stage = r["stages"][-1]
+    img_s = stage["steps"] * r["config"]["batch_size"] / (stage["wall_s"] - stage["compile_s"])
+    rows.append([name, f"{macs:.1f}", ", ".join(f"{k}={v}" for k, v in overrides.items()),
+                 f"{top1:.4f}", f"{wall:.0f}", f"{img_s:.0f}", "; ".join(r["notes"])])
+  cmd = "python experiments/demo_networks.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  table = plotting.markdown_table(
+      ["probe", "MMACs/img @28", "overrides", "top-1", "wall s", "train img/s", "note"], rows)
+  text = (f"# Demo network probes: {args.epochs:g} epoch(s) at a fixed 28 px\n\n"
+          f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}; load average at the end "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}). Every probe is configs/demo.py with "
+          "progressive.preset=none (the final size and regularization: RandAugment 4, dropout 0.1), "
+          "RMSProp unless named, batch 128. Wall time includes compiling and the final eval.\n\n"
+          + table + "\n")
+  print(plotting.write_text("demo_networks.md", text))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
