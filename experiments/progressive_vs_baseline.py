@@ -37,7 +37,15 @@ sys.path.insert(0, REPO)
 
 from experiments import plotting  # noqa: E402
 
-MODELS = {"v2": "configs/demo.py", "resnet": "configs/demo.py:model=resnet"}
+# name -> (config, overrides for every arm). Stage-end evals are on for every model: they are the
+# curves and the "s to reach" column. `v2-stem2` is the demo network and learning rate before the
+# demo moved to a full-resolution stem (demo v5); the ResNet keeps the learning rate it was
+# recorded with.
+MODELS = {
+    "v2": ("configs/demo.py", {"eval_every_stage": True}),
+    "v2-stem2": ("configs/demo.py:model=v2-stem2", {"eval_every_stage": True, "lr_per_256": 0.016}),
+    "resnet": ("configs/demo.py:model=resnet", {"eval_every_stage": True, "lr_per_256": 0.016}),
+}
 QUICK_EPOCHS = 0.5
 # The paper's Table 12 claims (ImageNet, reference section 6) shown beside the toy result.
 PAPER_SPEEDUPS = "ResNet50 1.4x, ResNet152 2.1x, EfficientNet-B4 2.2x at equal or better accuracy"
@@ -67,8 +75,10 @@ def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | No
   """Runs (or resumes) the arms (`only`: names, default all) x seeds of one model;
   -> ({(arm, seed): results.json or None}, config)."""
   from effnetv2_jax import sweep
-  config_arg = MODELS[model]
+  config_arg, fixed = MODELS[model]
   config = sweep.load_config(os.path.join(REPO, config_arg))
+  for key, value in fixed.items():
+    sweep.apply_override(config, key, value)
   trials, keys = [], []
   for arm, overrides in arms(config).items():
     if only and arm not in only:
@@ -82,6 +92,7 @@ def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | No
     f.write(f"def get_sweep():\n  return {trials!r}\n")
   argv = [sys.executable, "-m", "effnetv2_jax.sweep", f"--config={config_arg}", f"--sweep={spec}",
           f"--workdir={workdir}", f"--config.num_epochs={epochs}"]
+  argv += [f"--config.{k}={v}" for k, v in fixed.items()]
   if data_dir:
     argv.append(f"--config.data_dir={data_dir}")
   print("$ " + " ".join(argv), flush=True)
@@ -103,6 +114,17 @@ def _curve(r):
   return xs, ys
 
 
+def _stage_speeds(r):
+  """Train images/s of each stage: its steps x batch over its wall time less compiling (so a
+  stage-end eval still counts), or None where the record lacks the counts."""
+  batch = r.get("config", {}).get("batch_size")
+  out = []
+  for st in r["stages"]:
+    busy = st.get("wall_s", 0.0) - st.get("compile_s", 0.0)
+    out.append(st["steps"] * batch / busy if batch and "steps" in st and busy > 0 else None)
+  return out
+
+
 def summarize(model, results):
   mean = lambda v: statistics.fmean(v) if v else float("nan")
   by_arm = {}
@@ -115,7 +137,8 @@ def summarize(model, results):
   for arm, runs in by_arm.items():
     done = [(s, r) for s, r in runs if r]
     if not done:
-      rows.append([model, arm, "-", "missing (see the trial's sweep.log)", "-", "-", "-", "-", "-"])
+      rows.append([model, arm, "-", "missing (see the trial's sweep.log)", "-", "-", "-", "-", "-",
+                   "-"])
       continue
     top1 = [r["final_eval"]["top1"] for _, r in done]
     walls = [r["total_wall_s"] for _, r in done]
@@ -128,10 +151,12 @@ def summarize(model, results):
     reach_txt = ("not reached" if all(h is None for h in reach)
                  else " / ".join("-" if h is None else f"{h:.0f}" for h in reach))
     sizes = "/".join(str(st["image_size"]) for st in done[0][1]["stages"])
+    per_stage = list(zip(*[_stage_speeds(r) for _, r in done]))  # stage -> speeds over seeds
+    speeds = "/".join("-" if None in v else f"{mean(v):.0f}" for v in per_stage)
     rows.append([model, arm, sizes, f"{mean(top1):.4f} (" + ", ".join(f"{t:.4f}" for t in top1) + ")",
                  f"{100 * (mean(top1) - target):+.2f}" if target is not None else "-",
                  f"{mean(walls):.0f}", f"{compile_s:.0f}",
-                 f"{fixed_wall / mean(walls):.2f}x" if fixed_wall else "-", reach_txt])
+                 f"{fixed_wall / mean(walls):.2f}x" if fixed_wall else "-", reach_txt, speeds])
     for s, r in done:
       curves[f"{model} {arm} (seed {s})"] = _curve(r)
   return rows, curves
@@ -157,7 +182,7 @@ def main(argv=None):
   only = [ARM_KEYS[a.strip()] for a in args.arms.split(",") if a.strip()]
   for model in args.models:
     from effnetv2_jax import sweep
-    epochs = args.epochs or float(sweep.load_config(os.path.join(REPO, MODELS[model])).num_epochs)
+    epochs = args.epochs or float(sweep.load_config(os.path.join(REPO, MODELS[model][0])).num_epochs)
     results, config = run_model(model, os.path.join(root, model), epochs, args.seeds,
                                 args.data_dir or None, only)
     r, c = summarize(model, results)
@@ -181,7 +206,8 @@ def main(argv=None):
       curves.update({k: tuple(v) for k, v in part["curves"].items()})
       notes.append(f"{part['note']} (`{part['command']}`)")
   header = ["model", "arm", "stage sizes", "top-1 mean (per seed)", "vs fixed (points)", "wall s",
-            "of which compiling", "speed-up vs fixed", "s to reach fixed's top-1 (per seed)"]
+            "of which compiling", "speed-up vs fixed", "s to reach fixed's top-1 (per seed)",
+            "train img/s per stage (compiles excluded, stage-end evals included)"]
   load = " ".join(f"{x:.2f}" for x in os.getloadavg())
   text = "\n".join([
       "# Progressive-learning ablation on Fashion-MNIST (paper's Tables 12/13 in miniature)", "",

@@ -30,9 +30,10 @@ def test_arms_differ_only_in_the_schedule():
 
 
 def _result(top1s, walls, final):
-  stages = [{"image_size": 16 + 4 * i, "wall_s": w, "compile_s": 1.0, "eval_top1": t}
+  stages = [{"image_size": 16 + 4 * i, "wall_s": w, "compile_s": 1.0, "eval_top1": t, "steps": 10}
             for i, (t, w) in enumerate(zip(top1s, walls))]
-  return {"stages": stages, "final_eval": {"top1": final}, "total_wall_s": sum(walls), "step": 10}
+  return {"stages": stages, "final_eval": {"top1": final}, "total_wall_s": sum(walls), "step": 10,
+          "config": {"batch_size": 49}}
 
 
 def test_summary_speedup_and_time_to_reach_the_baseline():
@@ -48,6 +49,8 @@ def test_summary_speedup_and_time_to_reach_the_baseline():
   assert adaptive[4] == "+2.00" and adaptive[5] == "200" and adaptive[7] == "2.00x"
   assert adaptive[8] == "160"  # the third stage end (50 + 50 + 60 s) is the first at >= 0.90
   assert by_arm["progressive, constant reg"][8] == "not reached"
+  # Per-stage speed excludes compiling: 10 steps x 49 images in (wall - 1) s.
+  assert adaptive[9] == "10/10/8/13" and by_arm["fixed"][9] == "1"
   assert by_arm["official, adaptive"][3].startswith("missing")
   assert curves["v2 progressive, adaptive (seed 0)"] == ([50.0, 100.0, 160.0, 200.0],
                                                         [0.5, 0.8, 0.91, 0.92])
