@@ -50,10 +50,11 @@ def _pyplot():
     return None
 
 
-def _save(plt, fig, name: str) -> str:
+def _save(plt, fig, name: str, *, laid_out: bool = False) -> str:
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, name)
-  fig.tight_layout()
+  if not laid_out:
+    fig.tight_layout()
   fig.savefig(path + ".tmp.png", dpi=120)
   os.replace(path + ".tmp.png", path)
   plt.close(fig)
@@ -79,17 +80,30 @@ def bar_plot(name: str, labels, series: dict, *, title: str, ylabels: dict | Non
   return _save(plt, fig, name)
 
 
-def line_plot(name: str, curves: dict, *, title: str, xlabel: str, ylabel: str):
-  """curves: label -> (xs, ys); PNG path or None."""
+def line_plot(name: str, panels: dict, *, title: str, xlabel: str, ylabel: str):
+  """panels: panel title -> {(series, run): (xs, ys)}; one subplot per panel, one colour per series,
+  one marker per run (e.g. seeds), the legend under the plots; PNG path or None."""
   plt = _pyplot()
   if plt is None:
     return None
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for label, (xs, ys) in curves.items():
-    ax.plot(xs, ys, "o-", label=label)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title, fontsize=10)
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3)
-  return _save(plt, fig, name)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False,
+                           sharey=True)
+  series = list(dict.fromkeys(s for curves in panels.values() for s, _ in curves))
+  runs = list(dict.fromkeys(r for curves in panels.values() for _, r in curves))
+  colours = {s: f"C{i % 10}" for i, s in enumerate(series)}
+  markers = {r: "osD^v"[i % 5] for i, r in enumerate(runs)}
+  for ax, (panel, curves) in zip(axes[0], panels.items()):
+    for (s, r), (xs, ys) in curves.items():
+      ax.plot(xs, ys, "-", marker=markers[r], color=colours[s], alpha=0.85)
+    ax.set_title(panel, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel(ylabel)
+  handles = [plt.Line2D([], [], color=colours[s], label=s) for s in series]
+  handles += [plt.Line2D([], [], color="grey", marker=markers[r], linestyle="", label=r)
+              for r in runs]
+  fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8,
+             frameon=False)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0.06 * (1 + len(handles) // 4), 1, 1))
+  return _save(plt, fig, name, laid_out=True)

@@ -220,7 +220,12 @@ def main(argv=None):
       f"Paper (ImageNet): {PAPER_SPEEDUPS}.", ""])
   print(text)
   plotting.write_text(f"progressive_ablation{suffix}.md", text)
-  png = plotting.line_plot(f"progressive_ablation{suffix}.png", curves,
+  panels = {}  # model -> {(arm, "seed N"): curve}; keys come from summarize() as "model arm (seed N)"
+  for key, curve in curves.items():
+    model, rest = key.split(" ", 1)
+    arm, _, seed = rest.rpartition(" (")
+    panels.setdefault(model, {})[(arm, seed.rstrip(")"))] = curve
+  png = plotting.line_plot(f"progressive_ablation{suffix}.png", panels,
                            title="Fashion-MNIST: eval top-1 at stage ends",
                            xlabel="elapsed train wall time (s)", ylabel="top-1")
   if png:
