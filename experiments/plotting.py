@@ -38,6 +38,34 @@ def markdown_table(header, rows) -> str:
   return "\n".join(lines)
 
 
+def read_markdown_table(name: str) -> list[dict]:
+  """The last markdown table in experiments/results/<name>, as {header: cell} rows: lets a script
+  re-plot a recorded run (`--replot`) without measuring again."""
+  with open(os.path.join(RESULTS_DIR, name)) as f:
+    lines = [line.strip() for line in f]
+  cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
+  starts = [i for i in range(len(lines) - 1)
+            if lines[i].startswith("|") and lines[i + 1].startswith("|---")]
+  if not starts:
+    raise ValueError(f"{name}: no markdown table")
+  header, rows = cells(lines[starts[-1]]), []
+  for line in lines[starts[-1] + 2:]:
+    if not line.startswith("|"):
+      break
+    rows.append(dict(zip(header, cells(line))))
+  return rows
+
+
+def leading_number(cell: str) -> float:
+  """A table cell's number: '7.1M' -> 7.1, '8.8B (README 8.4B)' -> 8.8, '0.488 (batch 1)' -> 0.488,
+  '-' -> NaN (no bar, no marker)."""
+  head = cell.split(" ")[0].rstrip("MGB")
+  try:
+    return float(head)
+  except ValueError:
+    return float("nan")
+
+
 def _pyplot():
   try:
     import matplotlib
@@ -61,12 +89,17 @@ def _save(plt, fig, name: str, *, laid_out: bool = False) -> str:
   return path
 
 
-def bar_plot(name: str, labels, series: dict, *, title: str, ylabels: dict | None = None):
-  """One subplot per series (e.g. params, MACs, imgs/s), bars per label; PNG path or None."""
+def bar_plot(name: str, labels, series: dict, *, title: str, ylabels: dict | None = None,
+             log=False):
+  """One subplot per series (e.g. params, MACs, imgs/s), bars per label; PNG path or None.
+  A series is a list, or (measured, paper) with NaN where the paper gives no number.
+  `log`: True for log y axes everywhere, or the series keys that get one."""
+  log_keys = set(series) if log is True else set(log or ())
   plt = _pyplot()
   if plt is None:
     return None
-  fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.6), squeeze=False)
+  width = max(4.0, 0.32 * len(labels))
+  fig, axes = plt.subplots(1, len(series), figsize=(width * len(series), 3.8), squeeze=False)
   for ax, (key, values) in zip(axes[0], series.items()):
     ours = values if not isinstance(values, tuple) else values[0]
     ax.bar(range(len(labels)), ours, color="tab:blue", label="measured here")
@@ -74,20 +107,24 @@ def bar_plot(name: str, labels, series: dict, *, title: str, ylabels: dict | Non
       ax.plot(range(len(labels)), values[1], "o", color="tab:red", label="paper")
       ax.legend(fontsize=7)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(labels, fontsize=8, rotation=60 if len(labels) > 8 else 0,
+                       ha="right" if len(labels) > 8 else "center")
+    if key in log_keys:
+      ax.set_yscale("log")
     ax.set_title((ylabels or {}).get(key, key), fontsize=9)
   fig.suptitle(title, fontsize=10)
   return _save(plt, fig, name)
 
 
-def line_plot(name: str, panels: dict, *, title: str, xlabel: str, ylabel: str):
+def line_plot(name: str, panels: dict, *, title: str, xlabel: str, ylabel: str,
+              sharey: bool = False):
   """panels: panel title -> {(series, run): (xs, ys)}; one subplot per panel, one colour per series,
   one marker per run (e.g. seeds), the legend under the plots; PNG path or None."""
   plt = _pyplot()
   if plt is None:
     return None
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False,
-                           sharey=True)
+                           sharey=sharey)
   series = list(dict.fromkeys(s for curves in panels.values() for s, _ in curves))
   runs = list(dict.fromkeys(r for curves in panels.values() for _, r in curves))
   colours = {s: f"C{i % 10}" for i, s in enumerate(series)}
@@ -97,6 +134,8 @@ def line_plot(name: str, panels: dict, *, title: str, xlabel: str, ylabel: str):
       ax.plot(xs, ys, "-", marker=markers[r], color=colours[s], alpha=0.85)
     ax.set_title(panel, fontsize=10)
     ax.set_xlabel(xlabel)
+    if not sharey:
+      ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel(ylabel)
   handles = [plt.Line2D([], [], color=colours[s], label=s) for s in series]

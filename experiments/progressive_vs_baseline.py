@@ -227,7 +227,7 @@ def main(argv=None):
     panels.setdefault(model, {})[(arm, seed.rstrip(")"))] = curve
   png = plotting.line_plot(f"progressive_ablation{suffix}.png", panels,
                            title="Fashion-MNIST: eval top-1 at stage ends",
-                           xlabel="elapsed train wall time (s)", ylabel="top-1")
+                           xlabel="elapsed train wall time (s)", ylabel="top-1", sharey=True)
   if png:
     print(f"plot: {png}")
 

@@ -10,8 +10,9 @@ train step (bench_train_step.build_jax_step: forward, backward, RMSProp, EMA; fp
 its memory read from XLA's buffer assignment (temp = activations + scratch, plus the state and
 batch arguments), and `--steps` steps timed after one warm-up step. The last column says whether
 the step would fit a 16 GiB accelerator (one TPUv3 core or a V100-16GB), from those bytes; on a
-GPU/TPU the buffer layout differs, so read it as an estimate. Writes
-experiments/results/table2_size_batch.md.
+GPU/TPU the buffer layout differs, so read it as an estimate. Appends to
+experiments/results/table2_size_batch.md and draws its last table into table2_size_batch.png
+(`--replot`: only redraw the .png from the recorded .md, measuring nothing).
 """
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ sys.path[:0] = [ROOT, EXP]
 GiB = 2.0 ** 30
 
 
+def plot_recorded():
+  """table2_size_batch.png from the last table in table2_size_batch.md (the latest recorded run)."""
+  import plotting
+  rows = plotting.read_markdown_table('table2_size_batch.md')
+  panels = {'train img/s': {}, 'temp + state GiB': {}}
+  for r in rows:
+    series = f'batch {r["batch"]}'
+    for panel, key in (('train img/s', 'train img/s'), ('temp + state GiB', 'temp + state GiB')):
+      xs, ys = panels[panel].setdefault((series, 'measured here'), ([], []))
+      xs.append(int(r['image size']))
+      ys.append(float(r[key]))
+  return plotting.line_plot('table2_size_batch.png', panels,
+                            title='Train step vs image size (latest run in table2_size_batch.md)',
+                            xlabel='image size (px)', ylabel='')
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--model', default='efficientnetv2-s')
@@ -34,7 +51,11 @@ def main():
   ap.add_argument('--batches', default='4,8')
   ap.add_argument('--steps', type=int, default=3)
   ap.add_argument('--device-gib', type=float, default=16.0)
+  ap.add_argument('--replot', action='store_true', help='only redraw the .png from the .md')
   args = ap.parse_args()
+  if args.replot:
+    print(plot_recorded())
+    return
   import jax
   from bench_train_step import build_jax_step, jax_runner
   start = time.time()
@@ -70,6 +91,7 @@ def main():
   plotting.append_record(
       'table2_size_batch.md', '# Train throughput and memory vs image size and batch (Table 2 '
       'shape)\n\nWritten by `experiments/table2_size_batch.py` (see its docstring).', text)
+  print(plot_recorded())
 
 
 if __name__ == '__main__':

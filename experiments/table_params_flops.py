@@ -2,7 +2,8 @@
 
   python experiments/table_params_flops.py
 
-Prints a markdown table and writes it to experiments/results/table_params_flops.md. Counts come from
+Prints a markdown table and writes it to experiments/results/table_params_flops.md (and a .png of
+params and MACs beside the published numbers). Counts come from
 abstract evaluation (jax.eval_shape): nothing is allocated or computed, so it runs in under a minute.
 """
 import os
@@ -12,7 +13,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from effnetv2_jax.models import count_macs, count_params, create_model, list_models, model_defaults
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from effnetv2_jax.models import count_macs, count_params, create_model, list_models, model_defaults  # noqa: E402
+from experiments import plotting  # noqa: E402
 
 # Published (params, MACs at eval size): EfficientNetV2 paper and official README (reference notes,
 # section 6), the EfficientNet paper's model table, torchvision's ResNet model cards.
@@ -30,6 +35,11 @@ PAPER = {
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'table_params_flops.md')
 
 
+def _short(name: str) -> str:
+    return name.replace('efficientnetv2-', 'V2-').replace('efficientnet-', 'V1-').replace(
+        'resnet', 'ResNet')
+
+
 def main():
     start = time.time()
     lines = ['# Parameters and multiply-adds', '',
@@ -39,7 +49,8 @@ def main():
              '| model | params | paper params | train size | MACs @ train | eval size | MACs @ eval '
              '| paper MACs @ eval |',
              '|---|---:|---:|---:|---:|---:|---:|---:|']
-    for name in list_models():
+    names, ours, paper = list_models(), {'params': [], 'macs': []}, {'params': [], 'macs': []}
+    for name in names:
         d = model_defaults(name)
         model = create_model(name)
         shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
@@ -47,6 +58,10 @@ def main():
         train = count_macs(name, d['train_size'])
         evl = train if d['eval_size'] == d['train_size'] else count_macs(name, d['eval_size'])
         p_params, p_macs = PAPER.get(name, ('-', '-'))
+        ours['params'].append(params / 1e6)
+        ours['macs'].append(evl / 1e9)
+        paper['params'].append(plotting.leading_number(p_params))
+        paper['macs'].append(plotting.leading_number(p_macs))
         lines.append(f'| {name} | {params:,} | {p_params} | {d["train_size"]} | {train / 1e9:.3f}G '
                      f'| {d["eval_size"]} | {evl / 1e9:.3f}G | {p_macs} |')
         print(lines[-1], file=sys.stderr, flush=True)
@@ -57,6 +72,13 @@ def main():
     with open(OUT + '.tmp', 'w') as f:
         f.write(text)
     os.replace(OUT + '.tmp', OUT)   # never leave a half-written table behind
+    png = plotting.bar_plot(
+        'table_params_flops.png', [_short(n) for n in names],
+        {'params': (ours['params'], paper['params']), 'macs': (ours['macs'], paper['macs'])},
+        title='Parameters and MACs at the eval size: counted here (bars) vs published (dots)',
+        ylabels={'params': 'parameters (M, log)', 'macs': 'MACs at eval size (G, log)'}, log=True)
+    if png:
+        print(f'plot: {png}')
 
 
 if __name__ == '__main__':

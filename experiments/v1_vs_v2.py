@@ -3,6 +3,7 @@ r"""EfficientNetV2 vs EfficientNet (V1): parameters, training cost per image, me
   python experiments/v1_vs_v2.py                                   # static table + M vs B7 measured
   python experiments/v1_vs_v2.py --measure efficientnetv2-s,efficientnet-b6 --batch 2
   python experiments/v1_vs_v2.py --measure ''                      # static table only (~1 min)
+  python experiments/v1_vs_v2.py --replot                          # redraw the .png from the .md
 
 For V2 B0-B3/S/M and V1 B0-B7 at their released training sizes: trainable parameters and forward
 multiply-adds per image (jax.eval_shape, nothing allocated). V2 trains with progressive learning,
@@ -12,7 +13,7 @@ equal steps per stage); V1 trains at one size. `--measure` times this codebase's
 their training sizes, on this machine, one after the other in this process. The headline row
 compares V2-M with B7, the paper's pair (reference section 6: "V2-M trains 4.1x faster than B7
 with 17% fewer parameters", measured there on TPUv3 with progressive learning and a larger batch).
-Writes experiments/results/v1_vs_v2.md.
+Writes experiments/results/v1_vs_v2.md and a .png drawn from that table.
 """
 from __future__ import annotations
 
@@ -70,13 +71,34 @@ def measure(name: str, batch: int, steps: int) -> dict:
   return dict(images_per_s=batch * steps / secs, compile_s=times['compile_s'], size=size)
 
 
+def plot_recorded():
+  """experiments/results/v1_vs_v2.png from the table in v1_vs_v2.md (the recorded run)."""
+  import plotting
+  rows = plotting.read_markdown_table('v1_vs_v2.md')
+  labels = [r['model'].replace('efficientnetv2-', 'V2-').replace('efficientnet-', 'V1-')
+            for r in rows]
+  col = lambda key: [plotting.leading_number(r[key]) for r in rows]
+  return plotting.bar_plot(
+      'v1_vs_v2.png', labels,
+      {'params': col('params'), 'macs': col('MACs/img, mean over stages'),
+       'speed': col('measured train img/s (this CPU, fp32)')},
+      title='EfficientNetV2 (progressive stages) vs EfficientNet V1 (one size)',
+      ylabels={'params': 'parameters (M, log)', 'macs': 'MACs per training image (G, log)',
+               'speed': 'measured train img/s (this CPU)'}, log=('params', 'macs'))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--measure', default='efficientnetv2-m,efficientnet-b7',
                   help="comma-separated models to time ('' = none)")
   ap.add_argument('--batch', type=int, default=2)
   ap.add_argument('--steps', type=int, default=2)
+  ap.add_argument('--replot', action='store_true',
+                  help='only redraw the .png from the recorded v1_vs_v2.md; measure nothing')
   args = ap.parse_args()
+  if args.replot:
+    print(plot_recorded())
+    return
   start = time.time()
   rows = {n: static_row(n) for n in V2 + V1}
   measured = {n: measure(n, args.batch, args.steps) for n in filter(None, args.measure.split(','))}
@@ -117,6 +139,7 @@ def main():
   print(text)
   import plotting
   plotting.write_text('v1_vs_v2.md', text)
+  print(plot_recorded())
 
 
 if __name__ == '__main__':
