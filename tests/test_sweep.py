@@ -122,12 +122,12 @@ def test_table_gathers_each_results_json_and_marks_missing_ones(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_two_trial_sweep_end_to_end_then_rerun_skips(tmp_path):
+def test_real_2x2_sweep_end_to_end_then_rerun_skips(tmp_path):
   data = fx.make_folder_dataset(str(tmp_path / "data"), num_train=16, num_val=8)
   config = fx.write_config_file(str(tmp_path / "cfg.py"), data, steps=2, log_every=1, ckpt_every=2,
                                 cache=fx.CACHE_DIR)
   spec = tmp_path / "s.yaml"
-  spec.write_text("zip: {seed: [0, 1], lr_per_256: [0.1, 0.2]}\n")
+  spec.write_text("grid: {seed: [0, 1], lr_per_256: [0.1, 0.2]}\n")
   wd = tmp_path / "wd"
   argv = [sys.executable, "-m", "effnetv2_jax.sweep", f"--config={config}", f"--sweep={spec}",
           f"--workdir={wd}", "--parallel=2", "--config.progressive.num_stages=1"]
@@ -138,7 +138,8 @@ def test_real_two_trial_sweep_end_to_end_then_rerun_skips(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(wd / "sweep_results.csv") as f:
     table = list(csv.DictReader(f))
-  assert [r["trial"] for r in table] == ["seed=0,lr_per_256=0.1", "seed=1,lr_per_256=0.2"]
+  assert [r["trial"] for r in table] == ["seed=0,lr_per_256=0.1", "seed=0,lr_per_256=0.2",
+                                         "seed=1,lr_per_256=0.1", "seed=1,lr_per_256=0.2"]
   assert all(r["status"] == "completed" and r["step"] == "2" and r["top1"] for r in table)
   for r in table:  # the overrides reached the trial's resolved config
     saved = json.loads((wd / r["trial"] / "results.json").read_text())["config"]
@@ -146,5 +147,5 @@ def test_real_two_trial_sweep_end_to_end_then_rerun_skips(tmp_path):
     assert saved["progressive"]["num_stages"] == 1
   again = subprocess.run(argv, cwd=fx.REPO, env=fx.subprocess_env(num_devices=1),
                          capture_output=True, text=True, timeout=120)
-  assert again.returncode == 0 and "2 already finished, 0 to run" in again.stdout
-  print(f"two-trial sweep: {first_s:.1f} s")
+  assert again.returncode == 0 and "4 already finished, 0 to run" in again.stdout
+  print(f"2x2 sweep: {first_s:.1f} s")
