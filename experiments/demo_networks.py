@@ -43,7 +43,8 @@ PROBES = {
 
 def run_probe(name, workdir, epochs):
   network, overrides = PROBES[name]
-  wd = os.path.join(workdir, name.replace(", ", "_").replace(" ", ""))
+  # One folder per epoch count, so a run with other --epochs never reuses these results.
+  wd = os.path.join(workdir, f"{epochs:g}ep", name.replace(", ", "_").replace(" ", ""))
   results = os.path.join(wd, "results.json")
   if not os.path.exists(results):
     cmd = [sys.executable, "-m", "effnetv2_jax.main", f"--config=configs/demo.py:model={network}",
