@@ -1,12 +1,12 @@
 r"""Progressive-learning ablation on Fashion-MNIST: the paper's Tables 12/13 in miniature.
 
   python experiments/progressive_vs_baseline.py                       # v2 net, 4 arms, seeds 0 1
-  python experiments/progressive_vs_baseline.py --models v2 resnet --epochs 2
+  python experiments/progressive_vs_baseline.py --models v2-stem2 resnet --epochs 2
   python experiments/progressive_vs_baseline.py --quick               # 0.5 epochs, plumbing check
 
-Every trial is configs/demo.py (for `resnet`: configs/demo.py:model=resnet) run through the sweep
-runner (effnetv2_jax.sweep), with the same epochs, batch, LR schedule and eval size; only the
-schedule differs between the arms:
+Every trial is configs/demo.py with one of its networks (MODELS below: the demo's `v2`, the earlier
+`v2-stem2`, a small ResNet) run through the sweep runner (effnetv2_jax.sweep), with the same
+epochs, batch, LR schedule and eval size; only the schedule differs between the arms:
 
   fixed                       progressive.preset=none: every step at the final size with the final
                               regularization (the baseline)
