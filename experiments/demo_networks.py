@@ -81,8 +81,7 @@ def main(argv=None):
     ov = dict(demo.NETWORKS[network], num_classes=10)
     macs = models.count_macs("efficientnetv2-b0", 28, **ov) / 1e6
     top1, wall = r["final_eval"]["top1"], r["total_wall_s"]
-    stage = r["stages"][-1]
-    img_s = stage["steps"] * r["config"]["batch_size"] / (stage["wall_s"] - stage["compile_s"])
+    img_s = plotting.stage_speeds(r)[-1]  # the only stage: no stage-end eval in its wall time
     rows.append([name, f"{macs:.1f}", ", ".join(f"{k}={v}" for k, v in overrides.items()),
                  f"{top1:.4f}", f"{wall:.0f}", f"{img_s:.0f}", "; ".join(r["notes"])])
   cmd = "python experiments/demo_networks.py " + " ".join(sys.argv[1:] if argv is None else argv)

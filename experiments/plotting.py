@@ -1,4 +1,5 @@
-"""Small helpers the experiment scripts share: write a markdown table atomically, and plot it.
+"""Small helpers the experiment scripts share: write a markdown table atomically, read one back,
+read a training run's results.json, and plot.
 
 matplotlib is optional (`pip install -e .[experiments]`): without it `bar_plot`/`line_plot` print
 one message and return None, and the scripts still write their tables.
@@ -64,6 +65,24 @@ def leading_number(cell: str) -> float:
     return float(head)
   except ValueError:
     return float("nan")
+
+
+def short_model_name(name: str) -> str:
+  """'efficientnetv2-s' -> 'V2-s', 'efficientnet-b7' -> 'V1-b7', 'resnet50' -> 'ResNet50': axis labels."""
+  return name.replace("efficientnetv2-", "V2-").replace("efficientnet-", "V1-").replace(
+      "resnet", "ResNet")
+
+
+def stage_speeds(results: dict) -> list:
+  """Train images/s of each stage of a training run's results.json: steps x batch over the stage's
+  wall time less compiling (so a stage-end eval still counts); None where the record lacks the
+  counts."""
+  batch = results.get("config", {}).get("batch_size")
+  out = []
+  for st in results["stages"]:
+    busy = st.get("wall_s", 0.0) - st.get("compile_s", 0.0)
+    out.append(st["steps"] * batch / busy if batch and "steps" in st and busy > 0 else None)
+  return out
 
 
 def _pyplot():

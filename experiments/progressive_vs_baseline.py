@@ -114,17 +114,6 @@ def _curve(r):
   return xs, ys
 
 
-def _stage_speeds(r):
-  """Train images/s of each stage: its steps x batch over its wall time less compiling (so a
-  stage-end eval still counts), or None where the record lacks the counts."""
-  batch = r.get("config", {}).get("batch_size")
-  out = []
-  for st in r["stages"]:
-    busy = st.get("wall_s", 0.0) - st.get("compile_s", 0.0)
-    out.append(st["steps"] * batch / busy if batch and "steps" in st and busy > 0 else None)
-  return out
-
-
 def summarize(model, results):
   mean = lambda v: statistics.fmean(v) if v else float("nan")
   by_arm = {}
@@ -151,7 +140,7 @@ def summarize(model, results):
     reach_txt = ("not reached" if all(h is None for h in reach)
                  else " / ".join("-" if h is None else f"{h:.0f}" for h in reach))
     sizes = "/".join(str(st["image_size"]) for st in done[0][1]["stages"])
-    per_stage = list(zip(*[_stage_speeds(r) for _, r in done]))  # stage -> speeds over seeds
+    per_stage = list(zip(*[plotting.stage_speeds(r) for _, r in done]))  # stage -> speeds over seeds
     speeds = "/".join("-" if None in v else f"{mean(v):.0f}" for v in per_stage)
     rows.append([model, arm, sizes, f"{mean(top1):.4f} (" + ", ".join(f"{t:.4f}" for t in top1) + ")",
                  f"{100 * (mean(top1) - target):+.2f}" if target is not None else "-",

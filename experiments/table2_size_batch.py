@@ -35,8 +35,8 @@ def plot_recorded():
   panels = {'train img/s': {}, 'temp + state GiB': {}}
   for r in rows:
     series = f'batch {r["batch"]}'
-    for panel, key in (('train img/s', 'train img/s'), ('temp + state GiB', 'temp + state GiB')):
-      xs, ys = panels[panel].setdefault((series, 'measured here'), ([], []))
+    for key in panels:  # each panel plots the table column of its name
+      xs, ys = panels[key].setdefault((series, 'measured here'), ([], []))
       xs.append(int(r['image size']))
       ys.append(float(r[key]))
   return plotting.line_plot('table2_size_batch.png', panels,

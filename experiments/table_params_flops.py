@@ -35,11 +35,6 @@ PAPER = {
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'table_params_flops.md')
 
 
-def _short(name: str) -> str:
-    return name.replace('efficientnetv2-', 'V2-').replace('efficientnet-', 'V1-').replace(
-        'resnet', 'ResNet')
-
-
 def main():
     start = time.time()
     lines = ['# Parameters and multiply-adds', '',
@@ -73,7 +68,7 @@ def main():
         f.write(text)
     os.replace(OUT + '.tmp', OUT)   # never leave a half-written table behind
     png = plotting.bar_plot(
-        'table_params_flops.png', [_short(n) for n in names],
+        'table_params_flops.png', [plotting.short_model_name(n) for n in names],
         {'params': (ours['params'], paper['params']), 'macs': (ours['macs'], paper['macs'])},
         title='Parameters and MACs at the eval size: counted here (bars) vs published (dots)',
         ylabels={'params': 'parameters (M, log)', 'macs': 'MACs at eval size (G, log)'}, log=True)

@@ -75,8 +75,7 @@ def plot_recorded():
   """experiments/results/v1_vs_v2.png from the table in v1_vs_v2.md (the recorded run)."""
   import plotting
   rows = plotting.read_markdown_table('v1_vs_v2.md')
-  labels = [r['model'].replace('efficientnetv2-', 'V2-').replace('efficientnet-', 'V1-')
-            for r in rows]
+  labels = [plotting.short_model_name(r['model']) for r in rows]
   col = lambda key: [plotting.leading_number(r[key]) for r in rows]
   return plotting.bar_plot(
       'v1_vs_v2.png', labels,
