@@ -46,3 +46,70 @@ def test_remat_override_keeps_names_values_and_gradients():
     np.testing.assert_allclose(la, lb, rtol=1e-6)
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-5), ga, gb)
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6), ua, ub)
+
+
+def test_shift_depthwise_saves_only_its_input_and_kernel_for_the_backward_pass(capsys):
+    # Left to autodiff, the forward pass kept its k*k shifted copies of the input alive for the
+    # kernel gradient (9 extra activations per 3x3 conv). The hand-written VJP keeps x and kernel.
+    from jax.ad_checkpoint import print_saved_residuals
+    x = jnp.ones((2, 8, 8, 4))
+    kern = jnp.ones((3, 3, 1, 4))
+    for stride in (1, 2):
+        capsys.readouterr()
+        print_saved_residuals(lambda x, k: depthwise_conv(x, k, stride, 'shift'), x, kern)
+        saved = sorted(capsys.readouterr().out.strip().splitlines())
+        assert [line.split()[0] for line in saved] == ['f32[2,8,8,4]', 'f32[3,3,1,4]'], saved
+
+
+def test_shift_depthwise_bf16_gradients_are_bf16_and_close_to_float32():
+    kx, kw = jax.random.split(jax.random.PRNGKey(3))
+    x = jax.random.normal(kx, (4, 9, 9, 8))
+    kern = jax.random.normal(kw, (3, 3, 1, 8))
+    loss = lambda x, kern: jnp.sum(depthwise_conv(x, kern, 2, 'shift').astype(jnp.float32) ** 2)
+    g32 = jax.grad(loss, (0, 1))(x, kern)
+    g16 = jax.grad(loss, (0, 1))(x.astype(jnp.bfloat16), kern.astype(jnp.bfloat16))
+    for a, b in zip(g16, g32):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=0.05,
+                                   atol=0.05 * float(jnp.abs(b).max()))
+
+
+def test_pointwise_conv_as_matmul_equals_flax_conv_with_the_same_parameter():
+    from flax import linen as nn
+    from effnetv2_jax.models.layers import PointwiseConv
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 6))
+    ours = PointwiseConv(7)
+    params = ours.init(jax.random.PRNGKey(1), x)
+    flax_conv = nn.Conv(7, (1, 1), use_bias=False)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_conv.init(
+        jax.random.PRNGKey(1), x))
+    np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), rtol=1e-5,
+                               atol=1e-5)
+    gx = lambda m: jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(params, x))))(x)
+    np.testing.assert_allclose(gx(ours), gx(flax_conv), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_xla_defaults_respect_the_user_and_accelerators(monkeypatch):
+    from effnetv2_jax import xla_defaults
+    monkeypatch.setattr(xla_defaults, '_backend_started', lambda: False)
+    flag = xla_defaults.CPU_FLAGS[0]
+    env = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+    assert xla_defaults.apply(env) == (flag,)
+    assert env['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=2 {flag}'
+    assert xla_defaults.apply(env) == ()                       # idempotent
+    user = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flag.replace('false', 'true')}
+    assert xla_defaults.apply(user) == () and 'true' in user['XLA_FLAGS']   # the user's value wins
+    assert xla_defaults.apply({'JAX_PLATFORMS': 'cuda'}) == ()             # accelerators untouched
+    off = {'JAX_PLATFORMS': 'cpu', xla_defaults.SWITCH: '0'}
+    assert xla_defaults.apply(off) == () and 'XLA_FLAGS' not in off
+    monkeypatch.setattr(xla_defaults, '_backend_started', lambda: True)
+    assert xla_defaults.apply({'JAX_PLATFORMS': 'cpu'}) == ()              # too late to matter
+
+
+def test_importing_the_package_adds_the_cpu_flags_to_the_environment():
+    import os
+    from effnetv2_jax import xla_defaults
+    if jax.default_backend() != 'cpu' or os.environ.get(xla_defaults.SWITCH) == '0':
+        pytest.skip('the defaults apply to CPU-only runs that did not switch them off')
+    for flag in xla_defaults.CPU_FLAGS:
+        assert flag.split('=')[0] in os.environ['XLA_FLAGS']
