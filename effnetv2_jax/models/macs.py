@@ -2,7 +2,7 @@
 
 `jax.eval_shape` runs the model abstractly (no FLOPs, no memory), while a Flax method interceptor
 records every conv, depthwise conv and dense layer with its input/output shapes. MACs per layer:
-  conv:      H_out * W_out * kh * kw * (C_in / groups) * C_out
+  conv:      H_out * W_out * kh * kw * (C_in / groups) * C_out   (1x1 PointwiseConv alike)
   depthwise: H_out * W_out * kh * kw * C
   dense:     C_in * C_out
 This is the convention of the official figures (TF profiler multiply-adds of convs and matmuls);
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from effnetv2_jax.models.layers import DepthwiseConv
+from effnetv2_jax.models.layers import DepthwiseConv, PointwiseConv
 
 
 def trace_macs(model: nn.Module, image_size: int, channels: int = 3) -> List[Tuple[str, int]]:
@@ -25,7 +25,7 @@ def trace_macs(model: nn.Module, image_size: int, channels: int = 3) -> List[Tup
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         mod = context.module
-        if context.method_name != '__call__' or not isinstance(mod, (nn.Conv, nn.Dense, DepthwiseConv)):
+        if context.method_name != '__call__' or not isinstance(mod, (nn.Conv, nn.Dense, DepthwiseConv, PointwiseConv)):
             return out
         x = args[0]
         path = '/'.join(mod.scope.path)
@@ -33,6 +33,8 @@ def trace_macs(model: nn.Module, image_size: int, channels: int = 3) -> List[Tup
             macs = int(np.prod(x.shape[1:])) * mod.features
         elif isinstance(mod, DepthwiseConv):
             macs = int(np.prod(out.shape[1:])) * mod.kernel_size ** 2
+        elif isinstance(mod, PointwiseConv):
+            macs = int(np.prod(out.shape[1:])) * x.shape[-1]
         else:
             kh, kw = mod.kernel_size
             cin = x.shape[-1] // mod.feature_group_count
