@@ -48,7 +48,8 @@ def run_probe(name, workdir, epochs):
   results = os.path.join(wd, "results.json")
   if not os.path.exists(results):
     cmd = [sys.executable, "-m", "effnetv2_jax.main", f"--config=configs/demo.py:model={network}",
-           f"--workdir={wd}", "--config.progressive.preset=none", f"--config.num_epochs={epochs}"]
+           f"--workdir={wd}", "--config.progressive.preset=none", f"--config.num_epochs={epochs}",
+           "--config.ema_decay=0.999"]  # the EMA the probes were recorded with (the demo's is now 0.998)
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
     print("running:", " ".join(cmd[1:]), flush=True)
     os.makedirs(wd, exist_ok=True)

@@ -39,12 +39,14 @@ from experiments import plotting  # noqa: E402
 
 # name -> (config, overrides for every arm). Stage-end evals are on for every model: they are the
 # curves and the "s to reach" column. `v2-stem2` is the demo network and learning rate before the
-# demo moved to a full-resolution stem (demo v5); the ResNet keeps the learning rate it was
-# recorded with.
+# demo moved to a full-resolution stem (demo v5). Both it and the ResNet keep the learning rate,
+# first stage size (16 px) and EMA (0.999) they were recorded with; the demo has since moved on.
+RECORDED = {"eval_every_stage": True, "lr_per_256": 0.016, "progressive.min_image_size": 16,
+            "ema_decay": 0.999}
 MODELS = {
     "v2": ("configs/demo.py", {"eval_every_stage": True}),
-    "v2-stem2": ("configs/demo.py:model=v2-stem2", {"eval_every_stage": True, "lr_per_256": 0.016}),
-    "resnet": ("configs/demo.py:model=resnet", {"eval_every_stage": True, "lr_per_256": 0.016}),
+    "v2-stem2": ("configs/demo.py:model=v2-stem2", RECORDED),
+    "resnet": ("configs/demo.py:model=resnet", RECORDED),
 }
 QUICK_EPOCHS = 0.5
 # The paper's Table 12 claims (ImageNet, reference section 6) shown beside the toy result.
