@@ -14,8 +14,10 @@ the activation volume (and remat's effect on it) carries over roughly.
 XLA:CPU's default concurrency-optimized scheduler keeps many buffers alive at once to run
 independent ops in parallel: it about doubles the peak and hides what remat saves (B0 b16@192:
 1378 -> 1370 MiB with remat under it, 661 -> 469 MiB without it). This script therefore compiles
-with `--xla_cpu_enable_concurrency_optimized_scheduler=false` (the memory-minimizing schedule;
-`--cpu-scheduler default` keeps XLA's). GPU/TPU schedulers are memory-aware already.
+with `--xla_cpu_enable_concurrency_optimized_scheduler=false` (the memory-minimizing schedule,
+which the package now sets by default on CPU for speed too: effnetv2_jax/xla_defaults.py;
+`--cpu-scheduler default` switches that off and keeps XLA's). GPU/TPU schedulers are memory-aware
+already.
 """
 import argparse
 import os
@@ -45,6 +47,8 @@ def main():
   args = ap.parse_args()
   if args.cpu_scheduler == 'memory':  # before jax starts (build_jax_step imports it lazily)
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + SCHEDULER_FLAG).strip()
+  else:  # the package would add the flag on import (effnetv2_jax/xla_defaults.py)
+    os.environ['EFFNETV2_JAX_XLA_DEFAULTS'] = '0'
   rows = []
   for size in [int(s) for s in args.sizes.split(',')]:
     row = {'size': size}

@@ -25,7 +25,8 @@ What each contender times (synthetic data already in memory, labels random, 1000
 `--jax-variant LABEL:key=val,...` adds further JAX workers to the same run (A/B of a model override
 such as depthwise_impl=xla, or of `prng=rbg`, `xla_flags=...`, `remat=1`, or `src=DIR`: another
 checkout's effnetv2_jax, e.g. a git worktree of the commit before a change); by default one 'jax'
-worker with the defaults. Results are appended to experiments/results/bench_train_step.md.
+worker with the defaults. `env_EFFNETV2_JAX_XLA_DEFAULTS=0` measures without the XLA:CPU flags the
+package adds on import (effnetv2_jax/xla_defaults.py). Results are appended to experiments/results/bench_train_step.md.
 """
 from __future__ import annotations
 
