@@ -26,7 +26,8 @@ What each contender times (synthetic data already in memory, labels random, 1000
 such as depthwise_impl=xla, or of `prng=rbg`, `xla_flags=...`, `remat=1`, or `src=DIR`: another
 checkout's effnetv2_jax, e.g. a git worktree of the commit before a change); by default one 'jax'
 worker with the defaults. `env_EFFNETV2_JAX_XLA_DEFAULTS=0` measures without the XLA:CPU flags the
-package adds on import (effnetv2_jax/xla_defaults.py). Results are appended to experiments/results/bench_train_step.md.
+package adds on import (effnetv2_jax/xla_defaults.py). Results are appended to
+experiments/results/bench_train_step.md.
 """
 from __future__ import annotations
 

@@ -62,17 +62,21 @@ def _depthwise_xla(x, kernel, stride):
         feature_group_count=x.shape[-1])
 
 
+def _tap(xp, i: int, j: int, out_h: int, out_w: int, stride: int):
+    """xp[:, i + stride*h, j + stride*w, :] for every output pixel (h, w): one kernel tap's inputs."""
+    b, _, _, c = xp.shape
+    return lax.slice(xp, (0, i, j, 0),
+                     (b, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                     (1, stride, stride, 1))
+
+
 def _sum_of_taps(xp, kernel, out_h: int, out_w: int, stride: int):
     """sum over (i, j) of xp[:, i + stride*h, j + stride*w, :] * kernel[i, j, 0]: one fused XLA loop."""
-    b, _, _, c = xp.shape
     kh, kw = kernel.shape[:2]
     out = None
     for i in range(kh):
         for j in range(kw):
-            tap = lax.slice(xp, (0, i, j, 0),
-                            (b, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                            (1, stride, stride, 1))
-            term = tap * kernel[i, j, 0]
+            term = _tap(xp, i, j, out_h, out_w, stride) * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
 
@@ -121,10 +125,7 @@ def _depthwise_shift_bwd(stride, residuals, g):
     # d/dkernel: per tap, the shifted input times the cotangent, summed over batch and space
     # (accumulated in float32 when computing in bf16).
     xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
-    b, c = x.shape[0], x.shape[-1]
-    taps = [jnp.sum(lax.slice(xp, (0, i, j, 0),
-                              (b, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                              (1, stride, stride, 1)) * g, axis=(0, 1, 2), dtype=jnp.float32)
+    taps = [jnp.sum(_tap(xp, i, j, out_h, out_w, stride) * g, axis=(0, 1, 2), dtype=jnp.float32)
             for i in range(kh) for j in range(kw)]
     dk = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
     return dx, dk
