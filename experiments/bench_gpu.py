@@ -16,6 +16,14 @@ own subprocess, one after the other, so neither holds GPU memory while the other
         RMSprop(alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5), CE with label smoothing, no
         EMA; batch by doubling until out of memory. `--torch-compile` compiles the model.
 
+Diagnostics for a worker that does not finish in its budget (both off by default):
+  --xla-pass-times   XLA logs each HLO pass's time (TF_CPP_VMODULE=hlo_pass_pipeline=1); the
+                     passes that took longest are summarised in the Notes, so a slow compile names
+                     its pass.
+  --stack-every S    every S seconds the worker prints its Python stack (faulthandler), so a
+                     cut-off run shows whether it was tracing, compiling or running.
+Each worker's stderr goes to `<--log-dir>/<worker>_worker.log` (default: a temporary folder).
+
 MFU = images/s * (3 * 2 * MACs per image, forward MACs from models.count_macs) / peak dense bf16
 FLOP/s of the device (H100 SXM / H200: 989e12; `--peak-tflops` overrides). Appends a row block to
 experiments/results/bench_gpu.md (`--dry-run-cpu` prints only, unless `--record`).
@@ -25,8 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +56,23 @@ def _time_steps(fn, n):
   return time.perf_counter() - t0
 
 
+def _print_stack_every(seconds, log):
+  """A daemon thread that logs the main thread's Python stack every `seconds`. (faulthandler's
+  dump_traceback_later does this without the GIL and crashed the worker mid-trace here.)"""
+  import threading
+  import traceback
+  main_id = threading.main_thread().ident
+
+  def loop():
+    while True:
+      time.sleep(seconds)
+      frame = sys._current_frames().get(main_id)
+      if frame is not None:
+        stack = traceback.format_stack(frame)[-6:]
+        log('main thread is at:\n' + ''.join(stack).rstrip())
+  threading.Thread(target=loop, daemon=True).start()
+
+
 # ------------------------------------------------------------------------------------------------
 def jax_worker(args):
   sys.path[:0] = [ROOT, EXP]
@@ -54,7 +81,12 @@ def jax_worker(args):
   def log(msg):  # stderr, timestamped: the parent shows the tail when a worker is cut off
     print(f'[jax {time.perf_counter() - t_start:6.1f}s] {msg}', file=sys.stderr, flush=True)
 
+  if args.stack_every > 0:
+    _print_stack_every(args.stack_every, log)
   import jax
+  if args.compile_cache:
+    jax.config.update('jax_compilation_cache_dir', args.compile_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   from bench_train_step import build_jax_step, jax_runner
   from effnetv2_jax import models
   assert 'tensorflow' not in sys.modules, 'the GPU benchmark must not import TensorFlow'
@@ -178,31 +210,61 @@ def _peak(device_kind, override):
   return None
 
 
-def _run_worker(kind, argv, timeout):
+_PASS_LINE = re.compile(r'HLO pass: (\S+) time: .*?\((\d+) us\)')
+
+
+def summarize_pass_times(log_text, top=8):
+  """-> [(pass name, total seconds, calls)], the `top` slowest HLO passes in an XLA log written
+  with TF_CPP_VMODULE=hlo_pass_pipeline=1 (per run: 'HLO pass: NAME time: 1.2 ms (1234 us) ...')."""
+  total, calls = {}, {}
+  for name, us in _PASS_LINE.findall(log_text):
+    total[name] = total.get(name, 0) + int(us)
+    calls[name] = calls.get(name, 0) + 1
+  ranked = sorted(total, key=total.get, reverse=True)[:top]
+  return [(n, total[n] / 1e6, calls[n]) for n in ranked]
+
+
+def _run_worker(kind, argv, timeout, log_dir, pass_times=False):
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', kind] + argv
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   if '--dry-run-cpu' in argv:
     env['JAX_PLATFORMS'] = 'cpu'
     env['CUDA_VISIBLE_DEVICES'] = ''
-  try:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    stdout, stderr, failed = p.stdout, p.stderr, p.returncode and f'exit {p.returncode}'
-  except subprocess.TimeoutExpired as e:
-    decode = lambda b: b.decode(errors='replace') if isinstance(b, bytes) else (b or '')
-    stdout, stderr, failed = decode(e.stdout), decode(e.stderr), f'timed out after {timeout:.0f}s'
+  if pass_times and kind == 'jax':
+    env.update(TF_CPP_MIN_LOG_LEVEL='0', TF_CPP_VMODULE='hlo_pass_pipeline=1')
+  log_path = os.path.join(log_dir, f'{kind}_worker.log')
+  # stderr to a file, not a pipe: XLA's pass log can be large, and a cut-off worker's file keeps
+  # everything it wrote.
+  with open(log_path, 'w') as err:
+    try:
+      p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                         timeout=timeout, cwd=ROOT)
+      stdout, failed = p.stdout, p.returncode and f'exit {p.returncode}'
+    except subprocess.TimeoutExpired as e:
+      stdout = e.stdout.decode(errors='replace') if isinstance(e.stdout, bytes) else (e.stdout or '')
+      failed = f'timed out after {timeout:.0f}s'
+  with open(log_path, errors='replace') as f:
+    stderr = f.read()
   lines = [l for l in stdout.splitlines() if l.startswith(TAG)]
-  sys.stderr.write(stderr[-2000:] if failed else '')
+  ours = [l for l in stderr.splitlines() if not _PASS_LINE.search(l) and 'hlo_pass_pipeline' not in l]
+  if failed:
+    sys.stderr.write('\n'.join(ours[-40:]) + '\n')
+  notes = []
+  if pass_times and kind == 'jax':
+    passes = summarize_pass_times(stderr)
+    notes.append('slowest XLA passes: ' + (', '.join(f'{n} {t:.1f}s/{c}' for n, t, c in passes)
+                                           or 'none logged'))
   # The last phase the worker logged says where a cut-off run spent its time (library warnings,
   # e.g. the autotuner's, would otherwise be the last line).
-  phases = [l for l in stderr.splitlines() if l.startswith(f'[{kind}')]
-  last = (phases or stderr.strip().splitlines() or [''])[-1]
+  phases = [l for l in ours if l.startswith(f'[{kind}')]
+  last = (phases or ours or [''])[-1]
   if failed:
     failed += f' (last: {last!r})'
   if not lines:
-    return None, f'{kind} failed ({failed})'
+    return None, '; '.join([f'{kind} failed ({failed})'] + notes)
   # The worker reports after every size, so a cut-off run keeps the sizes it finished.
-  return json.loads(lines[-1][len(TAG):]), (f'{kind}: {failed}; sizes it finished are shown'
-                                              if failed else None)
+  head = f'{kind}: {failed}; sizes it finished are shown' if failed else None
+  return json.loads(lines[-1][len(TAG):]), '; '.join(filter(None, [head] + notes)) or None
 
 
 def main():
@@ -220,6 +282,14 @@ def main():
                   help='wall budget for both workers (450 on a GPU, 1800 for --dry-run-cpu)')
   ap.add_argument('--dry-run-cpu', action='store_true',
                   help='CPU, sizes 64,96, batches 2-4, 2 steps: proves the script end to end')
+  ap.add_argument('--jax-share', type=float, default=0.6,
+                  help='fraction of --budget-s the jax worker gets when timm runs too')
+  ap.add_argument('--xla-pass-times', action='store_true',
+                  help="log XLA's per-pass compile times and name the slowest in the Notes")
+  ap.add_argument('--stack-every', type=float, default=0.0,
+                  help='print the jax worker\'s Python stack every S seconds (0: never)')
+  ap.add_argument('--compile-cache', default='', help='persistent XLA compilation cache folder')
+  ap.add_argument('--log-dir', default='', help="where each worker's stderr is written")
   ap.add_argument('--cpu-memory-gib', type=float, default=4.0, help=argparse.SUPPRESS)
   ap.add_argument('--record', action='store_true', help='record a --dry-run-cpu run too')
   ap.add_argument('--worker', choices=('jax', 'timm'), help=argparse.SUPPRESS)
@@ -236,19 +306,22 @@ def main():
   t0 = time.perf_counter()
   argv = ['--model', args.model, '--sizes', ','.join(map(str, args.sizes)),
           '--probe-batch', str(args.probe_batch), '--max-batch', str(args.max_batch),
-          '--steps', str(args.steps), '--warmup', str(args.warmup)]
+          '--steps', str(args.steps), '--warmup', str(args.warmup),
+          '--stack-every', str(args.stack_every), '--compile-cache', args.compile_cache]
   if args.torch_compile:
     argv.append('--torch-compile')
   if args.dry_run_cpu:
     argv.append('--dry-run-cpu')
   results, notes = {}, []
-  jax_budget = args.budget_s * (0.6 if not args.skip_timm else 1.0)
-  results['jax'], err = _run_worker('jax', argv, jax_budget)
+  log_dir = args.log_dir or tempfile.mkdtemp(prefix='bench_gpu_')
+  os.makedirs(log_dir, exist_ok=True)
+  jax_budget = args.budget_s * (args.jax_share if not args.skip_timm else 1.0)
+  results['jax'], err = _run_worker('jax', argv, jax_budget, log_dir, args.xla_pass_times)
   if err:
     notes.append(err)
   if not args.skip_timm:
     left = args.budget_s - (time.perf_counter() - t0)
-    results['timm'], err = _run_worker('timm', argv, max(left, 30.0))
+    results['timm'], err = _run_worker('timm', argv, max(left, 30.0), log_dir)
     if err:
       notes.append(err)
   wall = time.perf_counter() - t0

@@ -74,11 +74,12 @@ def test_shift_depthwise_bf16_gradients_are_bf16_and_close_to_float32():
                                    atol=0.05 * float(jnp.abs(b).max()))
 
 
-def test_pointwise_conv_as_matmul_equals_flax_conv_with_the_same_parameter():
+@pytest.mark.parametrize('impl', ['dot', 'conv'])
+def test_pointwise_conv_equals_flax_conv_with_the_same_parameter(impl):
     from flax import linen as nn
     from effnetv2_jax.models.layers import PointwiseConv
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 6))
-    ours = PointwiseConv(7)
+    ours = PointwiseConv(7, impl=impl)
     params = ours.init(jax.random.PRNGKey(1), x)
     flax_conv = nn.Conv(7, (1, 1), use_bias=False)
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_conv.init(
@@ -87,6 +88,12 @@ def test_pointwise_conv_as_matmul_equals_flax_conv_with_the_same_parameter():
                                atol=1e-5)
     gx = lambda m: jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(params, x))))(x)
     np.testing.assert_allclose(gx(ours), gx(flax_conv), rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_conv_rejects_an_unknown_impl():
+    from effnetv2_jax.models.layers import PointwiseConv
+    with pytest.raises(ValueError, match="'dot' or 'conv'"):
+        PointwiseConv(3, impl='matmul').init(jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 4)))
 
 
 def test_cpu_xla_defaults_respect_the_user_and_accelerators(monkeypatch):
