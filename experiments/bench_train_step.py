@@ -80,10 +80,15 @@ def _serve(run_steps):
 # ------------------------------------------------------------------------------------------------
 # Workers
 def _parse_variant(spec):
-  opts = {}
+  """'a=1,b=x,y' -> {'a': '1', 'b': 'x,y'}: a piece without '=' continues the previous value, so
+  a value may hold commas (XLA list flags)."""
+  opts, key = {}, None
   for item in filter(None, spec.split(',')):
-    k, v = item.split('=', 1)
-    opts[k] = v
+    if '=' not in item and key is not None:
+      opts[key] += ',' + item
+      continue
+    key, v = item.split('=', 1)
+    opts[key] = v
   return opts
 
 

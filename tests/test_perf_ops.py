@@ -101,16 +101,29 @@ def test_cpu_xla_defaults_respect_the_user_and_accelerators(monkeypatch):
     monkeypatch.setattr(xla_defaults, '_backend_started', lambda: False)
     flag = xla_defaults.CPU_FLAGS[0]
     env = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-    assert xla_defaults.apply(env) == (flag,)
-    assert env['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=2 {flag}'
+    assert xla_defaults.apply(env) == xla_defaults.CPU_FLAGS
+    assert env['XLA_FLAGS'] == ' '.join(('--xla_force_host_platform_device_count=2',)
+                                        + xla_defaults.CPU_FLAGS)
     assert xla_defaults.apply(env) == ()                       # idempotent
     user = {'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flag.replace('false', 'true')}
-    assert xla_defaults.apply(user) == () and 'true' in user['XLA_FLAGS']   # the user's value wins
+    assert flag not in xla_defaults.apply(user) and 'true' in user['XLA_FLAGS']  # the user's value wins
     assert xla_defaults.apply({'JAX_PLATFORMS': 'cuda'}) == ()             # accelerators untouched
     off = {'JAX_PLATFORMS': 'cpu', xla_defaults.SWITCH: '0'}
     assert xla_defaults.apply(off) == () and 'XLA_FLAGS' not in off
     monkeypatch.setattr(xla_defaults, '_backend_started', lambda: True)
     assert xla_defaults.apply({'JAX_PLATFORMS': 'cpu'}) == ()              # too late to matter
+
+
+def test_cpu_xla_defaults_skip_a_flag_this_xla_does_not_know(monkeypatch):
+    # XLA aborts the process on an unknown XLA_FLAGS entry, so a default it lacks must be left out.
+    from effnetv2_jax import xla_defaults
+    monkeypatch.setattr(xla_defaults, '_backend_started', lambda: False)
+    assert xla_defaults._xla_knows('--xla_cpu_enable_concurrency_optimized_scheduler=false')
+    assert not xla_defaults._xla_knows('--xla_cpu_no_such_flag_effnetv2=1')
+    unknown = '--xla_cpu_no_such_flag_effnetv2=1'
+    monkeypatch.setattr(xla_defaults, 'CPU_FLAGS', xla_defaults.CPU_FLAGS + (unknown,))
+    env = {'JAX_PLATFORMS': 'cpu'}
+    assert unknown not in xla_defaults.apply(env) and 'no_such_flag' not in env['XLA_FLAGS']
 
 
 def test_importing_the_package_adds_the_cpu_flags_to_the_environment():
