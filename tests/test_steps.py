@@ -212,3 +212,13 @@ def test_freeze_bn_stats_keeps_running_statistics_but_trains_weights():
                          after_live.batch_stats, state.batch_stats)
   assert any(jax.tree.leaves(changed))
   _assert_trees_equal(after_frozen.params, after_live.params)
+
+
+def test_all_finite_is_exact_for_huge_values_and_catches_each_kind_of_non_finite():
+  from effnetv2_jax.steps import _all_finite
+  huge = {'a': jnp.full((3,), 3e38, jnp.float32), 'b': jnp.full((2, 2), -3e38, jnp.bfloat16)}
+  assert bool(_all_finite(huge))                # a sum or a norm of these would overflow
+  for bad in (jnp.inf, -jnp.inf, jnp.nan):
+    tree = {'a': jnp.ones((3,)).at[1].set(bad), 'b': jnp.ones((2, 2), jnp.bfloat16)}
+    assert not bool(_all_finite(tree)), bad
+  assert bool(_all_finite({}))
