@@ -50,24 +50,27 @@ def _cpu_only(environ) -> bool:
   return not _accelerator_plugin_installed()
 
 
-def _xla_knows(flag: str) -> bool:
-  """Whether jaxlib's XLA library contains the flag's name (read by mmap; no backend starts)."""
+def _known_to_xla(flags) -> tuple[str, ...]:
+  """The `flags` whose names appear in jaxlib's XLA library, in order: one pass over its shared
+  libraries (read by mmap; no backend starts), however many flags are asked about."""
   import glob
   import importlib.util
   import mmap
   spec = importlib.util.find_spec('jaxlib')
-  if spec is None or not spec.origin:
-    return False
-  name = flag.lstrip('-').split('=')[0].encode()
+  if not flags or spec is None or not spec.origin:
+    return ()
+  names = {f: f.lstrip('-').split('=')[0].encode() for f in flags}
+  found = set()
   root = os.path.dirname(spec.origin)
   for path in glob.glob(os.path.join(root, '*.so')) + glob.glob(os.path.join(root, '*', '*.so')):
     try:
       with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m.find(name) >= 0:
-          return True
+        found.update(flag for flag, name in names.items() if flag not in found and m.find(name) >= 0)
     except (OSError, ValueError):  # unreadable, or empty (mmap of 0 bytes)
       continue
-  return False
+    if len(found) == len(names):
+      break
+  return tuple(f for f in flags if f in found)
 
 
 def _backend_started() -> bool:
@@ -83,7 +86,7 @@ def apply(environ=os.environ) -> tuple[str, ...]:
   if environ.get(SWITCH, '1') == '0' or not _cpu_only(environ) or _backend_started():
     return ()
   current = environ.get('XLA_FLAGS', '')
-  added = tuple(f for f in CPU_FLAGS if f.split('=')[0] not in current and _xla_knows(f))
+  added = _known_to_xla([f for f in CPU_FLAGS if f.split('=')[0] not in current])
   if added:
     environ['XLA_FLAGS'] = ' '.join([current.strip(), *added]).strip()
   return added

@@ -20,7 +20,7 @@ Diagnostics for a worker that does not finish in its budget (both off by default
   --xla-pass-times   XLA logs each HLO pass's time (TF_CPP_VMODULE=hlo_pass_pipeline=1); the
                      passes that took longest are summarised in the Notes, so a slow compile names
                      its pass.
-  --stack-every S    every S seconds the worker prints its Python stack (faulthandler), so a
+  --stack-every S    every S seconds the worker logs its main thread's Python stack, so a
                      cut-off run shows whether it was tracing, compiling or running.
 Each worker's stderr goes to `<--log-dir>/<worker>_worker.log` (default: a temporary folder).
 
@@ -246,7 +246,7 @@ def _run_worker(kind, argv, timeout, log_dir, pass_times=False):
   with open(log_path, errors='replace') as f:
     stderr = f.read()
   lines = [l for l in stdout.splitlines() if l.startswith(TAG)]
-  ours = [l for l in stderr.splitlines() if not _PASS_LINE.search(l) and 'hlo_pass_pipeline' not in l]
+  ours = [l for l in stderr.splitlines() if 'hlo_pass_pipeline' not in l]  # XLA's pass log out
   if failed:
     sys.stderr.write('\n'.join(ours[-40:]) + '\n')
   notes = []

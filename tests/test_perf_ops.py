@@ -118,9 +118,9 @@ def test_cpu_xla_defaults_skip_a_flag_this_xla_does_not_know(monkeypatch):
     # XLA aborts the process on an unknown XLA_FLAGS entry, so a default it lacks must be left out.
     from effnetv2_jax import xla_defaults
     monkeypatch.setattr(xla_defaults, '_backend_started', lambda: False)
-    assert xla_defaults._xla_knows('--xla_cpu_enable_concurrency_optimized_scheduler=false')
-    assert not xla_defaults._xla_knows('--xla_cpu_no_such_flag_effnetv2=1')
+    known = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
     unknown = '--xla_cpu_no_such_flag_effnetv2=1'
+    assert xla_defaults._known_to_xla([unknown, known]) == (known,)
     monkeypatch.setattr(xla_defaults, 'CPU_FLAGS', xla_defaults.CPU_FLAGS + (unknown,))
     env = {'JAX_PLATFORMS': 'cpu'}
     assert unknown not in xla_defaults.apply(env) and 'no_such_flag' not in env['XLA_FLAGS']
