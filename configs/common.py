@@ -1,4 +1,5 @@
 """Helpers shared by the config files: parsing the `:key=value,...` argument of a config path."""
+
 from __future__ import annotations
 
 import ast

@@ -6,6 +6,7 @@ overridden from the command line, since ConfigDicts are locked after constructio
 
 Usage from a config file:  `from configs import default; config = default.get_config()`.
 """
+
 import ml_collections
 
 

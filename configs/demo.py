@@ -12,6 +12,7 @@ schedule tried and demo_networks.md the network probes. `runlocal` shrinks it to
 (tests); `model=resnet` runs the same schedule on a small ResNet (the ablation's second model),
 `model=<name>` any network in NETWORKS.
 """
+
 from configs import common, default
 
 # EfficientNetV2-family networks for 16-28 px images, by name (`configs/demo.py:model=NAME`); all are
@@ -20,39 +21,75 @@ from configs import common, default
 # 1): on 16-28 px images a stride-2 stem throws away the strokes that tell a shirt from a pullover.
 # One epoch at a fixed 28 px (experiments/demo_networks.py): v2-stem2 0.858, v2 0.883 top-1.
 NETWORKS = {
-    "v2": dict(stem_filters=16, stem_stride=1, head_filters=384, blocks=(
-        "r1_k3_s1_e1_i16_o16_c1",
-        "r1_k3_s2_e4_i16_o32_c1",
-        "r2_k3_s2_e4_i32_o64_se0.25",
-        "r3_k3_s1_e4_i64_o96_se0.25")),
-    # The demo network until v4 (experiments/results/demo_attempts.md) and in the recorded
-    # progressive ablation: ImageNet's stride-2 stem, so 14x14 features at 28 px.
-    "v2-stem2": dict(stem_filters=24, stem_stride=2, head_filters=512, blocks=(
-        "r1_k3_s1_e1_i24_o24_c1",
-        "r2_k3_s2_e4_i24_o40_c1",
-        "r2_k3_s1_e4_i40_o64_se0.25",
-        "r3_k3_s2_e4_i64_o96_se0.25")),
-    # Probes of what else could buy accuracy per second (experiments/demo_networks.py).
-    "v2-stem2-body-fullres-stem": dict(stem_filters=16, stem_stride=1, head_filters=512, blocks=(
-        "r1_k3_s2_e1_i16_o24_c1",
-        "r2_k3_s2_e4_i24_o40_c1",
-        "r2_k3_s1_e4_i40_o64_se0.25",
-        "r3_k3_s2_e4_i64_o96_se0.25")),
-    "v2-stem2-late-stride": dict(stem_filters=24, stem_stride=2, head_filters=512, blocks=(
-        "r1_k3_s1_e1_i24_o24_c1",
-        "r2_k3_s2_e4_i24_o40_c1",
-        "r2_k3_s1_e4_i40_o64_se0.25",
-        "r3_k3_s1_e4_i64_o96_se0.25")),
-    "v2-stem2-wide": dict(stem_filters=32, stem_stride=2, head_filters=512, blocks=(
-        "r1_k3_s1_e1_i32_o32_c1",
-        "r2_k3_s2_e4_i32_o64_c1",
-        "r2_k3_s1_e4_i64_o96_se0.25",
-        "r3_k3_s2_e4_i96_o128_se0.25")),
-    "v2-deep-fused": dict(stem_filters=16, stem_stride=1, head_filters=512, blocks=(
-        "r1_k3_s1_e1_i16_o16_c1",
-        "r2_k3_s2_e4_i16_o32_c1",
-        "r2_k3_s2_e4_i32_o64_se0.25",
-        "r3_k3_s1_e4_i64_o96_se0.25")),
+  "v2": dict(
+    stem_filters=16,
+    stem_stride=1,
+    head_filters=384,
+    blocks=(
+      "r1_k3_s1_e1_i16_o16_c1",
+      "r1_k3_s2_e4_i16_o32_c1",
+      "r2_k3_s2_e4_i32_o64_se0.25",
+      "r3_k3_s1_e4_i64_o96_se0.25",
+    ),
+  ),
+  # The demo network until v4 (experiments/results/demo_attempts.md) and in the recorded
+  # progressive ablation: ImageNet's stride-2 stem, so 14x14 features at 28 px.
+  "v2-stem2": dict(
+    stem_filters=24,
+    stem_stride=2,
+    head_filters=512,
+    blocks=(
+      "r1_k3_s1_e1_i24_o24_c1",
+      "r2_k3_s2_e4_i24_o40_c1",
+      "r2_k3_s1_e4_i40_o64_se0.25",
+      "r3_k3_s2_e4_i64_o96_se0.25",
+    ),
+  ),
+  # Probes of what else could buy accuracy per second (experiments/demo_networks.py).
+  "v2-stem2-body-fullres-stem": dict(
+    stem_filters=16,
+    stem_stride=1,
+    head_filters=512,
+    blocks=(
+      "r1_k3_s2_e1_i16_o24_c1",
+      "r2_k3_s2_e4_i24_o40_c1",
+      "r2_k3_s1_e4_i40_o64_se0.25",
+      "r3_k3_s2_e4_i64_o96_se0.25",
+    ),
+  ),
+  "v2-stem2-late-stride": dict(
+    stem_filters=24,
+    stem_stride=2,
+    head_filters=512,
+    blocks=(
+      "r1_k3_s1_e1_i24_o24_c1",
+      "r2_k3_s2_e4_i24_o40_c1",
+      "r2_k3_s1_e4_i40_o64_se0.25",
+      "r3_k3_s1_e4_i64_o96_se0.25",
+    ),
+  ),
+  "v2-stem2-wide": dict(
+    stem_filters=32,
+    stem_stride=2,
+    head_filters=512,
+    blocks=(
+      "r1_k3_s1_e1_i32_o32_c1",
+      "r2_k3_s2_e4_i32_o64_c1",
+      "r2_k3_s1_e4_i64_o96_se0.25",
+      "r3_k3_s2_e4_i96_o128_se0.25",
+    ),
+  ),
+  "v2-deep-fused": dict(
+    stem_filters=16,
+    stem_stride=1,
+    head_filters=512,
+    blocks=(
+      "r1_k3_s1_e1_i16_o16_c1",
+      "r2_k3_s2_e4_i16_o32_c1",
+      "r2_k3_s2_e4_i32_o64_se0.25",
+      "r3_k3_s1_e4_i64_o96_se0.25",
+    ),
+  ),
 }
 
 

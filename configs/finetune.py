@@ -26,6 +26,7 @@ resized without a crop, random flip, (x/255 - 0.5)/0.5, eval = the whole image r
 off (magnitude 0). Not reproduced: the released code also applies cutout when fine-tuning; the
 pipeline has no standalone cutout (it is one of RandAugment's ops), so there is none here.
 """
+
 from configs import common, default
 from effnetv2_jax.data import datasets  # the registry itself imports no TensorFlow
 
@@ -39,8 +40,8 @@ NUM_EPOCHS = 15
 MIN_STEPS = 10_000
 EMA_DECAY = 0.9996
 PRESETS = {  # preset -> (lr schedule, weight decay, BN decay)
-    "paper": ("cosine", 0.0, 0.99),
-    "official": ("constant", 1e-5, 0.9),
+  "paper": ("cosine", 0.0, 0.99),
+  "official": ("constant", 1e-5, 0.9),
 }
 
 

@@ -9,27 +9,28 @@ Arguments: variant=b0|b1|b2|b3|s|m|l|xl; preset=official|paper|none (see effnetv
 and section 9 of the reference: BN decay, dropout schedule, RandAugment and mixup ranges differ);
 runlocal (a few steps at toy sizes on a CPU, for tests and smoke runs).
 """
+
 from configs import common, default
 
 # (train size, eval size, dropout, RandAugment max, mixup/CutMix max), released code (section 3).
 OFFICIAL = {
-    "b0": (192, 224, 0.2, 0.0, 0.0),
-    "b1": (192, 240, 0.2, 0.0, 0.0),
-    "b2": (208, 260, 0.3, 0.0, 0.0),
-    "b3": (240, 300, 0.3, 0.0, 0.0),
-    "s": (300, 384, 0.2, 10.0, 0.0),
-    "m": (384, 480, 0.3, 15.0, 0.2),
-    "l": (384, 480, 0.4, 20.0, 0.5),
-    "xl": (384, 512, 0.4, 20.0, 0.5),
+  "b0": (192, 224, 0.2, 0.0, 0.0),
+  "b1": (192, 240, 0.2, 0.0, 0.0),
+  "b2": (208, 260, 0.3, 0.0, 0.0),
+  "b3": (240, 300, 0.3, 0.0, 0.0),
+  "s": (300, 384, 0.2, 10.0, 0.0),
+  "m": (384, 480, 0.3, 15.0, 0.2),
+  "l": (384, 480, 0.4, 20.0, 0.5),
+  "xl": (384, 512, 0.4, 20.0, 0.5),
 }
 # The paper's Table 6 (max size, RandAugment 5 -> max, mixup 0 -> max, dropout 0.1 -> max). The
 # paper gives no ranges for B0-B3 or XL: B0-B3 keep the code's end points under Algorithm 1, XL
 # takes L's ranges at its own train size.
 PAPER = {
-    "s": (300, 15.0, 0.0, 0.3),
-    "m": (380, 20.0, 0.2, 0.4),
-    "l": (380, 25.0, 0.4, 0.5),
-    "xl": (384, 25.0, 0.4, 0.5),
+  "s": (300, 15.0, 0.0, 0.3),
+  "m": (380, 20.0, 0.2, 0.4),
+  "l": (380, 25.0, 0.4, 0.5),
+  "xl": (384, 25.0, 0.4, 0.5),
 }
 MIN_IMAGE_SIZE = 128
 MIN_RANDAUG = 5.0

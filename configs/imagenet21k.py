@@ -21,6 +21,7 @@ softmax on whatever label the dataset gives. TFDS has no ImageNet-21k builder: t
 `imagenet21k` entry is a dataset you build yourself (`tfds new imagenet21k`, one int label per
 image, splits train/validation); an unprepared data_dir fails with that recipe in the message.
 """
+
 from configs import common, default
 
 VARIANTS = ("s", "m", "l", "xl")

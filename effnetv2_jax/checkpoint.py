@@ -13,6 +13,7 @@ Before restoring, the tree on disk is compared array by array with the abstract 
 expects; any difference (another model, another number of classes) raises CheckpointMismatchError
 naming the arrays, instead of a shape error from deep inside the restore.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,9 @@ class CheckpointMismatchError(ValueError):
 
 def config_hash(config) -> str:
   """A short stable hash of the resolved config (to notice a resume with a changed config)."""
-  text = json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config),
-                    sort_keys=True, default=str)
+  text = json.dumps(
+    config.to_dict() if hasattr(config, "to_dict") else dict(config), sort_keys=True, default=str
+  )
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -67,8 +69,9 @@ def flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   return out
 
 
-def describe_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any],
-                      prefix: str = "") -> list[str]:
+def describe_mismatch(
+  saved: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
   """Human-readable differences between two flat_shapes() dicts (empty if they agree)."""
   lines = []
   for name in sorted(set(saved) | set(expected)):
@@ -90,16 +93,19 @@ def _mismatch_error(where: str, lines: list[str]) -> CheckpointMismatchError:
   rest = len(lines) - len(shown)
   more = f"\n  ... and {rest} more (optimizer slots, EMA copies)" if rest else ""
   return CheckpointMismatchError(
-      f"checkpoint {where} does not match the model being trained ({len(lines)} arrays differ; "
-      "another model_name, model_overrides or num_classes?):\n  " + "\n  ".join(shown) + more)
+    f"checkpoint {where} does not match the model being trained ({len(lines)} arrays differ; "
+    "another model_name, model_overrides or num_classes?):\n  " + "\n  ".join(shown) + more
+  )
 
 
 def _as_abstract(tree):
   """ShapeDtypeStructs (keeping shardings) for a tree of arrays or ShapeDtypeStructs."""
+
   def leaf(x):
     if x is None:
       return None
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
   return jax.tree.map(leaf, tree)
 
 
@@ -117,18 +123,20 @@ def _handlers():
 class Checkpointer:
   """Save / find / restore train states in `<workdir>/checkpoints` (all processes call it)."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
+  ):
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep and keep > 0 else None,
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only,  # remove what a killed writer left behind
+      max_to_keep=keep if keep and keep > 0 else None,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,  # remove what a killed writer left behind
     )
-    self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                      item_names=("state", "meta"), item_handlers=_handlers())
+    self._mgr = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta"), item_handlers=_handlers()
+    )
 
   # --- queries -------------------------------------------------------------------------------
   def latest_step(self) -> int | None:
@@ -154,9 +162,14 @@ class Checkpointer:
     """Start writing `state` at `step` (async); returns False if that step is already saved."""
     if step in self._mgr.all_steps():
       return False
-    self._mgr.save(step, args=ocp.args.Composite(
+    self._mgr.save(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-        meta=ocp.args.JsonSave(dict(meta, step=int(step)))), force=True)
+        meta=ocp.args.JsonSave(dict(meta, step=int(step))),
+      ),
+      force=True,
+    )
     return True
 
   def wait(self):
@@ -184,14 +197,17 @@ class Checkpointer:
     """
     self.check_compatible(step, abstract_state)
     target = _as_abstract(serialization.to_state_dict(abstract_state))
-    restored = self._mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    restored = self._mgr.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    )
     state = serialization.from_state_dict(abstract_state, restored["state"])
     return state, dict(restored["meta"] or {})
 
 
-def load_variables(path: str, *, step: int | None = None,
-                   prefer_ema: bool = True) -> tuple[dict, dict, int]:
+def load_variables(
+  path: str, *, step: int | None = None, prefer_ema: bool = True
+) -> tuple[dict, dict, int]:
   """Read params and batch_stats (EMA if present) from a checkpoint of this package.
 
   `path` is a workdir, its `checkpoints` directory or a single step directory. Used by
@@ -211,8 +227,12 @@ def load_variables(path: str, *, step: int | None = None,
     root = path
   if not paths.isdir(root):
     raise FileNotFoundError(f"init_from: no checkpoint directory at {path}")
-  mgr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                              item_names=("state", "meta"), item_handlers=_handlers())
+  mgr = ocp.CheckpointManager(
+    root,
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    item_names=("state", "meta"),
+    item_handlers=_handlers(),
+  )
   try:
     if step is None:
       step = mgr.latest_step()
@@ -222,9 +242,12 @@ def load_variables(path: str, *, step: int | None = None,
     tree = getattr(md, "tree", md)
     device = jax.local_devices()[0]
     target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(device)),
-        tree, is_leaf=lambda m: hasattr(m, "shape"))
+      lambda m: jax.ShapeDtypeStruct(
+        m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
+      ),
+      tree,
+      is_leaf=lambda m: hasattr(m, "shape"),
+    )
     restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     restored = jax.device_get(restored["state"])
   finally:
@@ -252,8 +275,12 @@ def merge_pretrained(init_params, loaded_params, log=logging.info):
       reinit.append(name)
       return fresh
     return np.asarray(src, dtype=fresh.dtype)
+
   merged = jax.tree_util.tree_map_with_path(pick, init_params)
   if reinit:
-    log("init_from: re-initialised %d arrays not matching the checkpoint: %s", len(reinit),
-        ", ".join(reinit[:_MAX_LISTED]) + (" ..." if len(reinit) > _MAX_LISTED else ""))
+    log(
+      "init_from: re-initialised %d arrays not matching the checkpoint: %s",
+      len(reinit),
+      ", ".join(reinit[:_MAX_LISTED]) + (" ..." if len(reinit) > _MAX_LISTED else ""),
+    )
   return merged, reinit

@@ -2,6 +2,7 @@
 
 Each error names the config field and says what to do; `main` prints it as one line and exits 2.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,9 +45,13 @@ def _one_of(config, field: str, allowed) -> None:
 
 def _validate_model(config) -> None:
   from effnetv2_jax import models
+
   names = models.list_models()
-  _require(config.model_name in names, "model_name",
-           f"unknown model {config.model_name!r}; choose one of {', '.join(names)}")
+  _require(
+    config.model_name in names,
+    "model_name",
+    f"unknown model {config.model_name!r}; choose one of {', '.join(names)}",
+  )
   try:  # building the module object checks the override names without initialising anything
     models.create_model(config.model_name, num_classes=2, **dict(config.model_overrides))
   except (TypeError, ValueError) as e:
@@ -55,26 +60,44 @@ def _validate_model(config) -> None:
 
 def _validate_progressive(config) -> None:
   p = config.progressive
-  _require(p.preset in progressive.PRESETS, "progressive.preset",
-           f"{p.preset!r} is not one of {', '.join(progressive.PRESETS)}")
+  _require(
+    p.preset in progressive.PRESETS,
+    "progressive.preset",
+    f"{p.preset!r} is not one of {', '.join(progressive.PRESETS)}",
+  )
   _require(int(p.num_stages) >= 1, "progressive.num_stages", f"must be >= 1, got {p.num_stages}")
   for end in ("min_image_size", "max_image_size"):
     v = p[end]
-    _require(isinstance(v, int) and v > 0, f"progressive.{end}", f"must be a positive integer, got {v!r}")
-  _require(p.min_image_size <= p.max_image_size, "progressive.min_image_size",
-           f"{p.min_image_size} is larger than progressive.max_image_size {p.max_image_size}")
-  _require(isinstance(p.size_multiple, int) and p.size_multiple >= 1, "progressive.size_multiple",
-           f"must be an integer >= 1, got {p.size_multiple!r}")
+    _require(
+      isinstance(v, int) and v > 0, f"progressive.{end}", f"must be a positive integer, got {v!r}"
+    )
+  _require(
+    p.min_image_size <= p.max_image_size,
+    "progressive.min_image_size",
+    f"{p.min_image_size} is larger than progressive.max_image_size {p.max_image_size}",
+  )
+  _require(
+    isinstance(p.size_multiple, int) and p.size_multiple >= 1,
+    "progressive.size_multiple",
+    f"must be an integer >= 1, got {p.size_multiple!r}",
+  )
   for name in ("randaug", "mixup", "cutmix", "dropout"):
     lo, hi = p[f"min_{name}"], p[f"max_{name}"]
     _require(lo >= 0, f"progressive.min_{name}", f"must be >= 0, got {lo}")
     _require(hi >= 0, f"progressive.max_{name}", f"must be >= 0, got {hi}")
-    _require(lo <= hi, f"progressive.min_{name}", f"{lo} is larger than progressive.max_{name} {hi}")
+    _require(
+      lo <= hi, f"progressive.min_{name}", f"{lo} is larger than progressive.max_{name} {hi}"
+    )
   _require(p.max_dropout < 1.0, "progressive.max_dropout", f"must be < 1, got {p.max_dropout}")
 
 
-def validate_config(config, *, num_devices: int | None = None,
-                    num_train_examples: int | None = None, check_dataset: bool = True) -> None:
+def validate_config(
+  config,
+  *,
+  num_devices: int | None = None,
+  num_train_examples: int | None = None,
+  check_dataset: bool = True,
+) -> None:
   """Raises ConfigError for the first bad field. Cheap: builds no arrays and compiles nothing.
 
   `num_devices` defaults to `jax.device_count()` (all processes); `num_train_examples` to the
@@ -89,23 +112,38 @@ def validate_config(config, *, num_devices: int | None = None,
 
   if num_devices is None:
     import jax
+
     num_devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     v = config[field]
     _require(isinstance(v, int) and v > 0, field, f"must be a positive integer, got {v!r}")
-    _require(v % num_devices == 0, field,
-             f"{v} is not divisible by the {num_devices} devices; use a multiple of {num_devices}")
+    _require(
+      v % num_devices == 0,
+      field,
+      f"{v} is not divisible by the {num_devices} devices; use a multiple of {num_devices}",
+    )
   ev = config.eval_image_size
-  _require(isinstance(ev, int) and ev > 0, "eval_image_size",
-           f"must be a positive integer (the evaluation resolution), got {ev!r}")
-  _require(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
-           "set num_epochs > 0 or num_train_steps > 0")
+  _require(
+    isinstance(ev, int) and ev > 0,
+    "eval_image_size",
+    f"must be a positive integer (the evaluation resolution), got {ev!r}",
+  )
+  _require(
+    config.num_train_steps > 0 or config.num_epochs > 0,
+    "num_epochs",
+    "set num_epochs > 0 or num_train_steps > 0",
+  )
   _require(config.lr_per_256 > 0, "lr_per_256", f"must be > 0, got {config.lr_per_256}")
   _require(config.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {config.warmup_epochs}")
-  _require(0 <= config.label_smoothing < 1, "label_smoothing",
-           f"must be in [0, 1), got {config.label_smoothing}")
+  _require(
+    0 <= config.label_smoothing < 1,
+    "label_smoothing",
+    f"must be in [0, 1), got {config.label_smoothing}",
+  )
   _require(0 <= config.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {config.ema_decay}")
-  _require(config.randaug_layers >= 0, "randaug_layers", f"must be >= 0, got {config.randaug_layers}")
+  _require(
+    config.randaug_layers >= 0, "randaug_layers", f"must be >= 0, got {config.randaug_layers}"
+  )
   try:
     randaug_ops.parse_ops(config.get("randaug_ops"))
   except ValueError as e:
@@ -115,11 +153,15 @@ def validate_config(config, *, num_devices: int | None = None,
   # A remote init_from (gs://...) is not looked up here (that needs the network); loading it
   # reports a missing checkpoint as FileNotFoundError, which main also turns into exit code 2.
   if config.init_from and not paths.is_remote(config.init_from):
-    _require(isinstance(config.init_from, str) and os.path.isdir(os.path.expanduser(config.init_from)),
-             "init_from", f"{config.init_from!r} is not a directory holding a checkpoint of this package")
+    _require(
+      isinstance(config.init_from, str) and os.path.isdir(os.path.expanduser(config.init_from)),
+      "init_from",
+      f"{config.init_from!r} is not a directory holding a checkpoint of this package",
+    )
 
   if check_dataset:
     from effnetv2_jax.data import datasets
+
     try:
       info = datasets.get_dataset_info(config.dataset, config.data_dir)
     except ValueError as e:
@@ -130,6 +172,9 @@ def validate_config(config, *, num_devices: int | None = None,
     num_train_examples = progressive.dataset_train_size(config)
   n = progressive.total_steps(config, num_train_examples)
   stages = 1 if config.progressive.preset == "none" else config.progressive.num_stages
-  _require(n >= stages, "progressive.num_stages",
-           f"{stages} stages need at least {stages} train steps, the run has {n}; "
-           "lower num_stages or train longer")
+  _require(
+    n >= stages,
+    "progressive.num_stages",
+    f"{stages} stages need at least {stages} train steps, the run has {n}; "
+    "lower num_stages or train longer",
+  )

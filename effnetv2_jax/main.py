@@ -10,6 +10,7 @@ Exit codes: 0 done or preempted (SIGTERM: the current step is checkpointed; reru
 2 bad input (config field, dataset not prepared, checkpoint of another model, workdir in use),
 printed as one `error: ...` line without a traceback; 3 training diverged.
 """
+
 import os
 import sys
 
@@ -21,12 +22,17 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (path[:args]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "plan"],
-                          "train: train and evaluate (resuming); eval: evaluate init_from or the "
-                          "workdir's latest checkpoint; plan: print the stage table.")
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "eval", "plan"],
+  "train: train and evaluate (resuming); eval: evaluate init_from or the "
+  "workdir's latest checkpoint; plan: print the stage table.",
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -64,8 +70,12 @@ def run(config, workdir, mode) -> int:
     return 0 if result["status"] in ("completed", "preempted", "stopped") else 1
   except config_validation.ConfigError as e:
     _fail(str(e), EXIT_BAD_INPUT)
-  except (datasets.DatasetNotPreparedError, ckpt_lib.CheckpointMismatchError,
-          workdir_lib.WorkdirLockedError, FileNotFoundError) as e:
+  except (
+    datasets.DatasetNotPreparedError,
+    ckpt_lib.CheckpointMismatchError,
+    workdir_lib.WorkdirLockedError,
+    FileNotFoundError,
+  ) as e:
     _fail(str(e), EXIT_BAD_INPUT)
   except train.TrainingDivergedError as e:
     _fail(str(e), EXIT_DIVERGED)
@@ -78,11 +88,17 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # an override naming a field the config lacks
     name = str(e).strip("\"'")
-    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-           and a.split("=")[0].rsplit(".", 1)[-1] == name]
+    bad = [
+      a.split("=")[0]
+      for a in argv[1:]
+      if a.startswith("--config.") and a.split("=")[0].rsplit(".", 1)[-1] == name
+    ]
     where = bad[0] if bad else "--config"
-    _fail(f"{where}: the config has no field {name!r} (overrides must name existing fields; "
-          "see configs/default.py)", EXIT_BAD_INPUT)
+    _fail(
+      f"{where}: the config has no field {name!r} (overrides must name existing fields; "
+      "see configs/default.py)",
+      EXIT_BAD_INPUT,
+    )
   except flags.Error as e:
     _fail(str(e), EXIT_BAD_INPUT)
   except Exception as e:  # pylint: disable=broad-except  (the config file itself failed to load)

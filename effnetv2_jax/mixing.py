@@ -23,6 +23,7 @@ Label smoothing is applied afterwards by the loss, on the mixed soft labels.
 Images may already be normalised: normalisation is affine and the weights sum to 1, so mixing
 normalised images equals normalising mixed pixels.
 """
+
 from __future__ import annotations
 
 import jax
@@ -67,8 +68,12 @@ def cutmix(rng, images, labels, alpha: float):
   # Static shapes: the box is a comparison against iotas, never a dynamic slice.
   rows = jnp.arange(height)[None, :, None]
   cols = jnp.arange(width)[None, None, :]
-  inside = ((rows >= y0[:, None, None]) & (rows < y1[:, None, None]) &
-            (cols >= x0[:, None, None]) & (cols < x1[:, None, None]))
+  inside = (
+    (rows >= y0[:, None, None])
+    & (rows < y1[:, None, None])
+    & (cols >= x0[:, None, None])
+    & (cols < x1[:, None, None])
+  )
   mixed = jnp.where(inside[..., None], _reverse(images), images)
   frac = ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (height * width)
   w = frac[:, None].astype(labels.dtype)
@@ -83,7 +88,7 @@ def mix(rng, images, labels_onehot, *, mixup_alpha: float, cutmix_alpha: float):
   """
   mixup_alpha, cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
   if mixup_alpha < 0 or cutmix_alpha < 0:
-    raise ValueError(f'mixup/cutmix alphas must be >= 0, got {mixup_alpha}, {cutmix_alpha}')
+    raise ValueError(f"mixup/cutmix alphas must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
   labels_onehot = labels_onehot.astype(jnp.promote_types(labels_onehot.dtype, jnp.float32))
   if mixup_alpha > 0 and cutmix_alpha > 0:
     half = images.shape[0] // 2

@@ -9,6 +9,7 @@ the train step passes `step=state.step` to `tx.update`. This keeps the LR aligne
 (and with the progressive stage table) even when the divergence guard skips an update and leaves
 the optimizer state untouched.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -96,8 +97,9 @@ def scale_by_step_schedule(schedule: optax.Schedule) -> optax.GradientTransforma
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def tf1_rmsprop(schedule: optax.Schedule, *, decay: float, momentum: float,
-                eps: float) -> optax.GradientTransformationExtraArgs:
+def tf1_rmsprop(
+  schedule: optax.Schedule, *, decay: float, momentum: float, eps: float
+) -> optax.GradientTransformationExtraArgs:
   """TF1 `RMSPropOptimizer` semantics (the official optimizer).
 
       ms  = decay * ms + (1 - decay) * g**2           ms starts at ONES (TF1 slot initializer)
@@ -110,14 +112,15 @@ def tf1_rmsprop(schedule: optax.Schedule, *, decay: float, momentum: float,
   update with a changing LR. We spell the chain out only to swap in the global-step LR.
   """
   return optax.chain(
-      optax.scale_by_rms(decay=decay, eps=eps, initial_scale=1.0, eps_in_sqrt=True),
-      scale_by_step_schedule(schedule),
-      optax.trace(decay=momentum, nesterov=False),
+    optax.scale_by_rms(decay=decay, eps=eps, initial_scale=1.0, eps_in_sqrt=True),
+    scale_by_step_schedule(schedule),
+    optax.trace(decay=momentum, nesterov=False),
   )
 
 
-def make_optimizer(config, steps_per_epoch: float,
-                   total_steps: int) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(
+  config, steps_per_epoch: float, total_steps: int
+) -> optax.GradientTransformationExtraArgs:
   """The optimizer named by `config.optimizer`, with the config's LR schedule.
 
   Gradients arriving here already include the L2 term of the loss (see `l2_penalty`), except for
@@ -132,16 +135,26 @@ def make_optimizer(config, steps_per_epoch: float,
   if config.grad_clip_norm and config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))
   if name == "rmsprop":
-    parts.append(tf1_rmsprop(schedule, decay=float(config.rmsprop_decay),
-                             momentum=float(config.momentum), eps=float(config.rmsprop_eps)))
+    parts.append(
+      tf1_rmsprop(
+        schedule,
+        decay=float(config.rmsprop_decay),
+        momentum=float(config.momentum),
+        eps=float(config.rmsprop_eps),
+      )
+    )
   elif name == "sgd":
     # Order as TF's MomentumOptimizer: accumulate raw gradients, scale by the current LR.
-    parts += [optax.trace(decay=float(config.momentum), nesterov=True),
-              scale_by_step_schedule(schedule)]
+    parts += [
+      optax.trace(decay=float(config.momentum), nesterov=True),
+      scale_by_step_schedule(schedule),
+    ]
   else:  # adamw
-    parts += [optax.scale_by_adam(b1=float(config.momentum)),
-              optax.add_decayed_weights(float(config.weight_decay), mask=weight_decay_mask),
-              scale_by_step_schedule(schedule)]
+    parts += [
+      optax.scale_by_adam(b1=float(config.momentum)),
+      optax.add_decayed_weights(float(config.weight_decay), mask=weight_decay_mask),
+      scale_by_step_schedule(schedule),
+    ]
   return optax.chain(*parts)
 
 
@@ -167,8 +180,11 @@ def weight_decay_mask(params: PyTree) -> PyTree:
 def l2_penalty(params: PyTree, weight_decay: float) -> jax.Array:
   """`(wd / 2) * sum ||kernel||^2` over the masked leaves, in fp32 (TF's `wd * sum(l2_loss(v))`)."""
   mask = weight_decay_mask(params)
-  sq = [jnp.sum(jnp.square(p.astype(jnp.float32)))
-        for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+  sq = [
+    jnp.sum(jnp.square(p.astype(jnp.float32)))
+    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
+    if m
+  ]
   if not sq or not weight_decay:
     return jnp.zeros([], jnp.float32)
   return 0.5 * float(weight_decay) * sum(sq)

@@ -7,6 +7,7 @@ plain `os` calls the package used before, so local behaviour does not change.
 Remote URLs are never passed through os.path.abspath / expanduser: that turns `gs://b/run` into a
 local directory `<cwd>/gs:/b/run`, which is the bug this module exists to prevent.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,11 +24,13 @@ def is_remote(path) -> bool:
 def _epath(path: str):
   """epath.Path for a remote URL. Tests replace this to map URLs onto a local directory."""
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   try:
     return epath.Path(path)
   except KeyError:  # epath knows no class for this scheme (e.g. file://)
-    raise ValueError(f"{path}: URL scheme not supported (use a local path or gs://, s3://, "
-                     "az://)") from None
+    raise ValueError(
+      f"{path}: URL scheme not supported (use a local path or gs://, s3://, az://)"
+    ) from None
 
 
 def normalize(path: str) -> str:

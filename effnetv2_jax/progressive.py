@@ -17,6 +17,7 @@ the `preset`:
 
 Nothing here touches JAX devices or TensorFlow, so `--mode=plan` is instant.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ class Stage:
 def dataset_train_size(config) -> int:
   """The train split's size from the dataset registry (only needed when steps come from epochs)."""
   from effnetv2_jax.data import datasets  # imported lazily: it pulls in TensorFlow
+
   return datasets.get_dataset_info(config.dataset, config.data_dir).num_train
 
 
@@ -88,7 +90,8 @@ def stages(config, num_train_examples: int | None = None) -> list[Stage]:
       size = p.min_image_size + (p.max_image_size - p.min_image_size) * ratio
       t_reg = i / (m - 1) if m > 1 else 1.0  # linspace(min, max, m)[i]
       dropout_t = 1.0  # the released code keeps dropout at its final value
-    out.append(Stage(
+    out.append(
+      Stage(
         index=i,
         image_size=_round_size(size, p.size_multiple),
         randaug_magnitude=_lerp(p.min_randaug, p.max_randaug, t_reg),
@@ -97,7 +100,8 @@ def stages(config, num_train_examples: int | None = None) -> list[Stage]:
         dropout_rate=_lerp(p.min_dropout, p.max_dropout, dropout_t),
         first_step=int(i / m * n),
         last_step=int((i + 1) / m * n),
-    ))
+      )
+    )
   return out
 
 
@@ -118,6 +122,7 @@ def format_plan(config, num_train_examples: int | None = None) -> str:
   per stage shows where progressive learning saves time: early stages at small sizes are cheap.
   """
   from effnetv2_jax import models
+
   if num_train_examples is None and config.num_train_steps <= 0:
     num_train_examples = dataset_train_size(config)
   table = stages(config, num_train_examples)
@@ -127,22 +132,25 @@ def format_plan(config, num_train_examples: int | None = None) -> str:
   work = [mac * s.num_steps for mac, s in zip(macs, table)]
   total_work = sum(work) or 1
   lines = [
-      f"model {config.model_name}, preset {config.progressive.preset}, "
-      f"{table[-1].last_step} steps at batch {config.batch_size}, eval at {config.eval_image_size}px",
-      "",
-      "| stage | size | randaug | mixup | cutmix | dropout | steps | epochs | GMACs/img | compute |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+    f"model {config.model_name}, preset {config.progressive.preset}, "
+    f"{table[-1].last_step} steps at batch {config.batch_size}, eval at {config.eval_image_size}px",
+    "",
+    "| stage | size | randaug | mixup | cutmix | dropout | steps | epochs | GMACs/img | compute |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for s, mac, w in zip(table, macs, work):
     epochs = f"{s.num_steps / steps_per_epoch:.1f}" if steps_per_epoch else "-"
     lines.append(
-        f"| {s.index} | {s.image_size} | {s.randaug_magnitude:.3g} | {s.mixup_alpha:.3g} | "
-        f"{s.cutmix_alpha:.3g} | {s.dropout_rate:.3g} | {s.first_step}-{s.last_step} | {epochs} | "
-        f"{mac / 1e9:.3f} | {100 * w / total_work:.1f}% |")
+      f"| {s.index} | {s.image_size} | {s.randaug_magnitude:.3g} | {s.mixup_alpha:.3g} | "
+      f"{s.cutmix_alpha:.3g} | {s.dropout_rate:.3g} | {s.first_step}-{s.last_step} | {epochs} | "
+      f"{mac / 1e9:.3f} | {100 * w / total_work:.1f}% |"
+    )
   # What the same number of steps would cost at the final size alone (the 'none' baseline).
   flat = macs[-1] * table[-1].last_step
   lines.append("")
-  lines.append(f"train compute vs. all steps at {table[-1].image_size}px: "
-               f"{total_work / flat:.2f}x" if flat else "")
+  lines.append(
+    f"train compute vs. all steps at {table[-1].image_size}px: {total_work / flat:.2f}x"
+    if flat
+    else ""
+  )
   return "\n".join(lines)
-

@@ -4,6 +4,7 @@ TensorBoard events go through clu's metric writers (process 0 only: the others g
 writer). results.json is written to a tmp file and renamed, so a reader never sees half of it;
 on a gs:// workdir it is written as one object, which GCS also replaces atomically.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,8 +90,16 @@ class IntervalMeter:
     self._t0 = time.perf_counter()
 
 
-def progress_line(*, stage_index: int, num_stages: int, step: int, total_steps: int,
-                  metrics: Mapping[str, float], images_per_sec: float, eta_s: float) -> str:
+def progress_line(
+  *,
+  stage_index: int,
+  num_stages: int,
+  step: int,
+  total_steps: int,
+  metrics: Mapping[str, float],
+  images_per_sec: float,
+  eta_s: float,
+) -> str:
   """`stage 2/4 step 1200/4000 (30.0%) loss 0.41 acc 0.87 lr 1.2e-03 312 img/s ETA 4m12s`."""
   pct = 100.0 * step / max(total_steps, 1)
   parts = [f"stage {stage_index + 1}/{num_stages}", f"step {step}/{total_steps} ({pct:.1f}%)"]
@@ -123,7 +132,7 @@ class EtaClock:
 
   def add_train(self, seconds: float, steps: int, image_size: int = 1):
     self.train_s += seconds
-    self.work += steps * image_size ** 2
+    self.work += steps * image_size**2
 
   def add_compile(self, seconds: float):
     self.compile_s.append(seconds)
@@ -134,7 +143,7 @@ class EtaClock:
       return float("nan")
     per_unit = self.train_s / self.work
     compile_avg = float(np.mean(self.compile_s)) if self.compile_s else 0.0
-    todo = sum(steps * size ** 2 for steps, size in remaining)
+    todo = sum(steps * size**2 for steps, size in remaining)
     return todo * per_unit + remaining_stages * compile_avg
 
 
@@ -170,4 +179,5 @@ def write_json_atomic(path: str, obj: Mapping[str, Any]):
 def create_writer(workdir: str):
   """clu writer: TensorBoard events + logging on process 0, logging only elsewhere."""
   from clu import metric_writers  # imported lazily: pulls in TF's summary ops
+
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -6,6 +6,7 @@ reductions with no `axis_name` plumbing, so the step computes the same numbers o
 Output shardings are pinned and the state is donated, so each stage's step compiles exactly once
 and does not hold two copies of the state.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,9 +56,10 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     value = np.asarray(value)
     if value.ndim == 0 or value.shape[0] % n_local:
       raise ValueError(
-          f"shard_batch: '{name}' has local batch shape {value.shape}; its first axis must be a "
-          f"multiple of this process's {n_local} devices (choose batch_size as a multiple of "
-          f"the total device count, {mesh.size})")
+        f"shard_batch: '{name}' has local batch shape {value.shape}; its first axis must be a "
+        f"multiple of this process's {n_local} devices (choose batch_size as a multiple of "
+        f"the total device count, {mesh.size})"
+      )
     out[name] = jax.make_array_from_process_local_data(sharding, value)
   return out
 
@@ -71,10 +73,10 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state: Any) -> Callable:
   rep = replicated(mesh)
   state_sh = jax.tree.map(lambda _: rep, state)
   return jax.jit(
-      train_step,
-      in_shardings=(state_sh, batch_sharding(mesh), rep),
-      out_shardings=(state_sh, rep),
-      donate_argnums=(0,),
+    train_step,
+    in_shardings=(state_sh, batch_sharding(mesh), rep),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
   )
 
 
@@ -112,18 +114,27 @@ def init_distributed() -> None:
     return
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS") or env.get("JAX_NUM_PROCESSES"):
-    missing = [v for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-               if not env.get(v)]
+    missing = [
+      v
+      for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+      if not env.get(v)
+    ]
     if missing:
-      raise RuntimeError(f"init_distributed: multi-process launch needs {', '.join(missing)} "
-                         "set as well (coordinator host:port, process count, this process's id)")
+      raise RuntimeError(
+        f"init_distributed: multi-process launch needs {', '.join(missing)} "
+        "set as well (coordinator host:port, process count, this process's id)"
+      )
     jax.distributed.initialize(
-        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(env["JAX_NUM_PROCESSES"]),
-        process_id=int(env["JAX_PROCESS_ID"]),
+      coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(env["JAX_NUM_PROCESSES"]),
+      process_id=int(env["JAX_PROCESS_ID"]),
     )
   else:
     jax.distributed.initialize()
   _initialized = True
-  logging.info("jax.distributed initialized: process %d of %d, %d global devices",
-               jax.process_index(), jax.process_count(), jax.device_count())
+  logging.info(
+    "jax.distributed initialized: process %d of %d, %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+  )

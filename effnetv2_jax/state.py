@@ -4,6 +4,7 @@ There is no `apply_fn`/`tx` inside: the model is rebuilt per stage (the dropout 
 the weights, optimizer slots, BN statistics, EMA and step carry over, and a pytree of arrays is what
 orbax saves/restores and what `NamedSharding`s are attached to.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,8 +32,9 @@ def _copy(tree: PyTree) -> PyTree:
   return jax.tree.map(jnp.copy, tree)
 
 
-def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation, image_size: int,
-                       *, ema: bool = True) -> TrainState:
+def create_train_state(
+  rng: jax.Array, model, tx: optax.GradientTransformation, image_size: int, *, ema: bool = True
+) -> TrainState:
   """Initialize the model on a one-image batch at `image_size` and build the optimizer state.
 
   EfficientNets end in global pooling, so the variables do not depend on `image_size`; it only has
@@ -49,12 +51,12 @@ def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation, 
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(
-        step=jnp.zeros([], jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        ema_params=_copy(params) if ema else None,
-        ema_batch_stats=_copy(batch_stats) if ema else None,
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      ema_params=_copy(params) if ema else None,
+      ema_batch_stats=_copy(batch_stats) if ema else None,
     )
 
   return init(rng)

@@ -4,6 +4,7 @@ No TensorFlow here. Both steps are written for the *global* batch: under `jax.ji
 sharded over the mesh's 'data' axis, the means inside BatchNorm and the loss are global reductions,
 so 1 device and N devices compute the same numbers.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -40,13 +41,20 @@ def _select(pred: jax.Array, on_true, on_false):
   return jax.lax.cond(pred, lambda: on_true, lambda: on_false)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, *, num_classes: int,
-                    label_smoothing: float, weight_decay: float, ema_decay: float,
-                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                    lr_fn: Callable[[jax.Array], jax.Array] | None = None,
-                    dtype: Any = None, freeze_bn_stats: bool = False
-                    ) -> Callable[[TrainState, Batch, jax.Array],
-                                                   tuple[TrainState, Metrics]]:
+def make_train_step(
+  model,
+  tx: optax.GradientTransformation,
+  *,
+  num_classes: int,
+  label_smoothing: float,
+  weight_decay: float,
+  ema_decay: float,
+  mixup_alpha: float = 0.0,
+  cutmix_alpha: float = 0.0,
+  lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+  dtype: Any = None,
+  freeze_bn_stats: bool = False,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """Build `train_step(state, batch, rng) -> (state, metrics)` for one progressive stage.
 
   `model` is the stage's model (its dropout rate and compute dtype are baked in); `mixup_alpha`,
@@ -75,31 +83,39 @@ def make_train_step(model, tx: optax.GradientTransformation, *, num_classes: int
     labels = batch["label"]
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if mixing:
-      images, targets = mixing_lib.mix(mix_key, images, targets, mixup_alpha=mixup_alpha,
-                                       cutmix_alpha=cutmix_alpha)
+      images, targets = mixing_lib.mix(
+        mix_key, images, targets, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha
+      )
     targets = smooth_labels(targets.astype(jnp.float32), label_smoothing)
 
     def loss_fn(params):
       logits, new_vars = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-          rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        rngs={"dropout": dropout_key},
+        mutable=["batch_stats"],
+      )
       logits = logits.astype(jnp.float32)  # fp32 softmax/loss even when computing in bf16
       ce = jnp.mean(optax.softmax_cross_entropy(logits, targets))
       l2 = l2_penalty(params, weight_decay)
       # freeze_bn_stats (fine-tuning from pretrained weights on small data): batches are still
       # normalised by their own statistics, but the running statistics keep the pretrained values.
-      stats = state.batch_stats if freeze_bn_stats else new_vars.get("batch_stats",
-                                                                     state.batch_stats)
+      stats = (
+        state.batch_stats if freeze_bn_stats else new_vars.get("batch_stats", state.batch_stats)
+      )
       return ce + l2, (ce, l2, logits, stats)
 
-    (loss, (ce, l2, logits, new_batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, (ce, l2, logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+    )
     ok = jnp.isfinite(loss) & _all_finite(grads)
 
     # The global step drives the LR (optim.scale_by_step_schedule); plain optax transforms that
     # take no extra args are wrapped so they ignore it.
     updates, new_opt_state = optax.with_extra_args_support(tx).update(
-        grads, state.opt_state, state.params, step=state.step)
+      grads, state.opt_state, state.params, step=state.step
+    )
     new_params = optax.apply_updates(state.params, updates)
     # A finite gradient can still produce an overflowing update; never keep non-finite weights.
     ok = ok & _all_finite(new_params)
@@ -110,23 +126,30 @@ def make_train_step(model, tx: optax.GradientTransformation, *, num_classes: int
       # Decay from the pre-increment step, like TF's EMA with num_updates=global_step.
       d = ema_decay_at(state.step, ema_decay)
       avg = lambda e, x: (d * e + (1.0 - d) * x).astype(e.dtype)
-      new += (jax.tree.map(avg, state.ema_params, new_params),
-              jax.tree.map(avg, state.ema_batch_stats, new_batch_stats))
+      new += (
+        jax.tree.map(avg, state.ema_params, new_params),
+        jax.tree.map(avg, state.ema_batch_stats, new_batch_stats),
+      )
       old += (state.ema_params, state.ema_batch_stats)
     kept = _select(ok, new, old)
     params, batch_stats, opt_state = kept[:3]
     ema_params, ema_batch_stats = kept[3:] if len(kept) == 5 else (None, None)
 
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, ema_params=ema_params,
-                              ema_batch_stats=ema_batch_stats)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      ema_params=ema_params,
+      ema_batch_stats=ema_batch_stats,
+    )
     metrics = {
-        "loss": loss,
-        "ce_loss": ce,
-        "l2_loss": l2,
-        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-        "grad_norm": optax.global_norm(grads),
-        "bad_step": jnp.where(ok, 0.0, 1.0).astype(jnp.float32),
+      "loss": loss,
+      "ce_loss": ce,
+      "l2_loss": l2,
+      "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+      "grad_norm": optax.global_norm(grads),
+      "bad_step": jnp.where(ok, 0.0, 1.0).astype(jnp.float32),
     }
     if lr_fn is not None:
       metrics["learning_rate"] = jnp.asarray(lr_fn(state.step), jnp.float32)
@@ -158,10 +181,10 @@ def make_eval_step(model, *, num_classes: int) -> Callable[[dict, Batch], Metric
     safe_labels = jnp.where(valid, labels, 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
     return {
-        "top1_correct": jnp.sum(jnp.where(valid, top1 * mask, 0.0)),
-        "top5_correct": jnp.sum(jnp.where(valid, top5 * mask, 0.0)),
-        "loss_sum": jnp.sum(jnp.where(valid, ce * mask, 0.0)),
-        "count": jnp.sum(mask),
+      "top1_correct": jnp.sum(jnp.where(valid, top1 * mask, 0.0)),
+      "top5_correct": jnp.sum(jnp.where(valid, top5 * mask, 0.0)),
+      "loss_sum": jnp.sum(jnp.where(valid, ce * mask, 0.0)),
+      "count": jnp.sum(mask),
     }
 
   return eval_step

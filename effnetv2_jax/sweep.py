@@ -26,6 +26,7 @@ trials at once: for CPU or several GPUs of one host, not for a TPU slice, whose 
 hold every chip (run them one at a time there). DIR/sweep_results.md and .csv gather the final
 top-1/top-5, steps and wall time of every trial.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,7 @@ class SweepError(ValueError):
 
 
 # --- building the list of trials -----------------------------------------------------------------
+
 
 def product(**axes: Sequence[Any]) -> list[dict]:
   """Every combination of the axes' values (the first axis varies slowest)."""
@@ -85,12 +87,14 @@ def cross(*lists: Iterable[dict]) -> list[dict]:
 
 
 def _normalize_key(key: str) -> str:
-  return key[len("config."):] if key.startswith("config.") else key
+  return key[len("config.") :] if key.startswith("config.") else key
 
 
 def _normalize(trials: Any, source: str) -> list[dict]:
   if not isinstance(trials, (list, tuple)) or not all(isinstance(t, dict) for t in trials):
-    raise SweepError(f"{source}: the sweep must be a list of dicts of overrides, got {type(trials).__name__}")
+    raise SweepError(
+      f"{source}: the sweep must be a list of dicts of overrides, got {type(trials).__name__}"
+    )
   if not trials:
     raise SweepError(f"{source}: the sweep has no trials")
   return [{_normalize_key(str(k)): v for k, v in t.items()} for t in trials]
@@ -109,8 +113,9 @@ def spec_from_yaml_text(text: str, source: str = "<yaml>") -> list[dict]:
   try:
     import yaml  # optional: Python specs need nothing beyond the package
   except ImportError:
-    raise SweepError(f"{source}: YAML specs need PyYAML (pip install pyyaml), or write get_sweep() "
-                     "in a .py file") from None
+    raise SweepError(
+      f"{source}: YAML specs need PyYAML (pip install pyyaml), or write get_sweep() in a .py file"
+    ) from None
   doc = yaml.safe_load(text) or {}
   if not isinstance(doc, dict) or not set(doc) <= {"grid", "zip"} or not doc:
     raise SweepError(f"{source}: a YAML sweep is a mapping with 'grid:' and/or 'zip:' keys")
@@ -139,12 +144,15 @@ def load_spec(path: str) -> list[dict]:
 
 # --- checking overrides against the config -------------------------------------------------------
 
+
 def load_config(config_arg: str):
   """The ConfigDict of 'path/to/config.py[:arg]', imported the way ml_collections does it."""
   path, _, arg = config_arg.partition(":")
   if not os.path.isfile(path):
     raise SweepError(f"--config: {path!r} does not exist")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # so `from configs import ...` works
+  repo = os.path.dirname(
+    os.path.dirname(os.path.abspath(path))
+  )  # so `from configs import ...` works
   if repo not in sys.path:
     sys.path.insert(0, repo)
   module = _load_module(path, "_effnetv2_sweep_config")
@@ -154,12 +162,15 @@ def load_config(config_arg: str):
 def apply_override(config, key: str, value: Any) -> None:
   """Sets config.<key> = value in place; SweepError names the key when the field does not exist."""
   import ml_collections
+
   path = key.split(".")
   node = config
   for i, part in enumerate(path):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise SweepError(f"config.{key}: the config has no field {'.'.join(path[:i + 1])!r} "
-                       "(overrides must name existing fields; see configs/default.py)")
+      raise SweepError(
+        f"config.{key}: the config has no field {'.'.join(path[: i + 1])!r} "
+        "(overrides must name existing fields; see configs/default.py)"
+      )
     if i < len(path) - 1:
       node = node[part]
   leaf = path[-1]
@@ -179,6 +190,7 @@ def check_overrides(config, trials: Sequence[dict], base: dict | None = None) ->
 
 # --- trials: names, commands, running ------------------------------------------------------------
 
+
 def _fmt(value: Any) -> str:
   """A value as ml_collections' flag parser reads it back (tuples via literal_eval)."""
   if isinstance(value, bool):
@@ -196,8 +208,9 @@ def trial_name(overrides: dict) -> str:
   name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
   if len(name) > _MAX_NAME:  # keep it unique with a digest of the full overrides
     import hashlib
+
     digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()
-    name = name[:_MAX_NAME - 9] + "-" + digest[:8]
+    name = name[: _MAX_NAME - 9] + "-" + digest[:8]
   return name
 
 
@@ -212,13 +225,15 @@ def trial_names(trials: Sequence[dict]) -> list[str]:
 
 
 def trial_command(config_arg: str, workdir: str, overrides: dict, python: str = sys.executable):
-  return ([python, "-m", "effnetv2_jax.main", f"--config={config_arg}", f"--workdir={workdir}"]
-          + [f"--config.{k}={_fmt(v)}" for k, v in overrides.items()])
+  return [python, "-m", "effnetv2_jax.main", f"--config={config_arg}", f"--workdir={workdir}"] + [
+    f"--config.{k}={_fmt(v)}" for k, v in overrides.items()
+  ]
 
 
 def _exists(path: str) -> bool:
   if "://" in path:  # gs:// workdirs of TPU runs
     from etils import epath
+
     return epath.Path(path).exists()
   return os.path.exists(path)
 
@@ -226,6 +241,7 @@ def _exists(path: str) -> bool:
 def _read_json(path: str):
   if "://" in path:
     from etils import epath
+
     return json.loads(epath.Path(path).read_text())
   with open(path) as f:
     return json.load(f)
@@ -234,6 +250,7 @@ def _read_json(path: str):
 def _write_text(path: str, text: str) -> None:
   if "://" in path:
     from etils import epath
+
     epath.Path(path).write_text(text)
     return
   with open(path + ".tmp", "w") as f:
@@ -248,8 +265,9 @@ def _child_env(config_arg: str) -> dict:
   return env
 
 
-def run_trials(jobs: Sequence[tuple[str, list[str], str]], *, parallel: int, env: dict,
-               log=print) -> dict[str, int]:
+def run_trials(
+  jobs: Sequence[tuple[str, list[str], str]], *, parallel: int, env: dict, log=print
+) -> dict[str, int]:
   """Runs (name, argv, trial workdir) jobs, `parallel` at a time; returns name -> exit code."""
   pending, running, codes = list(jobs), {}, {}
   while pending or running:
@@ -260,24 +278,31 @@ def run_trials(jobs: Sequence[tuple[str, list[str], str]], *, parallel: int, env
       log_path = os.path.join(wd, "sweep.log") if "://" not in wd else os.devnull
       out = open(log_path, "ab")  # closed when the trial ends
       log(f"[sweep] start {name}")
-      running[name] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env),
-                       out, time.time())
+      running[name] = (
+        subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env),
+        out,
+        time.time(),
+      )
     time.sleep(0.2)
     for name, (proc, out, t0) in list(running.items()):
       if proc.poll() is None:
         continue
       out.close()
       codes[name] = proc.returncode
-      log(f"[sweep] {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'} "
-          f"{name} in {time.time() - t0:.0f} s")
+      log(
+        f"[sweep] {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'} "
+        f"{name} in {time.time() - t0:.0f} s"
+      )
       del running[name]
   return codes
 
 
 # --- the results table ---------------------------------------------------------------------------
 
-def gather(workdir: str, trials: Sequence[dict], names: Sequence[str],
-           codes: dict | None = None) -> tuple[list[str], list[list[str]]]:
+
+def gather(
+  workdir: str, trials: Sequence[dict], names: Sequence[str], codes: dict | None = None
+) -> tuple[list[str], list[list[str]]]:
   """Header and rows: one row per trial, from DIR/<name>/results.json where it exists."""
   keys = list(dict.fromkeys(k for t in trials for k in t))
   header = ["trial"] + keys + ["status", "step", "top1", "top5", "wall_s"]
@@ -288,9 +313,13 @@ def gather(workdir: str, trials: Sequence[dict], names: Sequence[str],
     if _exists(path):
       r = _read_json(path)
       ev = r.get("final_eval") or {}
-      cells += [str(r.get("status", "?")), str(r.get("step", "")),
-                f"{ev['top1']:.4f}" if "top1" in ev else "", f"{ev['top5']:.4f}" if "top5" in ev else "",
-                f"{r['total_wall_s']:.1f}" if "total_wall_s" in r else ""]
+      cells += [
+        str(r.get("status", "?")),
+        str(r.get("step", "")),
+        f"{ev['top1']:.4f}" if "top1" in ev else "",
+        f"{ev['top5']:.4f}" if "top5" in ev else "",
+        f"{r['total_wall_s']:.1f}" if "total_wall_s" in r else "",
+      ]
     else:
       code = (codes or {}).get(name)
       cells += ["not run" if code is None else f"failed (exit {code})", "", "", "", ""]
@@ -322,20 +351,31 @@ def write_tables(workdir: str, header, rows, title: str) -> tuple[str, str]:
 
 # --- command line --------------------------------------------------------------------------------
 
+
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog="python -m effnetv2_jax.sweep", description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True, help="config file[:args], as for effnetv2_jax.main")
-  parser.add_argument("--sweep", required=True, help="a .py file with get_sweep() or a .yaml grid/zip")
+  parser = argparse.ArgumentParser(
+    prog="python -m effnetv2_jax.sweep", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument(
+    "--config", required=True, help="config file[:args], as for effnetv2_jax.main"
+  )
+  parser.add_argument(
+    "--sweep", required=True, help="a .py file with get_sweep() or a .yaml grid/zip"
+  )
   parser.add_argument("--workdir", required=True, help="one subdirectory per trial goes here")
   parser.add_argument("--parallel", type=int, default=1, help="trials run at once (default 1)")
-  parser.add_argument("--dry_run", action="store_true", help="print the trial commands, run nothing")
+  parser.add_argument(
+    "--dry_run", action="store_true", help="print the trial commands, run nothing"
+  )
   args, rest = parser.parse_known_args(argv)
   base = {}
   for item in rest:  # --config.x=y applies to every trial
     key, sep, value = item.partition("=")
     if not (key.startswith("--config.") and sep):
-      raise SweepError(f"unexpected argument {item!r} (only --config.<field>=<value> passes through)")
-    base[key[len("--config."):]] = value
+      raise SweepError(
+        f"unexpected argument {item!r} (only --config.<field>=<value> passes through)"
+      )
+    base[key[len("--config.") :]] = value
   return args, base
 
 
@@ -361,19 +401,24 @@ def main(argv=None) -> int:
       skipped.append(name)
       continue
     jobs.append((name, trial_command(args.config, wd, t) + base_flags, wd))
-  print(f"[sweep] {len(trials)} trials, {len(skipped)} already finished, {len(jobs)} to run "
-        f"({args.parallel} at a time)", flush=True)
+  print(
+    f"[sweep] {len(trials)} trials, {len(skipped)} already finished, {len(jobs)} to run "
+    f"({args.parallel} at a time)",
+    flush=True,
+  )
   for name in skipped:
     print(f"[sweep] skip {name} (results.json exists)", flush=True)
   if args.dry_run:
     import shlex
+
     for _, argv_, _ in jobs:
       print(" ".join(shlex.quote(a) for a in argv_), flush=True)
     return 0
   if "://" not in args.workdir:
     os.makedirs(args.workdir, exist_ok=True)
-  codes = run_trials(jobs, parallel=args.parallel, env=_child_env(args.config),
-                     log=lambda m: print(m, flush=True))
+  codes = run_trials(
+    jobs, parallel=args.parallel, env=_child_env(args.config), log=lambda m: print(m, flush=True)
+  )
   header, rows = gather(args.workdir, trials, names, codes)
   title = f"Sweep of `{args.config}` over `{args.sweep}`"
   md, _ = write_tables(args.workdir, header, rows, title)
@@ -387,8 +432,10 @@ def config_get(config, key: str):
   node = config
   for part in key.split("."):
     if not hasattr(node, "keys") or part not in node:
-      raise SweepError(f"--config.{key}: the config has no field {part!r} (overrides must name "
-                       "existing fields; see configs/default.py)")
+      raise SweepError(
+        f"--config.{key}: the config has no field {part!r} (overrides must name "
+        "existing fields; see configs/default.py)"
+      )
     node = node[part]
   return node
 

@@ -16,6 +16,7 @@ until the file is deleted, as the error message says.
 Preemption: GCP sends SIGTERM about 30 s before it stops a VM. The handler only sets a flag; the
 training loop polls it once per step, saves the current step and returns (exit code 0).
 """
+
 from __future__ import annotations
 
 import json
@@ -88,19 +89,25 @@ class WorkdirLock:
     host = other.get("host")
     if other and host != socket.gethostname():
       raise WorkdirLockedError(
-          f"workdir {where} is locked by pid {other.get('pid')} on host "
-          f"{host} (since {other.get('start_time')}); if that run is gone, delete {self.path}")
+        f"workdir {where} is locked by pid {other.get('pid')} on host "
+        f"{host} (since {other.get('start_time')}); if that run is gone, delete {self.path}"
+      )
     if other and _holder_alive(other):
       raise WorkdirLockedError(
-          f"workdir {where} is in use by a running job: pid "
-          f"{other.get('pid')} on {host} since {other.get('start_time')}")
-    logging.warning("taking over stale lock %s (pid %s on %s is not running)", self.path,
-                    other.get("pid"), host)
+        f"workdir {where} is in use by a running job: pid "
+        f"{other.get('pid')} on {host} since {other.get('start_time')}"
+      )
+    logging.warning(
+      "taking over stale lock %s (pid %s on %s is not running)", self.path, other.get("pid"), host
+    )
 
   def _acquire_remote(self, info: dict) -> "WorkdirLock":
-    logging.warning("workdir %s is remote: its lock %s is advisory (no atomic create on object "
-                    "stores); do not start two runs on it at the same time", self.workdir,
-                    self.path)
+    logging.warning(
+      "workdir %s is remote: its lock %s is advisory (no atomic create on object "
+      "stores); do not start two runs on it at the same time",
+      self.workdir,
+      self.path,
+    )
     other = self._read()
     if other is not None:
       self._refuse_if_held(other, self.workdir)
@@ -112,9 +119,12 @@ class WorkdirLock:
     return self
 
   def acquire(self) -> "WorkdirLock":
-    info = {"pid": os.getpid(), "host": socket.gethostname(),
-            "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "proc_start": _proc_start(os.getpid())}
+    info = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "proc_start": _proc_start(os.getpid()),
+    }
     if self.remote:
       return self._acquire_remote(info)
     os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)

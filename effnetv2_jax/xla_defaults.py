@@ -24,29 +24,32 @@ The flags, and why (numbers in experiments/results/bench_train_step.md):
       and backward 48-69 -> 33 ms), so only dots and reductions stay with YNNPACK; taking those
       away too made the whole step 2.5x slower (reductions). Whole B0 step: +14-20%.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
 import os
 
-CPU_FLAGS = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',
-             '--xla_cpu_experimental_ynn_fusion_type=dot,reduce')
-SWITCH = 'EFFNETV2_JAX_XLA_DEFAULTS'
-_ACCELERATOR_DISTRIBUTIONS = ('jax-cuda', 'jax_cuda', 'jax-rocm', 'jax_rocm', 'libtpu')
+CPU_FLAGS = (
+  "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+  "--xla_cpu_experimental_ynn_fusion_type=dot,reduce",
+)
+SWITCH = "EFFNETV2_JAX_XLA_DEFAULTS"
+_ACCELERATOR_DISTRIBUTIONS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
 
 
 def _accelerator_plugin_installed() -> bool:
   for dist in importlib.metadata.distributions():
-    name = (dist.metadata['Name'] or '').lower()
+    name = (dist.metadata["Name"] or "").lower()
     if name.startswith(_ACCELERATOR_DISTRIBUTIONS):
       return True
   return False
 
 
 def _cpu_only(environ) -> bool:
-  platforms = environ.get('JAX_PLATFORMS', '').strip().lower()
+  platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
   if platforms:
-    return platforms == 'cpu'
+    return platforms == "cpu"
   return not _accelerator_plugin_installed()
 
 
@@ -56,16 +59,19 @@ def _known_to_xla(flags) -> tuple[str, ...]:
   import glob
   import importlib.util
   import mmap
-  spec = importlib.util.find_spec('jaxlib')
+
+  spec = importlib.util.find_spec("jaxlib")
   if not flags or spec is None or not spec.origin:
     return ()
-  names = {f: f.lstrip('-').split('=')[0].encode() for f in flags}
+  names = {f: f.lstrip("-").split("=")[0].encode() for f in flags}
   found = set()
   root = os.path.dirname(spec.origin)
-  for path in glob.glob(os.path.join(root, '*.so')) + glob.glob(os.path.join(root, '*', '*.so')):
+  for path in glob.glob(os.path.join(root, "*.so")) + glob.glob(os.path.join(root, "*", "*.so")):
     try:
-      with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        found.update(flag for flag, name in names.items() if flag not in found and m.find(name) >= 0)
+      with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        found.update(
+          flag for flag, name in names.items() if flag not in found and m.find(name) >= 0
+        )
     except (OSError, ValueError):  # unreadable, or empty (mmap of 0 bytes)
       continue
     if len(found) == len(names):
@@ -76,6 +82,7 @@ def _known_to_xla(flags) -> tuple[str, ...]:
 def _backend_started() -> bool:
   try:
     from jax._src import xla_bridge
+
     return bool(xla_bridge.backends_are_initialized())
   except Exception:  # private API moved: assume not started, the flags are then merely unused
     return False
@@ -83,10 +90,10 @@ def _backend_started() -> bool:
 
 def apply(environ=os.environ) -> tuple[str, ...]:
   """Adds the CPU defaults to environ['XLA_FLAGS'] where allowed; returns the flags it added."""
-  if environ.get(SWITCH, '1') == '0' or not _cpu_only(environ) or _backend_started():
+  if environ.get(SWITCH, "1") == "0" or not _cpu_only(environ) or _backend_started():
     return ()
-  current = environ.get('XLA_FLAGS', '')
-  added = _known_to_xla([f for f in CPU_FLAGS if f.split('=')[0] not in current])
+  current = environ.get("XLA_FLAGS", "")
+  added = _known_to_xla([f for f in CPU_FLAGS if f.split("=")[0] not in current])
   if added:
-    environ['XLA_FLAGS'] = ' '.join([current.strip(), *added]).strip()
+    environ["XLA_FLAGS"] = " ".join([current.strip(), *added]).strip()
   return added

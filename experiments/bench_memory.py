@@ -19,72 +19,94 @@ which the package now sets by default on CPU for speed too: effnetv2_jax/xla_def
 `--cpu-scheduler default` switches that off and keeps XLA's). GPU/TPU schedulers are memory-aware
 already.
 """
+
 import argparse
 import os
 import sys
 import time
 
-SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 from bench_train_step import build_jax_step  # noqa: E402
 
-MiB = 2.0 ** 20
+MiB = 2.0**20
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--model', default='efficientnetv2-s')
-  ap.add_argument('--batch', type=int, default=8)
-  ap.add_argument('--sizes', default='171,214,257,300', help='official S stage sizes')
-  ap.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
-  ap.add_argument('--cpu-scheduler', choices=('memory', 'default'), default='memory',
-                  help='memory: XLA:CPU without its concurrency-optimized scheduler (see above)')
-  ap.add_argument('--no-record', action='store_true')
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  ap.add_argument("--model", default="efficientnetv2-s")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--sizes", default="171,214,257,300", help="official S stage sizes")
+  ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+  ap.add_argument(
+    "--cpu-scheduler",
+    choices=("memory", "default"),
+    default="memory",
+    help="memory: XLA:CPU without its concurrency-optimized scheduler (see above)",
+  )
+  ap.add_argument("--no-record", action="store_true")
   args = ap.parse_args()
-  if args.cpu_scheduler == 'memory':  # before jax starts (build_jax_step imports it lazily)
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + SCHEDULER_FLAG).strip()
+  if args.cpu_scheduler == "memory":  # before jax starts (build_jax_step imports it lazily)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + SCHEDULER_FLAG).strip()
   else:  # the package would add the flag on import (effnetv2_jax/xla_defaults.py)
-    os.environ['EFFNETV2_JAX_XLA_DEFAULTS'] = '0'
+    os.environ["EFFNETV2_JAX_XLA_DEFAULTS"] = "0"
   rows = []
-  for size in [int(s) for s in args.sizes.split(',')]:
-    row = {'size': size}
+  for size in [int(s) for s in args.sizes.split(",")]:
+    row = {"size": size}
     for remat in (False, True):
-      compiled, *_, times = build_jax_step(args.model, args.batch, size, args.dtype,
-                                           {'remat': str(remat)})
+      compiled, *_, times = build_jax_step(
+        args.model, args.batch, size, args.dtype, {"remat": str(remat)}
+      )
       m = compiled.memory_analysis()
-      row[remat] = dict(temp=m.temp_size_in_bytes, args=m.argument_size_in_bytes,
-                        out=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
-                        compile_s=times['compile_s'])
-      print(size, 'remat' if remat else 'plain', row[remat], flush=True)
+      row[remat] = dict(
+        temp=m.temp_size_in_bytes,
+        args=m.argument_size_in_bytes,
+        out=m.output_size_in_bytes,
+        alias=m.alias_size_in_bytes,
+        compile_s=times["compile_s"],
+      )
+      print(size, "remat" if remat else "plain", row[remat], flush=True)
     rows.append(row)
-  lines = [f'### {args.model}, batch {args.batch}, {args.dtype}: train-step memory from XLA buffer '
-           'assignment', '',
-           f'`python experiments/bench_memory.py --model {args.model} --batch {args.batch} '
-           f'--sizes {args.sizes} --dtype {args.dtype} --cpu-scheduler {args.cpu_scheduler}`  ',
-           f'{time.strftime("%Y-%m-%d %H:%M")}, jax CPU backend, {args.cpu_scheduler} scheduler. temp = activations + scratch of '
-           'one step; state = arguments (params, RMSProp slots, EMA, BN stats, batch). Per image = '
-           'temp / batch.', '',
-           '| image size | temp MiB | per image MiB | temp MiB, remat | per image MiB, remat | remat saves | '
-           'state+batch MiB | compile s (plain / remat) |',
-           '|---|---|---|---|---|---|---|---|']
+  lines = [
+    f"### {args.model}, batch {args.batch}, {args.dtype}: train-step memory from XLA buffer "
+    "assignment",
+    "",
+    f"`python experiments/bench_memory.py --model {args.model} --batch {args.batch} "
+    f"--sizes {args.sizes} --dtype {args.dtype} --cpu-scheduler {args.cpu_scheduler}`  ",
+    f"{time.strftime('%Y-%m-%d %H:%M')}, jax CPU backend, {args.cpu_scheduler} scheduler. temp = activations + scratch of "
+    "one step; state = arguments (params, RMSProp slots, EMA, BN stats, batch). Per image = "
+    "temp / batch.",
+    "",
+    "| image size | temp MiB | per image MiB | temp MiB, remat | per image MiB, remat | remat saves | "
+    "state+batch MiB | compile s (plain / remat) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     a, b = r[False], r[True]
-    lines.append(f'| {r["size"]} | {a["temp"] / MiB:.0f} | {a["temp"] / MiB / args.batch:.1f} | '
-                 f'{b["temp"] / MiB:.0f} | {b["temp"] / MiB / args.batch:.1f} | '
-                 f'{1 - b["temp"] / a["temp"]:.0%} | {a["args"] / MiB:.0f} | '
-                 f'{a["compile_s"]:.0f} / {b["compile_s"]:.0f} |')
-  text = '\n'.join(lines) + '\n'
+    lines.append(
+      f"| {r['size']} | {a['temp'] / MiB:.0f} | {a['temp'] / MiB / args.batch:.1f} | "
+      f"{b['temp'] / MiB:.0f} | {b['temp'] / MiB / args.batch:.1f} | "
+      f"{1 - b['temp'] / a['temp']:.0%} | {a['args'] / MiB:.0f} | "
+      f"{a['compile_s']:.0f} / {b['compile_s']:.0f} |"
+    )
+  text = "\n".join(lines) + "\n"
   print(text)
   if not args.no_record:
     import plotting
+
     plotting.append_record(
-        'bench_memory.md', '# Peak train-step memory per image, with and without rematerialisation\n\n'
-        'Written by `experiments/bench_memory.py` (see its docstring).', text)
+      "bench_memory.md",
+      "# Peak train-step memory per image, with and without rematerialisation\n\n"
+      "Written by `experiments/bench_memory.py` (see its docstring).",
+      text,
+    )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

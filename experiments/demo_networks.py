@@ -10,6 +10,7 @@ proxy for the 15-minute progressive demo: one epoch is 3-9 minutes here instead 
 one after another (timings need the two cores to themselves); a finished probe is skipped on a
 re-run. Writes experiments/results/demo_networks.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,16 +29,18 @@ from experiments import plotting  # noqa: E402
 
 # name -> (network in configs.demo.NETWORKS, extra config overrides)
 PROBES = {
-    "v2-stem2": ("v2-stem2", {"lr_per_256": 0.016}),
-    "v2-stem2, adamw": ("v2-stem2", {"lr_per_256": 0.004, "optimizer": "adamw",
-                                     "weight_decay": 0.05}),
-    "v2-stem2, sgd": ("v2-stem2", {"lr_per_256": 0.2, "optimizer": "sgd"}),
-    "v2-stem2, lr 0.048": ("v2-stem2", {"lr_per_256": 0.048}),
-    "v2-stem2-late-stride": ("v2-stem2-late-stride", {"lr_per_256": 0.016}),
-    "v2-stem2-wide": ("v2-stem2-wide", {"lr_per_256": 0.016}),
-    "v2-deep-fused": ("v2-deep-fused", {"lr_per_256": 0.016}),
-    "v2, lr 0.048": ("v2", {"lr_per_256": 0.048}),
-    "v2-stem2-body-fullres-stem, lr 0.048": ("v2-stem2-body-fullres-stem", {"lr_per_256": 0.048}),
+  "v2-stem2": ("v2-stem2", {"lr_per_256": 0.016}),
+  "v2-stem2, adamw": (
+    "v2-stem2",
+    {"lr_per_256": 0.004, "optimizer": "adamw", "weight_decay": 0.05},
+  ),
+  "v2-stem2, sgd": ("v2-stem2", {"lr_per_256": 0.2, "optimizer": "sgd"}),
+  "v2-stem2, lr 0.048": ("v2-stem2", {"lr_per_256": 0.048}),
+  "v2-stem2-late-stride": ("v2-stem2-late-stride", {"lr_per_256": 0.016}),
+  "v2-stem2-wide": ("v2-stem2-wide", {"lr_per_256": 0.016}),
+  "v2-deep-fused": ("v2-deep-fused", {"lr_per_256": 0.016}),
+  "v2, lr 0.048": ("v2", {"lr_per_256": 0.048}),
+  "v2-stem2-body-fullres-stem, lr 0.048": ("v2-stem2-body-fullres-stem", {"lr_per_256": 0.048}),
 }
 
 
@@ -47,9 +50,16 @@ def run_probe(name, workdir, epochs):
   wd = os.path.join(workdir, f"{epochs:g}ep", name.replace(", ", "_").replace(" ", ""))
   results = os.path.join(wd, "results.json")
   if not os.path.exists(results):
-    cmd = [sys.executable, "-m", "effnetv2_jax.main", f"--config=configs/demo.py:model={network}",
-           f"--workdir={wd}", "--config.progressive.preset=none", f"--config.num_epochs={epochs}",
-           "--config.ema_decay=0.999"]  # the EMA the probes were recorded with (the demo's is now 0.998)
+    cmd = [
+      sys.executable,
+      "-m",
+      "effnetv2_jax.main",
+      f"--config=configs/demo.py:model={network}",
+      f"--workdir={wd}",
+      "--config.progressive.preset=none",
+      f"--config.num_epochs={epochs}",
+      "--config.ema_decay=0.999",
+    ]  # the EMA the probes were recorded with (the demo's is now 0.998)
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
     print("running:", " ".join(cmd[1:]), flush=True)
     os.makedirs(wd, exist_ok=True)
@@ -63,8 +73,11 @@ def run_probe(name, workdir, epochs):
     out = json.load(f)
   # The load when it started, and a note left beside its results by hand (caveat.txt), if any.
   read = lambda n: open(os.path.join(wd, n)).read().strip()
-  out["notes"] = ([f"load {read('load_at_start.txt')} at start"]
-                  if os.path.exists(os.path.join(wd, "load_at_start.txt")) else [])
+  out["notes"] = (
+    [f"load {read('load_at_start.txt')} at start"]
+    if os.path.exists(os.path.join(wd, "load_at_start.txt"))
+    else []
+  )
   out["notes"] += [read("caveat.txt")] if os.path.exists(os.path.join(wd, "caveat.txt")) else []
   return out
 
@@ -83,17 +96,30 @@ def main(argv=None):
     macs = models.count_macs("efficientnetv2-b0", 28, **ov) / 1e6
     top1, wall = r["final_eval"]["top1"], r["total_wall_s"]
     img_s = plotting.stage_speeds(r)[-1]  # the only stage: no stage-end eval in its wall time
-    rows.append([name, f"{macs:.1f}", ", ".join(f"{k}={v}" for k, v in overrides.items()),
-                 f"{top1:.4f}", f"{wall:.0f}", f"{img_s:.0f}", "; ".join(r["notes"])])
+    rows.append(
+      [
+        name,
+        f"{macs:.1f}",
+        ", ".join(f"{k}={v}" for k, v in overrides.items()),
+        f"{top1:.4f}",
+        f"{wall:.0f}",
+        f"{img_s:.0f}",
+        "; ".join(r["notes"]),
+      ]
+    )
   cmd = "python experiments/demo_networks.py " + " ".join(sys.argv[1:] if argv is None else argv)
   table = plotting.markdown_table(
-      ["probe", "MMACs/img @28", "overrides", "top-1", "wall s", "train img/s", "note"], rows)
-  text = (f"# Demo network probes: {args.epochs:g} epoch(s) at a fixed 28 px\n\n"
-          f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}; load average at the end "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}). Every probe is configs/demo.py with "
-          "progressive.preset=none (the final size and regularization: RandAugment 4, dropout 0.1), "
-          "RMSProp unless named, batch 128. Wall time includes compiling and the final eval.\n\n"
-          + table + "\n")
+    ["probe", "MMACs/img @28", "overrides", "top-1", "wall s", "train img/s", "note"], rows
+  )
+  text = (
+    f"# Demo network probes: {args.epochs:g} epoch(s) at a fixed 28 px\n\n"
+    f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}; load average at the end "
+    f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}). Every probe is configs/demo.py with "
+    "progressive.preset=none (the final size and regularization: RandAugment 4, dropout 0.1), "
+    "RMSProp unless named, batch 128. Wall time includes compiling and the final eval.\n\n"
+    + table
+    + "\n"
+  )
   print(plotting.write_text("demo_networks.md", text))
   return 0
 

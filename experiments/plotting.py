@@ -4,6 +4,7 @@ read a training run's results.json, and plot.
 matplotlib is optional (`pip install -e .[experiments]`): without it `bar_plot`/`line_plot` print
 one message and return None, and the scripts still write their tables.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,12 +46,13 @@ def read_markdown_table(name: str) -> list[dict]:
   with open(os.path.join(RESULTS_DIR, name)) as f:
     lines = [line.strip() for line in f]
   cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
-  starts = [i for i in range(len(lines) - 1)
-            if lines[i].startswith("|") and lines[i + 1].startswith("|---")]
+  starts = [
+    i for i in range(len(lines) - 1) if lines[i].startswith("|") and lines[i + 1].startswith("|---")
+  ]
   if not starts:
     raise ValueError(f"{name}: no markdown table")
   header, rows = cells(lines[starts[-1]]), []
-  for line in lines[starts[-1] + 2:]:
+  for line in lines[starts[-1] + 2 :]:
     if not line.startswith("|"):
       break
     rows.append(dict(zip(header, cells(line))))
@@ -69,8 +71,11 @@ def leading_number(cell: str) -> float:
 
 def short_model_name(name: str) -> str:
   """'efficientnetv2-s' -> 'V2-s', 'efficientnet-b7' -> 'V1-b7', 'resnet50' -> 'ResNet50': axis labels."""
-  return name.replace("efficientnetv2-", "V2-").replace("efficientnet-", "V1-").replace(
-      "resnet", "ResNet")
+  return (
+    name.replace("efficientnetv2-", "V2-")
+    .replace("efficientnet-", "V1-")
+    .replace("resnet", "ResNet")
+  )
 
 
 def stage_speeds(results: dict) -> list:
@@ -88,12 +93,17 @@ def stage_speeds(results: dict) -> list:
 def _pyplot():
   try:
     import matplotlib
+
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
+
     return plt
   except ImportError:
-    print("matplotlib is not installed (pip install -e .[experiments]): table only, no plot",
-          file=sys.stderr, flush=True)
+    print(
+      "matplotlib is not installed (pip install -e .[experiments]): table only, no plot",
+      file=sys.stderr,
+      flush=True,
+    )
     return None
 
 
@@ -108,8 +118,9 @@ def _save(plt, fig, name: str, *, laid_out: bool = False) -> str:
   return path
 
 
-def bar_plot(name: str, labels, series: dict, *, title: str, ylabels: dict | None = None,
-             log=False):
+def bar_plot(
+  name: str, labels, series: dict, *, title: str, ylabels: dict | None = None, log=False
+):
   """One subplot per series (e.g. params, MACs, imgs/s), bars per label; PNG path or None.
   A series is a list, or (measured, paper) with NaN where the paper gives no number.
   `log`: True for log y axes everywhere, or the series keys that get one."""
@@ -126,8 +137,12 @@ def bar_plot(name: str, labels, series: dict, *, title: str, ylabels: dict | Non
       ax.plot(range(len(labels)), values[1], "o", color="tab:red", label="paper")
       ax.legend(fontsize=7)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=8, rotation=60 if len(labels) > 8 else 0,
-                       ha="right" if len(labels) > 8 else "center")
+    ax.set_xticklabels(
+      labels,
+      fontsize=8,
+      rotation=60 if len(labels) > 8 else 0,
+      ha="right" if len(labels) > 8 else "center",
+    )
     if key in log_keys:
       ax.set_yscale("log")
     ax.set_title((ylabels or {}).get(key, key), fontsize=9)
@@ -135,15 +150,17 @@ def bar_plot(name: str, labels, series: dict, *, title: str, ylabels: dict | Non
   return _save(plt, fig, name)
 
 
-def line_plot(name: str, panels: dict, *, title: str, xlabel: str, ylabel: str,
-              sharey: bool = False):
+def line_plot(
+  name: str, panels: dict, *, title: str, xlabel: str, ylabel: str, sharey: bool = False
+):
   """panels: panel title -> {(series, run): (xs, ys)}; one subplot per panel, one colour per series,
   one marker per run (e.g. seeds), the legend under the plots; PNG path or None."""
   plt = _pyplot()
   if plt is None:
     return None
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False,
-                           sharey=sharey)
+  fig, axes = plt.subplots(
+    1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False, sharey=sharey
+  )
   series = list(dict.fromkeys(s for curves in panels.values() for s, _ in curves))
   runs = list(dict.fromkeys(r for curves in panels.values() for _, r in curves))
   colours = {s: f"C{i % 10}" for i, s in enumerate(series)}
@@ -158,10 +175,12 @@ def line_plot(name: str, panels: dict, *, title: str, xlabel: str, ylabel: str,
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel(ylabel)
   handles = [plt.Line2D([], [], color=colours[s], label=s) for s in series]
-  handles += [plt.Line2D([], [], color="grey", marker=markers[r], linestyle="", label=r)
-              for r in runs]
-  fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8,
-             frameon=False)
+  handles += [
+    plt.Line2D([], [], color="grey", marker=markers[r], linestyle="", label=r) for r in runs
+  ]
+  fig.legend(
+    handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False
+  )
   fig.suptitle(title, fontsize=10)
   fig.tight_layout(rect=(0, 0.06 * (1 + len(handles) // 4), 1, 1))
   return _save(plt, fig, name, laid_out=True)

@@ -18,6 +18,7 @@ split into depthwise (weight [C, 1, k, k]) and dense by their recorded input sha
 Thunks can overlap on the two cores, so the summed times can exceed the wall time per step; both
 are shown. Appends to experiments/results/profile_train_step.md unless --no-record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,51 +33,58 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, 'experiments')
+EXP = os.path.join(ROOT, "experiments")
 sys.path[:0] = [ROOT, EXP]
 
 # (component, predicate on the op_name path), first match wins.
 COMPONENTS = (
-    ('squeeze-excite', lambda p: '/se/' in p),
-    ('depthwise conv', lambda p: '/dw/conv' in p),
-    ('batch norm', lambda p: '/bn/' in p or '/bn' == p[-3:]),
-    ('dense conv (stem, expand, project, head)', lambda p: 'conv_general_dilated' in p or '/conv/' in p),
-    ('dropout, drop-path', lambda p: 'drop_path' in p or 'Dropout' in p),
-    ('activation (swish)', lambda p: re.search(r'/(logistic|mul|neg|exp)(\b|$)', p) is not None
-     and ('jvp(' in p or 'transpose(' in p)),
-    ('classifier, loss', lambda p: 'Dense' in p or 'log_softmax' in p or 'softmax' in p),
+  ("squeeze-excite", lambda p: "/se/" in p),
+  ("depthwise conv", lambda p: "/dw/conv" in p),
+  ("batch norm", lambda p: "/bn/" in p or "/bn" == p[-3:]),
+  (
+    "dense conv (stem, expand, project, head)",
+    lambda p: "conv_general_dilated" in p or "/conv/" in p,
+  ),
+  ("dropout, drop-path", lambda p: "drop_path" in p or "Dropout" in p),
+  (
+    "activation (swish)",
+    lambda p: (
+      re.search(r"/(logistic|mul|neg|exp)(\b|$)", p) is not None
+      and ("jvp(" in p or "transpose(" in p)
+    ),
+  ),
+  ("classifier, loss", lambda p: "Dense" in p or "log_softmax" in p or "softmax" in p),
 )
 
 
 def classify(op_name: str) -> tuple[str, str]:
-  if 'transpose(' in op_name:
-    phase = 'backward'
-  elif 'jvp(' in op_name:
-    phase = 'forward'
+  if "transpose(" in op_name:
+    phase = "backward"
+  elif "jvp(" in op_name:
+    phase = "forward"
   else:
-    phase = 'update'
+    phase = "update"
   for name, pred in COMPONENTS:
     if pred(op_name):
       return name, phase
-  return ('other model ops' if phase != 'update'
-          else 'optimizer, EMA, guard, BN stats'), phase
+  return ("other model ops" if phase != "update" else "optimizer, EMA, guard, BN stats"), phase
 
 
 def classify_unsourced(hlo_op: str) -> tuple[str, str]:
   """Instructions XLA created without source metadata: layout copies and transposes (of weights and
   activations), and the weight-gradient convolutions."""
-  base = hlo_op.split('.')[0]
-  if base.startswith('copy') or 'transpose' in base:
-    return 'layout copies, transposes (XLA-inserted)', 'no source'
-  if base.startswith('convolution'):
-    return 'dense conv (stem, expand, project, head)', 'backward'
-  return 'unattributed XLA ops', 'no source'
+  base = hlo_op.split(".")[0]
+  if base.startswith("copy") or "transpose" in base:
+    return "layout copies, transposes (XLA-inserted)", "no source"
+  if base.startswith("convolution"):
+    return "dense conv (stem, expand, project, head)", "backward"
+  return "unattributed XLA ops", "no source"
 
 
-_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\(')
-_CALLS = re.compile(r'calls=%?([\w.\-]+)')
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OPNAME = re.compile(r'op_name="([^"]*)"')
-_COMP = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
 
 def hlo_op_names(hlo_text: str) -> dict:
@@ -85,7 +93,7 @@ def hlo_op_names(hlo_text: str) -> dict:
   comp = None
   for line in hlo_text.splitlines():
     m = _COMP.match(line)
-    if m and '=' not in line.split('{')[0]:
+    if m and "=" not in line.split("{")[0]:
       comp = m.group(1)
       continue
     m = _INSTR.match(line)
@@ -110,45 +118,59 @@ def hlo_op_names(hlo_text: str) -> dict:
 def profile_jax(args) -> dict:
   import jax
   from bench_train_step import build_jax_step, jax_runner
-  compiled, state, data, rng, times = build_jax_step(args.model, args.batch, args.image_size,
-                                                     args.dtype)
+
+  compiled, state, data, rng, times = build_jax_step(
+    args.model, args.batch, args.image_size, args.dtype
+  )
   names = hlo_op_names(compiled.as_text())
   run = jax_runner(compiled, state, data, rng)
   run(2)
-  trace_dir = tempfile.mkdtemp(prefix='jaxprof-')
+  trace_dir = tempfile.mkdtemp(prefix="jaxprof-")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     t0 = time.perf_counter()
     run(args.steps)
     wall = (time.perf_counter() - t0) / args.steps  # not counting the trace's start and write-out
-  path = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)[0]
+  path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
   with gzip.open(path) as f:
-    events = json.load(f)['traceEvents']
+    events = json.load(f)["traceEvents"]
   table = collections.Counter()
   unmapped = 0.0
   for e in events:
-    a = e.get('args') or {}
-    if e.get('ph') != 'X' or 'hlo_op' not in a or 'train_step' not in a.get('hlo_module', ''):
+    a = e.get("args") or {}
+    if e.get("ph") != "X" or "hlo_op" not in a or "train_step" not in a.get("hlo_module", ""):
       continue
-    op = names.get(a['hlo_op'])
-    key = classify(op) if op is not None else classify_unsourced(a['hlo_op'])
+    op = names.get(a["hlo_op"])
+    key = classify(op) if op is not None else classify_unsourced(a["hlo_op"])
     if op is None:
-      unmapped += e['dur']
-    table[key] += e['dur'] / 1e6 / args.steps
-  return {'wall_s': wall, 'table': table, 'unmapped_s': unmapped / 1e6 / args.steps,
-          'compile_s': times['compile_s'], 'version': f'jax {jax.__version__}'}
+      unmapped += e["dur"]
+    table[key] += e["dur"] / 1e6 / args.steps
+  return {
+    "wall_s": wall,
+    "table": table,
+    "unmapped_s": unmapped / 1e6 / args.steps,
+    "compile_s": times["compile_s"],
+    "version": f"jax {jax.__version__}",
+  }
 
 
 def profile_timm(args) -> dict:
   import torch
   from bench_train_step import TIMM_NAMES, NUM_CLASSES, DROPOUT, _stub_torchvision
+
   _stub_torchvision()
   import timm
   from torch.profiler import ProfilerActivity, profile
-  model = timm.create_model(TIMM_NAMES[args.model], num_classes=NUM_CLASSES,
-                            drop_rate=DROPOUT.get(args.model, 0.2), drop_path_rate=0.2)
+
+  model = timm.create_model(
+    TIMM_NAMES[args.model],
+    num_classes=NUM_CLASSES,
+    drop_rate=DROPOUT.get(args.model, 0.2),
+    drop_path_rate=0.2,
+  )
   model.train()
-  opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-3, momentum=0.9,
-                            weight_decay=1e-5)
+  opt = torch.optim.RMSprop(
+    model.parameters(), lr=1e-3, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5
+  )
   loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
   x = torch.randn(args.batch, 3, args.image_size, args.image_size)
   y = torch.randint(0, NUM_CLASSES, (args.batch,))
@@ -157,11 +179,11 @@ def profile_timm(args) -> dict:
 
   def step():
     opt.zero_grad(set_to_none=True)
-    with record_function('phase:forward'):
+    with record_function("phase:forward"):
       loss = loss_fn(model(x), y)
-    with record_function('phase:backward'):
+    with record_function("phase:backward"):
       loss.backward()
-    with record_function('phase:update'):
+    with record_function("phase:update"):
       opt.step()
 
   for _ in range(2):
@@ -174,69 +196,89 @@ def profile_timm(args) -> dict:
   table = collections.Counter()
   for ev in prof.events():
     secs = ev.self_cpu_time_total / 1e6 / args.steps
-    if secs <= 0 or ev.key.startswith('phase:'):
+    if secs <= 0 or ev.key.startswith("phase:"):
       continue
-    phase, up = 'other', ev.cpu_parent
+    phase, up = "other", ev.cpu_parent
     while up is not None:
-      if up.key.startswith('phase:'):
-        phase = up.key[len('phase:'):]
+      if up.key.startswith("phase:"):
+        phase = up.key[len("phase:") :]
         break
       up = up.cpu_parent
     table[(_timm_component(ev.key, ev.input_shapes or [], phase), phase)] += secs
-  return {'wall_s': wall, 'table': table, 'version': f'torch {torch.__version__}, timm {timm.__version__}'}
+  return {
+    "wall_s": wall,
+    "table": table,
+    "version": f"torch {torch.__version__}, timm {timm.__version__}",
+  }
 
 
 def _timm_component(name: str, shapes, phase: str) -> str:
   """An aten op -> the component names used for jax; convolutions split by their weight shape."""
+
   def depthwise(weight_index):
-    return (len(shapes) > weight_index and len(shapes[weight_index]) == 4
-            and shapes[weight_index][1] == 1)
-  if phase == 'update':
-    return 'optimizer, EMA, guard, BN stats'
-  if 'convolution_backward' in name:
-    return 'depthwise conv' if depthwise(2) else 'dense conv (stem, expand, project, head)'
-  if 'conv' in name:
-    return 'depthwise conv' if depthwise(1) else 'dense conv (stem, expand, project, head)'
-  if 'batch_norm' in name:
-    return 'batch norm'
-  if 'silu' in name or 'sigmoid' in name:
-    return 'activation (swish), SE gate'
-  if name in ('aten::mm', 'aten::addmm', 'aten::log_softmax', 'aten::_log_softmax') or 'nll' in name:
-    return 'classifier, loss'
-  return 'other model ops'
+    return (
+      len(shapes) > weight_index and len(shapes[weight_index]) == 4 and shapes[weight_index][1] == 1
+    )
+
+  if phase == "update":
+    return "optimizer, EMA, guard, BN stats"
+  if "convolution_backward" in name:
+    return "depthwise conv" if depthwise(2) else "dense conv (stem, expand, project, head)"
+  if "conv" in name:
+    return "depthwise conv" if depthwise(1) else "dense conv (stem, expand, project, head)"
+  if "batch_norm" in name:
+    return "batch norm"
+  if "silu" in name or "sigmoid" in name:
+    return "activation (swish), SE gate"
+  if (
+    name in ("aten::mm", "aten::addmm", "aten::log_softmax", "aten::_log_softmax") or "nll" in name
+  ):
+    return "classifier, loss"
+  return "other model ops"
 
 
 def render(args, jax_res, timm_res) -> str:
-  lines = [f'### {args.model}, batch {args.batch} at {args.image_size}px, {args.dtype}', '',
-           f'`python experiments/profile_train_step.py {" ".join(sys.argv[1:])}`  ',
-           f'{time.strftime("%Y-%m-%d %H:%M")}, load average {" ".join(f"{x:.2f}" for x in os.getloadavg())}; '
-           f'{args.steps} traced steps after 2 warm-up steps. Seconds per step of summed op time '
-           '(ops may overlap on the 2 cores).', '']
-  for label, res in (('jax (XLA:CPU thunks)', jax_res), ('timm (torch self CPU time)', timm_res)):
+  lines = [
+    f"### {args.model}, batch {args.batch} at {args.image_size}px, {args.dtype}",
+    "",
+    f"`python experiments/profile_train_step.py {' '.join(sys.argv[1:])}`  ",
+    f"{time.strftime('%Y-%m-%d %H:%M')}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+    f"{args.steps} traced steps after 2 warm-up steps. Seconds per step of summed op time "
+    "(ops may overlap on the 2 cores).",
+    "",
+  ]
+  for label, res in (("jax (XLA:CPU thunks)", jax_res), ("timm (torch self CPU time)", timm_res)):
     if not res:
       continue
-    total = sum(res['table'].values())
-    lines += [f'**{label}**, {res["version"]}: wall {res["wall_s"]:.3f} s/step '
-              f'({args.batch / res["wall_s"]:.1f} img/s), summed op time {total:.3f} s'
-              + (f' ({res["unmapped_s"]:.3f} s of it in XLA-created ops without source metadata)'
-                 if res.get('unmapped_s') else ''), '',
-              '| component | phase | s/step | share |', '|---|---|---|---|']
-    for (comp, phase), secs in sorted(res['table'].items(), key=lambda kv: -kv[1]):
+    total = sum(res["table"].values())
+    lines += [
+      f"**{label}**, {res['version']}: wall {res['wall_s']:.3f} s/step "
+      f"({args.batch / res['wall_s']:.1f} img/s), summed op time {total:.3f} s"
+      + (
+        f" ({res['unmapped_s']:.3f} s of it in XLA-created ops without source metadata)"
+        if res.get("unmapped_s")
+        else ""
+      ),
+      "",
+      "| component | phase | s/step | share |",
+      "|---|---|---|---|",
+    ]
+    for (comp, phase), secs in sorted(res["table"].items(), key=lambda kv: -kv[1]):
       if secs >= 0.0005:
-        lines.append(f'| {comp} | {phase} | {secs:.4f} | {secs / total:.1%} |')
-    lines.append('')
-  return '\n'.join(lines) + '\n'
+        lines.append(f"| {comp} | {phase} | {secs:.4f} | {secs / total:.1%} |")
+    lines.append("")
+  return "\n".join(lines) + "\n"
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--model', default='efficientnetv2-b0')
-  ap.add_argument('--batch', type=int, default=32)
-  ap.add_argument('--image-size', type=int, default=128)
-  ap.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
-  ap.add_argument('--steps', type=int, default=3)
-  ap.add_argument('--no-timm', action='store_true')
-  ap.add_argument('--no-record', action='store_true')
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default="efficientnetv2-b0")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--image-size", type=int, default=128)
+  ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--no-timm", action="store_true")
+  ap.add_argument("--no-record", action="store_true")
   args = ap.parse_args()
   jax_res = profile_jax(args)
   timm_res = None
@@ -244,16 +286,19 @@ def main():
     try:
       timm_res = profile_timm(args)
     except ImportError as e:
-      print(f'timm not profiled: {e}', file=sys.stderr)
+      print(f"timm not profiled: {e}", file=sys.stderr)
   text = render(args, jax_res, timm_res)
   print(text)
   if not args.no_record:
     import plotting
+
     plotting.append_record(
-        'profile_train_step.md',
-        '# Where the train step spends its time: effnetv2_jax vs timm on this CPU\n\n'
-        'Written by `experiments/profile_train_step.py` (see its docstring).', text)
+      "profile_train_step.md",
+      "# Where the train step spends its time: effnetv2_jax vs timm on this CPU\n\n"
+      "Written by `experiments/profile_train_step.py` (see its docstring).",
+      text,
+    )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -23,6 +23,7 @@ experiments/results/progressive_ablation[_quick].md and .png (top-1 at stage end
 elapsed time). Finished trials are skipped on a re-run (the sweep runner's rule), so an
 interrupted ablation continues where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,16 @@ from experiments import plotting  # noqa: E402
 # curves and the "s to reach" column. `v2-stem2` is the demo network and learning rate before the
 # demo moved to a full-resolution stem (demo v5). Both it and the ResNet keep the learning rate,
 # first stage size (16 px) and EMA (0.999) they were recorded with; the demo has since moved on.
-RECORDED = {"eval_every_stage": True, "lr_per_256": 0.016, "progressive.min_image_size": 16,
-            "ema_decay": 0.999}
+RECORDED = {
+  "eval_every_stage": True,
+  "lr_per_256": 0.016,
+  "progressive.min_image_size": 16,
+  "ema_decay": 0.999,
+}
 MODELS = {
-    "v2": ("configs/demo.py", {"eval_every_stage": True}),
-    "v2-stem2": ("configs/demo.py:model=v2-stem2", RECORDED),
-    "resnet": ("configs/demo.py:model=resnet", RECORDED),
+  "v2": ("configs/demo.py", {"eval_every_stage": True}),
+  "v2-stem2": ("configs/demo.py:model=v2-stem2", RECORDED),
+  "resnet": ("configs/demo.py:model=resnet", RECORDED),
 }
 QUICK_EPOCHS = 0.5
 # The paper's Table 12 claims (ImageNet, reference section 6) shown beside the toy result.
@@ -58,25 +63,33 @@ def arms(config) -> dict:
   min to its max, so only the image size moves."""
   p = config.progressive
   return {
-      "fixed": {"progressive.preset": "none"},
-      "progressive, constant reg": {
-          "progressive.preset": "paper", "progressive.min_randaug": float(p.max_randaug),
-          "progressive.min_mixup": float(p.max_mixup), "progressive.min_cutmix": float(p.max_cutmix),
-          "progressive.min_dropout": float(p.max_dropout)},
-      "progressive, adaptive": {"progressive.preset": "paper"},
-      "official, adaptive": {"progressive.preset": "official"},
+    "fixed": {"progressive.preset": "none"},
+    "progressive, constant reg": {
+      "progressive.preset": "paper",
+      "progressive.min_randaug": float(p.max_randaug),
+      "progressive.min_mixup": float(p.max_mixup),
+      "progressive.min_cutmix": float(p.max_cutmix),
+      "progressive.min_dropout": float(p.max_dropout),
+    },
+    "progressive, adaptive": {"progressive.preset": "paper"},
+    "official, adaptive": {"progressive.preset": "official"},
   }
 
 
 # Short names for --arms.
-ARM_KEYS = {"fixed": "fixed", "const": "progressive, constant reg",
-            "adaptive": "progressive, adaptive", "official": "official, adaptive"}
+ARM_KEYS = {
+  "fixed": "fixed",
+  "const": "progressive, constant reg",
+  "adaptive": "progressive, adaptive",
+  "official": "official, adaptive",
+}
 
 
 def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | None, only=None):
   """Runs (or resumes) the arms (`only`: names, default all) x seeds of one model;
   -> ({(arm, seed): results.json or None}, config)."""
   from effnetv2_jax import sweep
+
   config_arg, fixed = MODELS[model]
   config = sweep.load_config(os.path.join(REPO, config_arg))
   for key, value in fixed.items():
@@ -92,8 +105,15 @@ def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | No
   spec = os.path.join(workdir, "spec.py")
   with open(spec, "w") as f:
     f.write(f"def get_sweep():\n  return {trials!r}\n")
-  argv = [sys.executable, "-m", "effnetv2_jax.sweep", f"--config={config_arg}", f"--sweep={spec}",
-          f"--workdir={workdir}", f"--config.num_epochs={epochs}"]
+  argv = [
+    sys.executable,
+    "-m",
+    "effnetv2_jax.sweep",
+    f"--config={config_arg}",
+    f"--sweep={spec}",
+    f"--workdir={workdir}",
+    f"--config.num_epochs={epochs}",
+  ]
   argv += [f"--config.{k}={v}" for k, v in fixed.items()]
   if data_dir:
     argv.append(f"--config.data_dir={data_dir}")
@@ -128,8 +148,9 @@ def summarize(model, results):
   for arm, runs in by_arm.items():
     done = [(s, r) for s, r in runs if r]
     if not done:
-      rows.append([model, arm, "-", "missing (see the trial's sweep.log)", "-", "-", "-", "-", "-",
-                   "-"])
+      rows.append(
+        [model, arm, "-", "missing (see the trial's sweep.log)", "-", "-", "-", "-", "-", "-"]
+      )
       continue
     top1 = [r["final_eval"]["top1"] for _, r in done]
     walls = [r["total_wall_s"] for _, r in done]
@@ -139,15 +160,30 @@ def summarize(model, results):
       xs, ys = _curve(r)
       hit = next((x for x, y in zip(xs, ys) if target is not None and y >= target), None)
       reach.append(hit)
-    reach_txt = ("not reached" if all(h is None for h in reach)
-                 else " / ".join("-" if h is None else f"{h:.0f}" for h in reach))
+    reach_txt = (
+      "not reached"
+      if all(h is None for h in reach)
+      else " / ".join("-" if h is None else f"{h:.0f}" for h in reach)
+    )
     sizes = "/".join(str(st["image_size"]) for st in done[0][1]["stages"])
-    per_stage = list(zip(*[plotting.stage_speeds(r) for _, r in done]))  # stage -> speeds over seeds
+    per_stage = list(
+      zip(*[plotting.stage_speeds(r) for _, r in done])
+    )  # stage -> speeds over seeds
     speeds = "/".join("-" if None in v else f"{mean(v):.0f}" for v in per_stage)
-    rows.append([model, arm, sizes, f"{mean(top1):.4f} (" + ", ".join(f"{t:.4f}" for t in top1) + ")",
-                 f"{100 * (mean(top1) - target):+.2f}" if target is not None else "-",
-                 f"{mean(walls):.0f}", f"{compile_s:.0f}",
-                 f"{fixed_wall / mean(walls):.2f}x" if fixed_wall else "-", reach_txt, speeds])
+    rows.append(
+      [
+        model,
+        arm,
+        sizes,
+        f"{mean(top1):.4f} (" + ", ".join(f"{t:.4f}" for t in top1) + ")",
+        f"{100 * (mean(top1) - target):+.2f}" if target is not None else "-",
+        f"{mean(walls):.0f}",
+        f"{compile_s:.0f}",
+        f"{fixed_wall / mean(walls):.2f}x" if fixed_wall else "-",
+        reach_txt,
+        speeds,
+      ]
+    )
     for s, r in done:
       curves[f"{model} {arm} (seed {s})"] = _curve(r)
   return rows, curves
@@ -158,8 +194,11 @@ def main(argv=None):
   ap.add_argument("--models", nargs="+", default=["v2"], choices=sorted(MODELS))
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   ap.add_argument("--epochs", type=float, default=0.0, help="default: the demo's own length")
-  ap.add_argument("--arms", default="fixed,const,adaptive,official",
-                  help=f"comma-separated subset of {','.join(ARM_KEYS)}")
+  ap.add_argument(
+    "--arms",
+    default="fixed,const,adaptive,official",
+    help=f"comma-separated subset of {','.join(ARM_KEYS)}",
+  )
   ap.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs, one seed")
   ap.add_argument("--workdir", default="")
   ap.add_argument("--data_dir", default="", help="TFDS data_dir holding fashion_mnist")
@@ -173,17 +212,27 @@ def main(argv=None):
   only = [ARM_KEYS[a.strip()] for a in args.arms.split(",") if a.strip()]
   for model in args.models:
     from effnetv2_jax import sweep
-    epochs = args.epochs or float(sweep.load_config(os.path.join(REPO, MODELS[model][0])).num_epochs)
-    results, config = run_model(model, os.path.join(root, model), epochs, args.seeds,
-                                args.data_dir or None, only)
+
+    epochs = args.epochs or float(
+      sweep.load_config(os.path.join(REPO, MODELS[model][0])).num_epochs
+    )
+    results, config = run_model(
+      model, os.path.join(root, model), epochs, args.seeds, args.data_dir or None, only
+    )
     r, c = summarize(model, results)
     some = next((x for x in results.values() if x), None)
-    note = (f"{model}: {config.model_name}, {epochs:g} epochs = {some['step']} steps at batch "
-            f"{config.batch_size}, seeds {', '.join(map(str, args.seeds))}, eval at "
-            f"{config.eval_image_size} px; final regularization RandAugment "
-            f"{config.progressive.max_randaug:g} ({config.randaug_ops or 'all 16 ops'}, "
-            f"{config.randaug_layers} layer(s)), mixup {config.progressive.max_mixup:g}, dropout "
-            f"{config.progressive.max_dropout:g}.") if some else f"{model}: no finished trial."
+    note = (
+      (
+        f"{model}: {config.model_name}, {epochs:g} epochs = {some['step']} steps at batch "
+        f"{config.batch_size}, seeds {', '.join(map(str, args.seeds))}, eval at "
+        f"{config.eval_image_size} px; final regularization RandAugment "
+        f"{config.progressive.max_randaug:g} ({config.randaug_ops or 'all 16 ops'}, "
+        f"{config.randaug_layers} layer(s)), mixup {config.progressive.max_mixup:g}, dropout "
+        f"{config.progressive.max_dropout:g}."
+      )
+      if some
+      else f"{model}: no finished trial."
+    )
     # Each model's part is kept in its workdir, so models run by separate invocations (with their
     # own epochs, seeds, arms) end up in one table.
     with open(os.path.join(root, model, "summary.json"), "w") as f:
@@ -196,19 +245,37 @@ def main(argv=None):
       rows += part["rows"]
       curves.update({k: tuple(v) for k, v in part["curves"].items()})
       notes.append(f"{part['note']} (`{part['command']}`)")
-  header = ["model", "arm", "stage sizes", "top-1 mean (per seed)", "vs fixed (points)", "wall s",
-            "of which compiling", "speed-up vs fixed", "s to reach fixed's top-1 (per seed)",
-            "train img/s per stage (compiles excluded, stage-end evals included)"]
+  header = [
+    "model",
+    "arm",
+    "stage sizes",
+    "top-1 mean (per seed)",
+    "vs fixed (points)",
+    "wall s",
+    "of which compiling",
+    "speed-up vs fixed",
+    "s to reach fixed's top-1 (per seed)",
+    "train img/s per stage (compiles excluded, stage-end evals included)",
+  ]
   load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-  text = "\n".join([
-      "# Progressive-learning ablation on Fashion-MNIST (paper's Tables 12/13 in miniature)", "",
+  text = "\n".join(
+    [
+      "# Progressive-learning ablation on Fashion-MNIST (paper's Tables 12/13 in miniature)",
+      "",
       f"Generated by `experiments/progressive_vs_baseline.py` (load average {load} at the end of "
       "the last invocation; each model's command is below). Wall time includes compiling each "
       "stage's train step "
       "(cold XLA cache for a new shape or dropout rate, warm for a repeated one) and evaluating all "
-      "10,000 test images at every stage end.", "", *notes, "",
-      plotting.markdown_table(header, rows), "",
-      f"Paper (ImageNet): {PAPER_SPEEDUPS}.", ""])
+      "10,000 test images at every stage end.",
+      "",
+      *notes,
+      "",
+      plotting.markdown_table(header, rows),
+      "",
+      f"Paper (ImageNet): {PAPER_SPEEDUPS}.",
+      "",
+    ]
+  )
   print(text)
   plotting.write_text(f"progressive_ablation{suffix}.md", text)
   panels = {}  # model -> {(arm, "seed N"): curve}; keys come from summarize() as "model arm (seed N)"
@@ -216,9 +283,14 @@ def main(argv=None):
     model, rest = key.split(" ", 1)
     arm, _, seed = rest.rpartition(" (")
     panels.setdefault(model, {})[(arm, seed.rstrip(")"))] = curve
-  png = plotting.line_plot(f"progressive_ablation{suffix}.png", panels,
-                           title="Fashion-MNIST: eval top-1 at stage ends",
-                           xlabel="elapsed train wall time (s)", ylabel="top-1", sharey=True)
+  png = plotting.line_plot(
+    f"progressive_ablation{suffix}.png",
+    panels,
+    title="Fashion-MNIST: eval top-1 at stage ends",
+    xlabel="elapsed train wall time (s)",
+    ylabel="top-1",
+    sharey=True,
+  )
   if png:
     print(f"plot: {png}")
 

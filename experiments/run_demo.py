@@ -6,6 +6,7 @@ Writes experiments/results/demo.md: the command, the machine's load, the stage p
 line the run printed, and the summary from its results.json (per-stage sizes, steps, wall and
 compile seconds, eval top-1), so the recorded numbers are exactly what the run saw.
 """
+
 import json
 import os
 import platform
@@ -27,14 +28,21 @@ def main(argv):
     else:
       extra.append(a)
   shutil.rmtree(workdir, ignore_errors=True)
-  base = [sys.executable, "-m", "effnetv2_jax.main", "--config=configs/demo.py",
-          f"--workdir={workdir}"] + extra
-  plan = subprocess.run(base + ["--mode=plan"], cwd=REPO, capture_output=True, text=True,
-                        check=True).stdout
+  base = [
+    sys.executable,
+    "-m",
+    "effnetv2_jax.main",
+    "--config=configs/demo.py",
+    f"--workdir={workdir}",
+  ] + extra
+  plan = subprocess.run(
+    base + ["--mode=plan"], cwd=REPO, capture_output=True, text=True, check=True
+  ).stdout
   load_before = os.getloadavg()
   t0 = time.time()
-  proc = subprocess.Popen(base, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  proc = subprocess.Popen(
+    base, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   lines = []
   for line in proc.stdout:
     print(line, end="", flush=True)
@@ -48,15 +56,20 @@ def main(argv):
     res = json.load(f)
 
   cmd = "python experiments/run_demo.py " + " ".join(argv)
-  rows = ["| stage | size | randaug | mixup | dropout | steps | wall s | compile s | eval top-1 |",
-          "|---|---|---|---|---|---|---|---|---|"]
+  rows = [
+    "| stage | size | randaug | mixup | dropout | steps | wall s | compile s | eval top-1 |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   for s in res["stages"]:
     top1 = f"{s['eval_top1']:.4f}" if "eval_top1" in s else "-"
-    rows.append(f"| {s['index']} | {s['image_size']} | {s['randaug_magnitude']:.3g} | "
-                f"{s['mixup_alpha']:.3g} | {s['dropout_rate']:.3g} | {s['steps']} | "
-                f"{s['wall_s']:.0f} | {s['compile_s']:.1f} | {top1} |")
+    rows.append(
+      f"| {s['index']} | {s['image_size']} | {s['randaug_magnitude']:.3g} | "
+      f"{s['mixup_alpha']:.3g} | {s['dropout_rate']:.3g} | {s['steps']} | "
+      f"{s['wall_s']:.0f} | {s['compile_s']:.1f} | {top1} |"
+    )
   fe = res["final_eval"]
-  text = "\n".join([
+  text = "\n".join(
+    [
       "# Fashion-MNIST progressive-learning demo (configs/demo.py)",
       "",
       f"Command: `{cmd.strip()}` (what `bash scripts/demo.sh` runs after preparing the data)",
@@ -82,7 +95,8 @@ def main(argv):
       *lines,
       "```",
       "",
-  ])
+    ]
+  )
   os.makedirs(os.path.dirname(OUT), exist_ok=True)
   with open(OUT, "w") as f:
     f.write(text)

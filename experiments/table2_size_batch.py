@@ -14,6 +14,7 @@ GPU/TPU the buffer layout differs, so read it as an estimate. Appends to
 experiments/results/table2_size_batch.md and draws its last table into table2_size_batch.png
 (`--replot`: only redraw the .png from the recorded .md, measuring nothing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,47 +23,53 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, 'experiments')
+EXP = os.path.join(ROOT, "experiments")
 sys.path[:0] = [ROOT, EXP]
 
-GiB = 2.0 ** 30
+GiB = 2.0**30
 
 
 def plot_recorded():
   """table2_size_batch.png from the last table in table2_size_batch.md (the latest recorded run)."""
   import plotting
-  rows = plotting.read_markdown_table('table2_size_batch.md')
-  panels = {'train img/s': {}, 'temp + state GiB': {}}
+
+  rows = plotting.read_markdown_table("table2_size_batch.md")
+  panels = {"train img/s": {}, "temp + state GiB": {}}
   for r in rows:
-    series = f'batch {r["batch"]}'
+    series = f"batch {r['batch']}"
     for key in panels:  # each panel plots the table column of its name
-      xs, ys = panels[key].setdefault((series, 'measured here'), ([], []))
-      xs.append(int(r['image size']))
+      xs, ys = panels[key].setdefault((series, "measured here"), ([], []))
+      xs.append(int(r["image size"]))
       ys.append(float(r[key]))
-  return plotting.line_plot('table2_size_batch.png', panels,
-                            title='Train step vs image size (latest run in table2_size_batch.md)',
-                            xlabel='image size (px)', ylabel='')
+  return plotting.line_plot(
+    "table2_size_batch.png",
+    panels,
+    title="Train step vs image size (latest run in table2_size_batch.md)",
+    xlabel="image size (px)",
+    ylabel="",
+  )
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--model', default='efficientnetv2-s')
-  ap.add_argument('--sizes', default='128,192,256')
-  ap.add_argument('--batches', default='4,8')
-  ap.add_argument('--steps', type=int, default=3)
-  ap.add_argument('--device-gib', type=float, default=16.0)
-  ap.add_argument('--replot', action='store_true', help='only redraw the .png from the .md')
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--model", default="efficientnetv2-s")
+  ap.add_argument("--sizes", default="128,192,256")
+  ap.add_argument("--batches", default="4,8")
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--device-gib", type=float, default=16.0)
+  ap.add_argument("--replot", action="store_true", help="only redraw the .png from the .md")
   args = ap.parse_args()
   if args.replot:
     print(plot_recorded())
     return
   import jax
   from bench_train_step import build_jax_step, jax_runner
+
   start = time.time()
   rows = []
-  for size in [int(s) for s in args.sizes.split(',')]:
-    for batch in [int(b) for b in args.batches.split(',')]:
-      compiled, state, data, rng, times = build_jax_step(args.model, batch, size, 'fp32')
+  for size in [int(s) for s in args.sizes.split(",")]:
+    for batch in [int(b) for b in args.batches.split(",")]:
+      compiled, state, data, rng, times = build_jax_step(args.model, batch, size, "fp32")
       mem = compiled.memory_analysis()
       run = jax_runner(compiled, state, data, rng)
       run(1)
@@ -70,29 +77,49 @@ def main():
       run(args.steps)
       ips = batch * args.steps / (time.perf_counter() - t0)
       total = mem.temp_size_in_bytes + mem.argument_size_in_bytes
-      rows.append((size, batch, ips, mem.temp_size_in_bytes / GiB, total / GiB, times['compile_s']))
-      print(f'{size}px batch {batch}: {ips:.2f} img/s, temp {rows[-1][3]:.2f} GiB', file=sys.stderr,
-            flush=True)
+      rows.append((size, batch, ips, mem.temp_size_in_bytes / GiB, total / GiB, times["compile_s"]))
+      print(
+        f"{size}px batch {batch}: {ips:.2f} img/s, temp {rows[-1][3]:.2f} GiB",
+        file=sys.stderr,
+        flush=True,
+      )
       del compiled, state, data, run
   base = {b: ips for s, b, ips, *_ in rows if s == rows[0][0]}
-  lines = [f'| image size | batch | train img/s | vs {rows[0][0]} px | temp GiB | temp + state GiB | '
-           f'fits {args.device_gib:g} GiB? | compile s |', '|---|---|---|---|---|---|---|---|']
+  lines = [
+    f"| image size | batch | train img/s | vs {rows[0][0]} px | temp GiB | temp + state GiB | "
+    f"fits {args.device_gib:g} GiB? | compile s |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for size, batch, ips, temp, total, comp in rows:
-    lines.append(f'| {size} | {batch} | {ips:.2f} | {ips / base[batch]:.2f}x | {temp:.2f} | '
-                 f'{total:.2f} | {"yes" if total < args.device_gib else "no (OOM)"} | {comp:.0f} |')
-  load = ' '.join(f'{x:.2f}' for x in os.getloadavg())
-  cmd = ('python experiments/table2_size_batch.py ' + ' '.join(sys.argv[1:])).strip()
-  text = '\n'.join([
-      f'### {args.model}, fp32, {jax.default_backend()} ({jax.device_count()} device(s))', '',
-      f'`{cmd}`  ', f'{time.strftime("%Y-%m-%d %H:%M")}, {time.time() - start:.0f} s, load average '
-      f'{load} at the end; {args.steps} timed steps after one warm-up step.', '', *lines, ''])
+    lines.append(
+      f"| {size} | {batch} | {ips:.2f} | {ips / base[batch]:.2f}x | {temp:.2f} | "
+      f"{total:.2f} | {'yes' if total < args.device_gib else 'no (OOM)'} | {comp:.0f} |"
+    )
+  load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+  cmd = ("python experiments/table2_size_batch.py " + " ".join(sys.argv[1:])).strip()
+  text = "\n".join(
+    [
+      f"### {args.model}, fp32, {jax.default_backend()} ({jax.device_count()} device(s))",
+      "",
+      f"`{cmd}`  ",
+      f"{time.strftime('%Y-%m-%d %H:%M')}, {time.time() - start:.0f} s, load average "
+      f"{load} at the end; {args.steps} timed steps after one warm-up step.",
+      "",
+      *lines,
+      "",
+    ]
+  )
   print(text)
   import plotting
+
   plotting.append_record(
-      'table2_size_batch.md', '# Train throughput and memory vs image size and batch (Table 2 '
-      'shape)\n\nWritten by `experiments/table2_size_batch.py` (see its docstring).', text)
+    "table2_size_batch.md",
+    "# Train throughput and memory vs image size and batch (Table 2 "
+    "shape)\n\nWritten by `experiments/table2_size_batch.py` (see its docstring).",
+    text,
+  )
   print(plot_recorded())
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -4,4 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
+# One style for the whole tree (ruff.toml): a file that is not formatted fails the run.
+if ! .venv/bin/ruff format --check --quiet .; then
+  echo "ruff: the files above are not formatted; run .venv/bin/ruff format ." >&2
+  exit 1
+fi
 exec .venv/bin/python -m pytest "$@"

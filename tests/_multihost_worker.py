@@ -5,6 +5,7 @@ input pipeline and keeps its own rows, so a 2x2 run and a 1x4 run see identical 
 (the real per-process split gives each process different examples, which is right for training
 but leaves nothing to compare).
 """
+
 import sys
 
 from effnetv2_jax import sharding
@@ -26,7 +27,7 @@ def _same_global_batches(**kw):
   kw.update(process_index=0, process_count=1)
   for batch in _real(**kw):
     rows = len(batch["label"]) // count
-    yield {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
+    yield {k: v[index * rows : (index + 1) * rows] for k, v in batch.items()}
 
 
 input_pipeline.train_iterator = _same_global_batches
@@ -36,7 +37,10 @@ cfg = fx.tiny_config(data, steps=steps, log_every=1, ckpt_every=2)
 cfg.progressive.preset = "none"
 cfg.progressive.max_image_size = cfg.eval_image_size = 16
 cfg.progressive.max_mixup = 0.0
-print(f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local "
-      f"of {jax.device_count()} devices", flush=True)
+print(
+  f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local "
+  f"of {jax.device_count()} devices",
+  flush=True,
+)
 res = train.train_and_evaluate(cfg, workdir)
 assert res["status"] == "completed"

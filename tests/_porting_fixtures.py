@@ -3,6 +3,7 @@
 Random (not init) values on purpose: init leaves BN mean 0 / var 1 and biases 0, which would hide
 a swapped mean/var or a lost SE bias. Scales keep activations O(1) so tolerances mean something.
 """
+
 import numpy as np
 
 from effnetv2_jax.porting import names
@@ -14,12 +15,12 @@ def random_variables(model_name, seed=0, num_classes=10, **overrides):
   items = []
   for leaf in leaves:
     kind = leaf.path[-1]
-    if kind == 'kernel':
+    if kind == "kernel":
       fan_in = int(np.prod(leaf.shape[:-1]))
       value = rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape)
-    elif kind == 'scale':
+    elif kind == "scale":
       value = rng.uniform(0.5, 1.0, leaf.shape)
-    elif kind == 'var':
+    elif kind == "var":
       value = rng.uniform(0.5, 2.0, leaf.shape)
     else:  # bias, mean
       value = rng.normal(0, 0.1, leaf.shape)
@@ -29,13 +30,14 @@ def random_variables(model_name, seed=0, num_classes=10, **overrides):
 
 def leaf_value(variables, collection, path):
   node = variables[collection]
-  for k in path.split('/'):
+  for k in path.split("/"):
     node = node[k]
   return np.asarray(node)
 
 
 def assert_same_tree(a, b):
   import jax
+
   fa = dict(jax.tree_util.tree_flatten_with_path(a)[0])
   fb = dict(jax.tree_util.tree_flatten_with_path(b)[0])
   assert fa.keys() == fb.keys()

@@ -3,6 +3,7 @@
 A folder dataset (not tfds.testing.mock_data) because subprocess tests (SIGTERM, SIGKILL,
 multi-host) need data that exists outside the test process.
 """
+
 import os
 import sys
 import tempfile
@@ -17,10 +18,12 @@ CACHE_DIR = os.path.join(tempfile.gettempdir(), f"effnetv2_jax_test_xla_cache_{o
 TINY_BLOCKS = ["r1_k3_s1_e1_i8_o8_c1", "r1_k3_s2_e4_i8_o16_se0.25"]
 
 
-def make_folder_dataset(root, *, num_train=32, num_val=16, size=32, classes=("dark", "light"),
-                        seed=0):
+def make_folder_dataset(
+  root, *, num_train=32, num_val=16, size=32, classes=("dark", "light"), seed=0
+):
   """Class-per-folder PNGs whose brightness tells the class (so a tiny model can learn it)."""
   from PIL import Image
+
   rng = np.random.default_rng(seed)
   for split, n in (("train", num_train), ("val", num_val)):
     for c, name in enumerate(classes):
@@ -71,9 +74,14 @@ def get_config(arg=None):
 
 
 def config_source(data, *, steps=8, log_every=2, ckpt_every=3, cache=""):
-  return textwrap.dedent(CONFIG_BODY).format(blocks=TINY_BLOCKS, data=data, steps=steps,
-                                             log_every=log_every, ckpt_every=ckpt_every,
-                                             cache=cache)
+  return textwrap.dedent(CONFIG_BODY).format(
+    blocks=TINY_BLOCKS,
+    data=data,
+    steps=steps,
+    log_every=log_every,
+    ckpt_every=ckpt_every,
+    cache=cache,
+  )
 
 
 def tiny_config(data, **kw):
@@ -95,8 +103,11 @@ def subprocess_env(num_devices=None, **extra):
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   if num_devices is not None:
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+      f
+      for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
   env.update({k: str(v) for k, v in extra.items()})
   return env

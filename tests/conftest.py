@@ -3,6 +3,7 @@
 XLA reads XLA_FLAGS once, when the backend starts, so this must run before anything imports jax;
 pytest loads this file before collecting any test module.
 """
+
 import os
 
 _FLAG = "--xla_force_host_platform_device_count=8"

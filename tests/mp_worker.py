@@ -4,6 +4,7 @@ Launched with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set, 
 jax.distributed job, trains the tiny model a few steps on the global mesh feeding only its own rows
 of each batch, and saves the losses and the flattened final params to argv[1].
 """
+
 import sys
 
 import numpy as np
@@ -16,8 +17,13 @@ import jax  # noqa: E402
 
 import test_sharding  # noqa: E402
 
-assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(),
-                                                                jax.device_count())
+assert jax.process_count() == 2 and jax.device_count() == 4, (
+  jax.process_count(),
+  jax.device_count(),
+)
 metrics, state, _, _ = test_sharding._run(jax.devices())
-np.savez(sys.argv[1], loss=np.array([m["loss"] for m in metrics]),
-         params=np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)]))
+np.savez(
+  sys.argv[1],
+  loss=np.array([m["loss"] for m in metrics]),
+  params=np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)]),
+)

@@ -1,4 +1,5 @@
 """The GPU benchmark's log reader (the benchmark itself needs a GPU and runs outside CI)."""
+
 from experiments import bench_gpu
 
 # Lines as XLA (jaxlib 0.10 on CPU, 0.11 on CUDA) writes them with TF_CPP_VMODULE=hlo_pass_pipeline=1;
@@ -15,7 +16,7 @@ I1128 18:00:09.814249     540 hlo_pass_pipeline.cc:302] Running HLO pass pipelin
 
 def test_pass_times_sum_per_pass_in_exact_microseconds_and_rank_slowest_first():
   ranked = bench_gpu.summarize_pass_times(LOG, top=2)
-  assert [name for name, _, _ in ranked] == ['config-assigner', 'flatten-call-graph']
+  assert [name for name, _, _ in ranked] == ["config-assigner", "flatten-call-graph"]
   name, seconds, calls = ranked[0]
   assert calls == 2 and abs(seconds - (2.030289 + 73.1)) < 1e-9
-  assert bench_gpu.summarize_pass_times('no XLA log here') == []
+  assert bench_gpu.summarize_pass_times("no XLA log here") == []

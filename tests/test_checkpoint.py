@@ -1,5 +1,6 @@
 """Checkpoints: exact round trip into the target's sharding, half-written steps never restored,
 mismatched models named array by array, retention, fine-tuning init, and no pickle anywhere."""
+
 import os
 import pickle
 
@@ -19,8 +20,9 @@ BLOCKS = ["r1_k3_s1_e1_i8_o8_c1", "r1_k3_s2_e4_i8_o16_se0.25"]
 
 
 def _model(num_classes=3, blocks=BLOCKS):
-  return models.create_model("efficientnetv2-b0", num_classes=num_classes, blocks=blocks,
-                             stem_filters=8, head_filters=16)
+  return models.create_model(
+    "efficientnetv2-b0", num_classes=num_classes, blocks=blocks, stem_filters=8, head_filters=16
+  )
 
 
 def _tx():
@@ -38,7 +40,9 @@ def trained_state():
 
 
 def _abstract(model, mesh=None):
-  abs_ = jax.eval_shape(lambda: state_lib.create_train_state(jax.random.PRNGKey(1), model, _tx(), 16))
+  abs_ = jax.eval_shape(
+    lambda: state_lib.create_train_state(jax.random.PRNGKey(1), model, _tx(), 16)
+  )
   if mesh is None:
     return abs_
   rep = sharding.replicated(mesh)
@@ -47,8 +51,9 @@ def _abstract(model, mesh=None):
 
 def _equal(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                    for x, y in zip(la, lb))
+  return len(la) == len(lb) and all(
+    np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+  )
 
 
 def test_round_trip_is_exact_and_uses_target_sharding(tmp_path, trained_state):
@@ -85,10 +90,16 @@ def test_half_written_checkpoint_is_never_restored(tmp_path, trained_state):
   assert not tmp.exists()  # and the leftover is cleaned up
 
 
-@pytest.mark.parametrize("other,expect", [
-    (dict(num_classes=5), "params.classifier.kernel: checkpoint shape (16, 3) != model shape (16, 5)"),
+@pytest.mark.parametrize(
+  "other,expect",
+  [
+    (
+      dict(num_classes=5),
+      "params.classifier.kernel: checkpoint shape (16, 3) != model shape (16, 5)",
+    ),
     (dict(blocks=BLOCKS[:1]), "params.blocks_1"),
-])
+  ],
+)
 def test_mismatched_model_names_the_arrays(tmp_path, trained_state, other, expect):
   ck = ckpt_lib.Checkpointer(str(tmp_path), keep=3)
   ck.save(1, trained_state, {})
@@ -110,8 +121,9 @@ def test_keeps_only_the_last_k(tmp_path, trained_state):
   assert ckpt_lib.Checkpointer(str(tmp_path), keep=2).all_steps() == [3, 4]
 
 
-def test_init_from_takes_ema_and_reinitialises_a_different_head(tmp_path, monkeypatch,
-                                                              trained_state):
+def test_init_from_takes_ema_and_reinitialises_a_different_head(
+  tmp_path, monkeypatch, trained_state
+):
   src = trained_state
   src = src.replace(ema_params=jax.tree.map(lambda x: x * 0 + 0.5, src.params))
   ck = ckpt_lib.Checkpointer(str(tmp_path), keep=1)
@@ -120,6 +132,7 @@ def test_init_from_takes_ema_and_reinitialises_a_different_head(tmp_path, monkey
 
   def no_pickle(*a, **k):
     raise AssertionError("checkpoint loading must not unpickle")
+
   monkeypatch.setattr(pickle, "loads", no_pickle)
   monkeypatch.setattr(pickle, "load", no_pickle)
   params, stats, step = ckpt_lib.load_variables(str(tmp_path))

@@ -1,4 +1,5 @@
 """Every config mistake is one message naming the field, raised before anything compiles."""
+
 import subprocess
 import sys
 
@@ -30,7 +31,9 @@ def _error(config, **kw):
   return e.value
 
 
-@pytest.mark.parametrize("change,field", [
+@pytest.mark.parametrize(
+  "change,field",
+  [
     ({"model_name": "efficientnetv3-s"}, "model_name"),
     ({"model_overrides.not_a_knob": 1}, "model_overrides"),
     ({"progressive.min_image_size": 0}, "progressive.min_image_size"),
@@ -48,7 +51,8 @@ def _error(config, **kw):
     ({"label_smoothing": 1.5}, "label_smoothing"),
     ({"init_from": "/no/such/checkpoint"}, "init_from"),
     ({"randaug_ops": "Rotate,Flip"}, "randaug_ops"),
-])
+  ],
+)
 def test_bad_field_is_named(change, field):
   err = _error(_config(**change))
   assert err.field == field
@@ -72,10 +76,18 @@ def test_shipped_configs_are_valid():
 
 
 def test_cli_reports_one_line_and_exit_code_2(tmp_path):
-  cmd = [sys.executable, "-m", "effnetv2_jax.main", "--config=configs/imagenet.py:variant=s",
-         f"--workdir={tmp_path / 'wd'}", "--mode=plan", "--config.progressive.min_image_size=-3"]
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=fx.REPO, env=fx.subprocess_env(),
-                       timeout=120)
+  cmd = [
+    sys.executable,
+    "-m",
+    "effnetv2_jax.main",
+    "--config=configs/imagenet.py:variant=s",
+    f"--workdir={tmp_path / 'wd'}",
+    "--mode=plan",
+    "--config.progressive.min_image_size=-3",
+  ]
+  out = subprocess.run(
+    cmd, capture_output=True, text=True, cwd=fx.REPO, env=fx.subprocess_env(), timeout=120
+  )
   assert out.returncode == 2
   lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert lines == ["error: progressive.min_image_size: must be a positive integer, got -3"]

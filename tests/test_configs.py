@@ -7,6 +7,7 @@ from that checkpoint ('small' preprocessing, init_from). M/L/XL, B1-B3 and the o
 validate: their runlocal variants are the real networks, and on a loaded 2-core CPU each 2-step run
 costs 30-60 s (mostly compiling) for no new code path.
 """
+
 import glob
 import importlib
 import itertools
@@ -27,23 +28,32 @@ ONE = jax.devices()[:1]
 
 
 def _product(**axes):
-  return [",".join(f"{k}={v}" for k, v in zip(axes, vals)) for vals in itertools.product(*axes.values())]
+  return [
+    ",".join(f"{k}={v}" for k, v in zip(axes, vals)) for vals in itertools.product(*axes.values())
+  ]
 
 
 # file -> every argument combination it accepts (runlocal is added to each below).
 VARIANTS = {
-    "demo": ["", "model=resnet"] + [f"model={m}" for m in demo.NETWORKS if m != "v2"],
-    "imagenet": _product(variant=["b0", "b1", "b2", "b3", "s", "m", "l", "xl"],
-                         preset=["official", "paper", "none"]),
-    "imagenet21k": _product(variant=["s", "m", "l", "xl"]),
-    "finetune": _product(dataset=["imagenet2012", "cifar10", "cifar100", "oxford_flowers102", "cars196"],
-                         variant=["s", "m", "l", "xl"], preset=["paper", "official"]),
+  "demo": ["", "model=resnet"] + [f"model={m}" for m in demo.NETWORKS if m != "v2"],
+  "imagenet": _product(
+    variant=["b0", "b1", "b2", "b3", "s", "m", "l", "xl"], preset=["official", "paper", "none"]
+  ),
+  "imagenet21k": _product(variant=["s", "m", "l", "xl"]),
+  "finetune": _product(
+    dataset=["imagenet2012", "cifar10", "cifar100", "oxford_flowers102", "cars196"],
+    variant=["s", "m", "l", "xl"],
+    preset=["paper", "official"],
+  ),
 }
 
 
 def _files():
-  return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                if os.path.basename(p)[:-3] not in NOT_EXPERIMENTS)
+  return sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+    if os.path.basename(p)[:-3] not in NOT_EXPERIMENTS
+  )
 
 
 def _load(name, arg):
@@ -52,7 +62,9 @@ def _load(name, arg):
 
 def test_every_config_file_has_its_variants_listed_here():
   # A new config file must be added to VARIANTS, or its variants would go untested.
-  assert set(_files()) == set(VARIANTS), f"configs/ has {_files()}; VARIANTS lists {sorted(VARIANTS)}"
+  assert set(_files()) == set(VARIANTS), (
+    f"configs/ has {_files()}; VARIANTS lists {sorted(VARIANTS)}"
+  )
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n in sorted(VARIANTS) for a in VARIANTS[n]])
@@ -87,12 +99,16 @@ def test_imagenet21k_recipe_is_the_reference_one():
   assert p.preset == "none" and p.max_image_size == 224 == c.eval_image_size
   assert p.max_randaug == p.max_mixup == p.max_cutmix == p.max_dropout == 0.0
   from effnetv2_jax.data import datasets
+
   assert datasets.get_dataset_info("imagenet21k").num_classes == 21_843
 
 
-@pytest.mark.parametrize("preset,schedule,wd", [("paper", "cosine", 0.0), ("official", "constant", 1e-5)])
+@pytest.mark.parametrize(
+  "preset,schedule,wd", [("paper", "cosine", 0.0), ("official", "constant", 1e-5)]
+)
 def test_finetune_recipe_per_preset(preset, schedule, wd):
   from configs import finetune
+
   small = _load("finetune", f"dataset=cifar10,variant=m,preset={preset}")
   big = _load("finetune", f"dataset=imagenet2012,variant=s,preset={preset}")
   for c in (small, big):
@@ -107,6 +123,7 @@ def test_finetune_recipe_per_preset(preset, schedule, wd):
 
 # --- runlocal variants train end to end ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module", autouse=True)
 def _restore_compilation_cache_setting():
   """The runs turn the persistent cache on; later modules must not inherit it (see test_train)."""
@@ -114,13 +131,15 @@ def _restore_compilation_cache_setting():
   yield
   jax.config.update("jax_compilation_cache_dir", before)
   from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+
   compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-  return fx.make_folder_dataset(str(tmp_path_factory.mktemp("cfgdata") / "data"), num_train=16,
-                                num_val=8)
+  return fx.make_folder_dataset(
+    str(tmp_path_factory.mktemp("cfgdata") / "data"), num_train=16, num_val=8
+  )
 
 
 def _train_two_steps(name, arg, data, workdir, size=16, **fields):
@@ -144,10 +163,13 @@ def _train_two_steps(name, arg, data, workdir, size=16, **fields):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,arg", [
+@pytest.mark.parametrize(
+  "name,arg",
+  [
     ("demo", "runlocal"),
     ("imagenet", "variant=b0,preset=official,runlocal"),  # v2-base preprocessing + AutoAugment
-])
+  ],
+)
 def test_runlocal_trains_two_steps(name, arg, data, tmp_path):
   results = _train_two_steps(name, arg, data, tmp_path / "wd")
   stages = 1 if "preset=none" in arg else min(2, _load(name, arg).progressive.num_stages)
@@ -162,6 +184,12 @@ def test_21k_pretraining_then_finetune_from_it(data, tmp_path):
   one_block = {"model_overrides.stage_repeats": (1,) * 6}
   _train_two_steps("imagenet21k", "variant=s,runlocal", data, pre, **one_block)
   # The fine-tune run starts from the pretraining checkpoint (its 'small' preprocessing differs).
-  results = _train_two_steps("finetune", "dataset=cifar10,variant=s,preset=official,runlocal", data,
-                             tmp_path / "ft", init_from=str(pre), **one_block)
+  results = _train_two_steps(
+    "finetune",
+    "dataset=cifar10,variant=s,preset=official,runlocal",
+    data,
+    tmp_path / "ft",
+    init_from=str(pre),
+    **one_block,
+  )
   assert results["config"]["init_from"] == str(pre)

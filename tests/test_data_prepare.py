@@ -1,4 +1,5 @@
 """Offline Fashion-MNIST preparation and the dataset registry's errors."""
+
 import gzip
 import os
 import struct
@@ -15,21 +16,21 @@ def write_idx_set(directory, num_train=12, num_test=5, seed=0):
   rng = np.random.default_rng(seed)
   os.makedirs(directory, exist_ok=True)
   data = {}
-  for split, prefix, n in (('train', 'train', num_train), ('test', 't10k', num_test)):
+  for split, prefix, n in (("train", "train", num_train), ("test", "t10k", num_test)):
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=(n,), dtype=np.uint8)
-    with gzip.open(os.path.join(directory, f'{prefix}-images-idx3-ubyte.gz'), 'wb') as f:
-      f.write(struct.pack('>IIII', 2051, n, 28, 28) + images.tobytes())
-    with gzip.open(os.path.join(directory, f'{prefix}-labels-idx1-ubyte.gz'), 'wb') as f:
-      f.write(struct.pack('>II', 2049, n) + labels.tobytes())
+    with gzip.open(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
+      f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+    with gzip.open(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
+      f.write(struct.pack(">II", 2049, n) + labels.tobytes())
     data[split] = (images, labels)
   return data
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-  src = str(tmp_path_factory.mktemp('idx'))
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  src = str(tmp_path_factory.mktemp("idx"))
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
   data = write_idx_set(src)
   prepare.prepare_fashion_mnist(data_dir=data_dir, source_dir=src)
   return data_dir, data
@@ -37,70 +38,79 @@ def prepared(tmp_path_factory):
 
 def test_prepared_fashion_mnist_loads_with_standard_tfds_builder(prepared):
   import tensorflow_datasets as tfds
+
   data_dir, data = prepared
-  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+  builder = tfds.builder("fashion_mnist", data_dir=data_dir)
   assert builder.is_prepared()
-  assert str(builder.info.version) == '3.0.1'  # the standard builder's version, not a fork
-  assert builder.info.features['label'].names[0] == 'T-shirt/top'
-  for split in ('train', 'test'):
-    ds = tfds.load('fashion_mnist', split=split, data_dir=data_dir)
-    got = {(ex['image'].numpy().tobytes(), int(ex['label'])) for ex in ds}
+  assert str(builder.info.version) == "3.0.1"  # the standard builder's version, not a fork
+  assert builder.info.features["label"].names[0] == "T-shirt/top"
+  for split in ("train", "test"):
+    ds = tfds.load("fashion_mnist", split=split, data_dir=data_dir)
+    got = {(ex["image"].numpy().tobytes(), int(ex["label"])) for ex in ds}
     images, labels = data[split]
     want = {(img[..., None].tobytes(), int(lbl)) for img, lbl in zip(images, labels)}
     assert got == want  # every image kept its own label
-  datasets.check_prepared('fashion_mnist', data_dir)  # does not raise
+  datasets.check_prepared("fashion_mnist", data_dir)  # does not raise
 
 
 def test_prepare_rejects_wrong_magic(tmp_path):
   write_idx_set(str(tmp_path))
-  with gzip.open(tmp_path / 't10k-labels-idx1-ubyte.gz', 'wb') as f:
-    f.write(struct.pack('>II', 2051, 5) + bytes(5))
-  with pytest.raises(ValueError, match='2049'):
-    prepare.prepare_fashion_mnist(data_dir=str(tmp_path / 'out'), source_dir=str(tmp_path))
+  with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+    f.write(struct.pack(">II", 2051, 5) + bytes(5))
+  with pytest.raises(ValueError, match="2049"):
+    prepare.prepare_fashion_mnist(data_dir=str(tmp_path / "out"), source_dir=str(tmp_path))
 
 
 def test_prepare_names_missing_files(tmp_path):
-  with pytest.raises(FileNotFoundError, match='dataset-fashion-mnist'):
-    prepare.prepare_fashion_mnist(data_dir=str(tmp_path / 'out'), source_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+    prepare.prepare_fashion_mnist(data_dir=str(tmp_path / "out"), source_dir=str(tmp_path))
 
 
 def test_unknown_dataset_lists_known_names():
   with pytest.raises(ValueError) as e:
-    datasets.get_dataset_info('imagenet')
-  for name in ('imagenet2012', 'fashion_mnist', 'cifar10', 'folder:'):
+    datasets.get_dataset_info("imagenet")
+  for name in ("imagenet2012", "fashion_mnist", "cifar10", "folder:"):
     assert name in str(e.value)
 
 
 def test_not_prepared_messages_say_how(tmp_path):
   with pytest.raises(datasets.DatasetNotPreparedError) as e:
-    datasets.check_prepared('fashion_mnist', str(tmp_path))
-  assert 'python -m effnetv2_jax.data.prepare fashion_mnist' in str(e.value)
+    datasets.check_prepared("fashion_mnist", str(tmp_path))
+  assert "python -m effnetv2_jax.data.prepare fashion_mnist" in str(e.value)
   assert isinstance(e.value, RuntimeError)
   with pytest.raises(datasets.DatasetNotPreparedError) as e:
-    datasets.check_prepared('imagenet2012', str(tmp_path))
+    datasets.check_prepared("imagenet2012", str(tmp_path))
   msg = str(e.value)
-  assert 'ILSVRC2012_img_train.tar' in msg and 'tfds build imagenet2012' in msg
-  assert os.path.join(str(tmp_path), 'downloads', 'manual') in msg
-  with pytest.raises(datasets.DatasetNotPreparedError, match='does not exist'):
-    datasets.check_prepared(f'folder:{tmp_path}/nope')
+  assert "ILSVRC2012_img_train.tar" in msg and "tfds build imagenet2012" in msg
+  assert os.path.join(str(tmp_path), "downloads", "manual") in msg
+  with pytest.raises(datasets.DatasetNotPreparedError, match="does not exist"):
+    datasets.check_prepared(f"folder:{tmp_path}/nope")
 
 
 def test_registry_facts():
-  info = datasets.get_dataset_info('imagenet2012_minival')
+  info = datasets.get_dataset_info("imagenet2012_minival")
   assert (info.tfds_name, info.train_split, info.eval_split) == (
-      'imagenet2012', 'train[:-25021]', 'train[-25021:]')
-  assert info.num_train + info.num_eval == datasets.get_dataset_info('imagenet2012').num_train
-  assert datasets.get_dataset_info('fashion_mnist').num_classes == 10
-  assert datasets.get_dataset_info('cifar100').num_classes == 100
+    "imagenet2012",
+    "train[:-25021]",
+    "train[-25021:]",
+  )
+  assert info.num_train + info.num_eval == datasets.get_dataset_info("imagenet2012").num_train
+  assert datasets.get_dataset_info("fashion_mnist").num_classes == 10
+  assert datasets.get_dataset_info("cifar100").num_classes == 100
 
 
 def test_folder_dataset_classes_sorted_and_splits(tmp_path):
-  for split, classes in (('train', ('b', 'a', 'c')), ('val', ('a', 'c'))):
+  for split, classes in (("train", ("b", "a", "c")), ("val", ("a", "c"))):
     for c in classes:
       os.makedirs(tmp_path / split / c)
-      (tmp_path / split / c / 'x.jpg').write_bytes(b'')
-  info = datasets.get_dataset_info(f'folder:{tmp_path}')
-  assert info.class_names == ('a', 'b', 'c') and info.num_classes == 3
-  assert (info.train_split, info.eval_split, info.num_train, info.num_eval) == ('train', 'val', 3, 2)
-  paths, labels = datasets.folder_files(info.folder_root, 'val', info.class_names)
-  assert [os.path.basename(os.path.dirname(p)) for p in paths] == ['a', 'c'] and labels == [0, 2]
+      (tmp_path / split / c / "x.jpg").write_bytes(b"")
+  info = datasets.get_dataset_info(f"folder:{tmp_path}")
+  assert info.class_names == ("a", "b", "c") and info.num_classes == 3
+  assert (info.train_split, info.eval_split, info.num_train, info.num_eval) == (
+    "train",
+    "val",
+    3,
+    2,
+  )
+  paths, labels = datasets.folder_files(info.folder_root, "val", info.class_names)
+  assert [os.path.basename(os.path.dirname(p)) for p in paths] == ["a", "c"] and labels == [0, 2]

@@ -1,4 +1,5 @@
 """The demo-network probes name real networks and real config fields, and the demo uses `v2`."""
+
 from configs import demo
 from effnetv2_jax import config_validation, sweep
 

@@ -3,6 +3,7 @@
 Each family trains two tiny progressive stages end to end through the real trainer; the stages'
 sizes must be the planned ones and evaluation must see the whole split.
 """
+
 import jax
 import pytest
 
@@ -12,16 +13,20 @@ import _train_fixtures as fx
 
 ONE = jax.devices()[:1]
 FAMILIES = {
-    "efficientnet-b0": {"blocks": ["r1_k3_s1_e1_i8_o8_se0.25", "r1_k3_s2_e4_i8_o16_se0.25"],
-                        "stem_filters": 8, "head_filters": 16},
-    "resnet50": {"depths": [1, 1, 1, 1]},
+  "efficientnet-b0": {
+    "blocks": ["r1_k3_s1_e1_i8_o8_se0.25", "r1_k3_s2_e4_i8_o16_se0.25"],
+    "stem_filters": 8,
+    "head_filters": 16,
+  },
+  "resnet50": {"depths": [1, 1, 1, 1]},
 }
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-  return fx.make_folder_dataset(str(tmp_path_factory.mktemp("families") / "data"), num_train=16,
-                                num_val=6)
+  return fx.make_folder_dataset(
+    str(tmp_path_factory.mktemp("families") / "data"), num_train=16, num_val=6
+  )
 
 
 @pytest.mark.parametrize("model_name", sorted(FAMILIES))

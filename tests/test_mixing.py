@@ -1,4 +1,5 @@
 """Mixup / CutMix on device: label sums, CutMix weight = pasted fraction, half/half, static shapes."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,9 @@ def _mix(seed, images, labels, mixup_alpha, cutmix_alpha):
   """Jitted once per alpha pair (as in the train step); eager dispatch of Beta sampling is slow."""
   key = (mixup_alpha, cutmix_alpha)
   if key not in _jitted:
-    _jitted[key] = jax.jit(lambda r, x, y: mixing.mix(r, x, y, mixup_alpha=key[0], cutmix_alpha=key[1]))
+    _jitted[key] = jax.jit(
+      lambda r, x, y: mixing.mix(r, x, y, mixup_alpha=key[0], cutmix_alpha=key[1])
+    )
   return _jitted[key](jax.random.PRNGKey(seed), images, labels)
 
 
@@ -35,7 +38,7 @@ def test_alpha_zero_is_identity():
 
 
 # Same alpha pairs as the tests below, so each compiles once.
-@pytest.mark.parametrize('mixup_alpha,cutmix_alpha', [(0.4, 0.0), (0.0, 1.0), (1.0, 1.0)])
+@pytest.mark.parametrize("mixup_alpha,cutmix_alpha", [(0.4, 0.0), (0.0, 1.0), (1.0, 1.0)])
 def test_soft_labels_sum_to_one(mixup_alpha, cutmix_alpha):
   images, labels = _batch()
   for seed in range(5):
@@ -50,10 +53,13 @@ def test_mixup_uses_the_reversed_partner_with_lambda_at_least_half():
   i = np.arange(B)
   partner = i[::-1]
   # pixel value = lam * i + (1 - lam) * partner; recover lam and compare with the label weight.
-  lam = np.where(i != partner, (out_i[:, 0, 0, 0] - partner) / np.where(i != partner, i - partner, 1), 1)
+  lam = np.where(
+    i != partner, (out_i[:, 0, 0, 0] - partner) / np.where(i != partner, i - partner, 1), 1
+  )
   assert (lam >= 0.5 - 1e-6).all() and (lam <= 1.0 + 1e-6).all()
-  np.testing.assert_allclose(np.asarray(out_l)[i, i % K] - (partner % K == i % K) * (1 - lam), lam,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(out_l)[i, i % K] - (partner % K == i % K) * (1 - lam), lam, atol=1e-5
+  )
 
 
 def test_cutmix_weight_equals_pasted_pixel_fraction():

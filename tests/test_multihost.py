@@ -1,5 +1,6 @@
 """Multi-host: the whole training loop on 2 processes x 2 CPU devices (jax.distributed on
 localhost, gloo collectives) matches 1 process x 4 devices on the same global batches."""
+
 import json
 import os
 import socket
@@ -24,10 +25,13 @@ def _free_port():
 
 def _launch(wd, data, devices, **env):
   return subprocess.Popen(
-      [sys.executable, os.path.join(fx.REPO, "tests", "_multihost_worker.py"), wd, data,
-       str(STEPS)],
-      cwd=fx.REPO, env=fx.subprocess_env(num_devices=devices, **env),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [sys.executable, os.path.join(fx.REPO, "tests", "_multihost_worker.py"), wd, data, str(STEPS)],
+    cwd=fx.REPO,
+    env=fx.subprocess_env(num_devices=devices, **env),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 @pytest.mark.slow
@@ -35,8 +39,17 @@ def test_two_processes_match_one(tmp_path):
   data = fx.make_folder_dataset(str(tmp_path / "data"))
   port = _free_port()
   multi_wd, single_wd = str(tmp_path / "2x2"), str(tmp_path / "1x4")
-  procs = [_launch(multi_wd, data, 2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i) for i in range(2)]
+  procs = [
+    _launch(
+      multi_wd,
+      data,
+      2,
+      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+      JAX_NUM_PROCESSES=2,
+      JAX_PROCESS_ID=i,
+    )
+    for i in range(2)
+  ]
   procs.append(_launch(single_wd, data, 4))
   outs = []
   for p in procs:

@@ -1,4 +1,5 @@
 """Optimizer, LR schedule and weight decay of the official recipe (effnetv2_jax/optim.py)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +41,14 @@ def _run_tx(tx, w, grads, pass_step=True):
 def test_rmsprop_matches_tf1_update_with_changing_lr():
   # warmup over 4 steps, then a staircase that drops every step: the LR differs at every step,
   # so where the LR sits (inside vs outside the momentum buffer) changes the result.
-  c = _config(batch_size=256, lr_per_256=0.1, warmup_epochs=2.0, lr_decay_epochs=0.5,
-              lr_decay_rate=0.5, optimizer="rmsprop")
+  c = _config(
+    batch_size=256,
+    lr_per_256=0.1,
+    warmup_epochs=2.0,
+    lr_decay_epochs=0.5,
+    lr_decay_rate=0.5,
+    optimizer="rmsprop",
+  )
   spe, n = 2.0, 8
   sched = optim.lr_schedule(c, spe)
   lrs = [float(sched(t)) for t in range(n)]
@@ -73,21 +80,27 @@ def test_optax_rmsprop_agrees_under_constant_lr():
   rng = np.random.default_rng(1)
   w0 = rng.normal(size=(5,)).astype(np.float32)
   grads = [rng.normal(size=(5,)).astype(np.float32) for _ in range(5)]
-  ref = optax.rmsprop(0.05, decay=0.9, eps=1e-3, initial_scale=1.0, eps_in_sqrt=True,
-                      momentum=0.9)
-  np.testing.assert_allclose(_run_tx(optim.make_optimizer(c, 10.0, 100), w0, grads),
-                             _run_tx(ref, w0, grads, pass_step=False), rtol=1e-6)
+  ref = optax.rmsprop(0.05, decay=0.9, eps=1e-3, initial_scale=1.0, eps_in_sqrt=True, momentum=0.9)
+  np.testing.assert_allclose(
+    _run_tx(optim.make_optimizer(c, 10.0, 100), w0, grads),
+    _run_tx(ref, w0, grads, pass_step=False),
+    rtol=1e-6,
+  )
 
 
 def test_sgd_is_nesterov_momentum():
-  c = _config(optimizer="sgd", lr_schedule="constant", warmup_epochs=0.0, batch_size=256,
-              lr_per_256=0.1)
+  c = _config(
+    optimizer="sgd", lr_schedule="constant", warmup_epochs=0.0, batch_size=256, lr_per_256=0.1
+  )
   rng = np.random.default_rng(2)
   w0 = rng.normal(size=(4,)).astype(np.float32)
   grads = [rng.normal(size=(4,)).astype(np.float32) for _ in range(4)]
   ref = optax.sgd(0.1, momentum=0.9, nesterov=True)
-  np.testing.assert_allclose(_run_tx(optim.make_optimizer(c, 10.0, 100), w0, grads),
-                             _run_tx(ref, w0, grads, pass_step=False), rtol=1e-6)
+  np.testing.assert_allclose(
+    _run_tx(optim.make_optimizer(c, 10.0, 100), w0, grads),
+    _run_tx(ref, w0, grads, pass_step=False),
+    rtol=1e-6,
+  )
 
 
 def test_adamw_decays_kernels_only_and_not_twice():
@@ -112,10 +125,10 @@ def test_schedule_warmup_staircase_and_batch_scaling():
   assert float(s(250)) == pytest.approx(base * 0.5, rel=1e-6)
   assert float(s(499)) == pytest.approx(base * 499 / 500, rel=1e-6)
   # Staircase counted from step 0: boundaries at multiples of 240, warmup covering the first two.
-  assert float(s(500)) == pytest.approx(base * 0.97 ** 2, rel=1e-6)
-  assert float(s(719)) == pytest.approx(base * 0.97 ** 2, rel=1e-6)
-  assert float(s(720)) == pytest.approx(base * 0.97 ** 3, rel=1e-6)
-  assert float(s(240 * 100)) == pytest.approx(base * 0.97 ** 100, rel=1e-5)
+  assert float(s(500)) == pytest.approx(base * 0.97**2, rel=1e-6)
+  assert float(s(719)) == pytest.approx(base * 0.97**2, rel=1e-6)
+  assert float(s(720)) == pytest.approx(base * 0.97**3, rel=1e-6)
+  assert float(s(240 * 100)) == pytest.approx(base * 0.97**100, rel=1e-5)
   # LR scales linearly with the global batch.
   s512 = optim.lr_schedule(_config(batch_size=512), spe)
   assert float(s512(10_000)) == pytest.approx(float(s(10_000)) / 8, rel=1e-6)
@@ -131,16 +144,20 @@ def test_schedule_cosine_and_constant():
   with pytest.raises(ValueError, match="total_steps"):
     optim.lr_schedule(c, 10.0)
   k = optim.lr_schedule(_config(lr_schedule="constant", warmup_epochs=0.0, batch_size=256), 10.0)
-  assert float(k(0)) == float(k(10 ** 6)) == pytest.approx(0.016)
+  assert float(k(0)) == float(k(10**6)) == pytest.approx(0.016)
 
 
 def _params():
   return {
-      "stem": {"conv": {"kernel": jnp.full((3, 3, 3, 4), 1.0)},
-               "bn": {"scale": jnp.full((4,), 2.0), "bias": jnp.full((4,), 3.0)}},
-      "block": {"depthwise": {"kernel": jnp.full((3, 3, 1, 4), 0.5)},
-                "se_reduce": {"kernel": jnp.full((1, 1, 4, 2), 2.0), "bias": jnp.ones((2,))}},
-      "head": {"kernel": jnp.full((4, 10), 0.1), "bias": jnp.full((10,), 5.0)},
+    "stem": {
+      "conv": {"kernel": jnp.full((3, 3, 3, 4), 1.0)},
+      "bn": {"scale": jnp.full((4,), 2.0), "bias": jnp.full((4,), 3.0)},
+    },
+    "block": {
+      "depthwise": {"kernel": jnp.full((3, 3, 1, 4), 0.5)},
+      "se_reduce": {"kernel": jnp.full((1, 1, 4, 2), 2.0), "bias": jnp.ones((2,))},
+    },
+    "head": {"kernel": jnp.full((4, 10), 0.1), "bias": jnp.full((10,), 5.0)},
   }
 
 

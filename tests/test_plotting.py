@@ -1,4 +1,5 @@
 """Experiment plot helpers: re-plotting reads back exactly the recorded table."""
+
 import os
 
 import pytest
@@ -9,10 +10,14 @@ from experiments import plotting
 def test_read_markdown_table_takes_the_last_table_and_stops_at_its_end(tmp_path, monkeypatch):
   monkeypatch.setattr(plotting, "RESULTS_DIR", str(tmp_path))
   with open(os.path.join(tmp_path, "t.md"), "w") as f:
-    f.write("# old run\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n### new run\n\n"
-            "| size | img/s |\n|---|---:|\n| 128 | 6.98 |\n| 256 | 2.20 (batch 1) |\nafter\n| x |\n")
+    f.write(
+      "# old run\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n### new run\n\n"
+      "| size | img/s |\n|---|---:|\n| 128 | 6.98 |\n| 256 | 2.20 (batch 1) |\nafter\n| x |\n"
+    )
   assert plotting.read_markdown_table("t.md") == [
-      {"size": "128", "img/s": "6.98"}, {"size": "256", "img/s": "2.20 (batch 1)"}]
+    {"size": "128", "img/s": "6.98"},
+    {"size": "256", "img/s": "2.20 (batch 1)"},
+  ]
 
 
 def test_a_file_without_a_table_is_an_error_naming_it(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The stage table: the paper's Algorithm 1, the released code's schedule, and the baseline."""
+
 import pytest
 
 from configs import default, imagenet

@@ -1,4 +1,5 @@
 """The ablation script's arms and its summary: constant-reg pins regularization, times and reach."""
+
 from configs import demo
 from effnetv2_jax import progressive, sweep
 
@@ -15,8 +16,12 @@ def _staged(overrides):
 def test_arms_differ_only_in_the_schedule():
   config = demo.get_config()
   arms = ab.arms(config)
-  assert set(arms) == {"fixed", "progressive, constant reg", "progressive, adaptive",
-                       "official, adaptive"}
+  assert set(arms) == {
+    "fixed",
+    "progressive, constant reg",
+    "progressive, adaptive",
+    "official, adaptive",
+  }
   fixed = _staged(arms["fixed"])
   const = _staged(arms["progressive, constant reg"])
   adaptive = _staged(arms["progressive, adaptive"])
@@ -30,18 +35,25 @@ def test_arms_differ_only_in_the_schedule():
 
 
 def _result(top1s, walls, final):
-  stages = [{"image_size": 16 + 4 * i, "wall_s": w, "compile_s": 1.0, "eval_top1": t, "steps": 10}
-            for i, (t, w) in enumerate(zip(top1s, walls))]
-  return {"stages": stages, "final_eval": {"top1": final}, "total_wall_s": sum(walls), "step": 10,
-          "config": {"batch_size": 49}}
+  stages = [
+    {"image_size": 16 + 4 * i, "wall_s": w, "compile_s": 1.0, "eval_top1": t, "steps": 10}
+    for i, (t, w) in enumerate(zip(top1s, walls))
+  ]
+  return {
+    "stages": stages,
+    "final_eval": {"top1": final},
+    "total_wall_s": sum(walls),
+    "step": 10,
+    "config": {"batch_size": 49},
+  }
 
 
 def test_summary_speedup_and_time_to_reach_the_baseline():
   results = {
-      ("fixed", 0): _result([0.90], [400.0], 0.90),
-      ("progressive, adaptive", 0): _result([0.5, 0.8, 0.91, 0.92], [50.0, 50.0, 60.0, 40.0], 0.92),
-      ("progressive, constant reg", 0): _result([0.5, 0.7, 0.8, 0.85], [50.0] * 4, 0.85),
-      ("official, adaptive", 0): None,
+    ("fixed", 0): _result([0.90], [400.0], 0.90),
+    ("progressive, adaptive", 0): _result([0.5, 0.8, 0.91, 0.92], [50.0, 50.0, 60.0, 40.0], 0.92),
+    ("progressive, constant reg", 0): _result([0.5, 0.7, 0.8, 0.85], [50.0] * 4, 0.85),
+    ("official, adaptive", 0): None,
   }
   rows, curves = ab.summarize("v2", results)
   by_arm = {r[1]: r for r in rows}
@@ -52,5 +64,7 @@ def test_summary_speedup_and_time_to_reach_the_baseline():
   # Per-stage speed excludes compiling: 10 steps x 49 images in (wall - 1) s.
   assert adaptive[9] == "10/10/8/13" and by_arm["fixed"][9] == "1"
   assert by_arm["official, adaptive"][3].startswith("missing")
-  assert curves["v2 progressive, adaptive (seed 0)"] == ([50.0, 100.0, 160.0, 200.0],
-                                                        [0.5, 0.8, 0.91, 0.92])
+  assert curves["v2 progressive, adaptive (seed 0)"] == (
+    [50.0, 100.0, 160.0, 200.0],
+    [0.5, 0.8, 0.91, 0.92],
+  )

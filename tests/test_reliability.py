@@ -2,6 +2,7 @@
 
 The subprocess tests run the real CLI (`python -m effnetv2_jax.main`) on a tiny folder dataset.
 """
+
 import json
 import os
 import signal
@@ -102,12 +103,21 @@ class _Cli:
   """
 
   def __init__(self, env, wd, **cfg):
-    path = fx.write_config_file(str(env["base"] / f"cfg_{time.time_ns()}.py"), env["data"],
-                                steps=STEPS, cache=fx.CACHE_DIR, **cfg)
+    path = fx.write_config_file(
+      str(env["base"] / f"cfg_{time.time_ns()}.py"),
+      env["data"],
+      steps=STEPS,
+      cache=fx.CACHE_DIR,
+      **cfg,
+    )
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "effnetv2_jax.main", f"--config={path}", f"--workdir={wd}"],
-        cwd=fx.REPO, env=fx.subprocess_env(num_devices=1), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+      [sys.executable, "-m", "effnetv2_jax.main", f"--config={path}", f"--workdir={wd}"],
+      cwd=fx.REPO,
+      env=fx.subprocess_env(num_devices=1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
     self.lines, self._q = [], queue.Queue()
     threading.Thread(target=self._pump, daemon=True).start()
 

@@ -5,6 +5,7 @@ onto a local directory at the two seams where the package meets storage (paths._
 small files, orbax's CheckpointManager for checkpoints), so everything above them -- URL joins,
 the advisory lock, results.json, read_meta, load_variables -- runs the same code as on GCS.
 """
+
 import json
 import os
 import socket
@@ -31,7 +32,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
   def local_of(url):
     assert url.startswith("gs://"), url
-    return str(root / url[len("gs://"):])
+    return str(root / url[len("gs://") :])
 
   monkeypatch.setattr(paths, "_epath", lambda url: epath.Path(local_of(url)))
   given = []
@@ -46,11 +47,21 @@ def fake_gcs(tmp_path, monkeypatch):
 
 
 # --- classification and joins ------------------------------------------------------------------
-@pytest.mark.parametrize("path,remote", [
-    ("gs://bucket/run", True), ("s3://b/x", True), ("gs://b", True),
-    ("/tmp/run", False), ("run", False), ("~/run", False), ("./gs:/b/run", False), ("", False),
-    ("C:/x", False), (None, False),
-])
+@pytest.mark.parametrize(
+  "path,remote",
+  [
+    ("gs://bucket/run", True),
+    ("s3://b/x", True),
+    ("gs://b", True),
+    ("/tmp/run", False),
+    ("run", False),
+    ("~/run", False),
+    ("./gs:/b/run", False),
+    ("", False),
+    ("C:/x", False),
+    (None, False),
+  ],
+)
 def test_is_remote(path, remote):
   assert paths.is_remote(path) is remote
 
@@ -78,12 +89,15 @@ def test_unsupported_scheme_says_so():
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-def test_checkpointer_hands_orbax_the_url_unchanged_and_round_trips(fake_gcs, tmp_path,
-                                                                    monkeypatch):
+def test_checkpointer_hands_orbax_the_url_unchanged_and_round_trips(
+  fake_gcs, tmp_path, monkeypatch
+):
   local_of, given = fake_gcs
   monkeypatch.chdir(tmp_path)
-  st = {"params": {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)},
-        "batch_stats": {"m": jnp.ones((3,), jnp.float32)}}
+  st = {
+    "params": {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)},
+    "batch_stats": {"m": jnp.ones((3,), jnp.float32)},
+  }
   ck = ckpt_lib.Checkpointer("gs://b/run", keep=2)
   assert ck.directory == "gs://b/run/checkpoints"
   assert given == ["gs://b/run/checkpoints"]
@@ -153,9 +167,12 @@ def test_remote_lock_of_another_host_is_refused_without_a_pid_check(fake_gcs, mo
   os.makedirs(local_of("gs://b/run"))
   with open(local_of("gs://b/run/.lock"), "w") as f:
     json.dump({"pid": 1, "host": "some-other-vm", "start_time": "t"}, f)
-  monkeypatch.setattr(workdir_lib, "_holder_alive",
-                      lambda info: pytest.fail("pid checked for another host's lock"))
-  with pytest.raises(workdir_lib.WorkdirLockedError, match="some-other-vm.*delete gs://b/run/.lock"):
+  monkeypatch.setattr(
+    workdir_lib, "_holder_alive", lambda info: pytest.fail("pid checked for another host's lock")
+  )
+  with pytest.raises(
+    workdir_lib.WorkdirLockedError, match="some-other-vm.*delete gs://b/run/.lock"
+  ):
     workdir_lib.WorkdirLock("gs://b/run").acquire()
 
 
@@ -163,7 +180,7 @@ def test_remote_stale_lock_of_this_host_is_taken_over(fake_gcs):
   local_of, _ = fake_gcs
   os.makedirs(local_of("gs://b/run"))
   with open(local_of("gs://b/run/.lock"), "w") as f:
-    json.dump({"pid": 2 ** 22 + 12345, "host": socket.gethostname(), "start_time": "t"}, f)
+    json.dump({"pid": 2**22 + 12345, "host": socket.gethostname(), "start_time": "t"}, f)
   with workdir_lib.WorkdirLock("gs://b/run"):
     assert json.load(open(local_of("gs://b/run/.lock")))["pid"] == os.getpid()
 

@@ -1,4 +1,5 @@
 """The progress line's ETA accounts for later progressive stages costing more per step."""
+
 import pytest
 
 from effnetv2_jax import reporting

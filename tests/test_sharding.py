@@ -1,4 +1,5 @@
 """Data parallelism (effnetv2_jax/sharding.py): same numbers on 1 and 8 devices, one compile."""
+
 import os
 import socket
 import subprocess
@@ -27,8 +28,18 @@ def _run(devices, num_steps=3):
   state = state_lib.create_train_state(jax.random.key(0), model, tx, 8)
   state = sharding.put_replicated(state, mesh)
   step = sharding.jit_train_step(
-      steps.make_train_step(model, tx, num_classes=K, label_smoothing=0.1, weight_decay=1e-5,
-                            ema_decay=0.9999, lr_fn=optim.lr_schedule(c, 2.0)), mesh, state)
+    steps.make_train_step(
+      model,
+      tx,
+      num_classes=K,
+      label_smoothing=0.1,
+      weight_decay=1e-5,
+      ema_decay=0.9999,
+      lr_fn=optim.lr_schedule(c, 2.0),
+    ),
+    mesh,
+    state,
+  )
   rng = jax.random.key(42)
   metrics = []
   # Each process feeds only its own rows of the global batch (all of it when single-process).
@@ -37,8 +48,12 @@ def _run(devices, num_steps=3):
   for t in range(num_steps):
     r = np.random.default_rng(t)
     batch = sharding.shard_batch(
-        {"image": r.normal(size=(GLOBAL_BATCH, 8, 8, 3)).astype(np.float32)[rows],
-         "label": r.integers(0, K, size=GLOBAL_BATCH).astype(np.int32)[rows]}, mesh)
+      {
+        "image": r.normal(size=(GLOBAL_BATCH, 8, 8, 3)).astype(np.float32)[rows],
+        "label": r.integers(0, K, size=GLOBAL_BATCH).astype(np.int32)[rows],
+      },
+      mesh,
+    )
     state, m = step(state, batch, rng)
     metrics.append(jax.device_get(m))
   # Replicated arrays: every process holds a full copy, so read its first shard.
@@ -61,8 +76,11 @@ def test_one_and_eight_devices_agree(runs):
   assert m1[-1]["learning_rate"] > m1[0]["learning_rate"]
   # BatchNorm statistics are global-batch statistics on both meshes, and so are params and EMA.
   for field in ("params", "batch_stats", "ema_params", "ema_batch_stats", "opt_state"):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
-                 getattr(s1, field), getattr(s8, field))
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+      getattr(s1, field),
+      getattr(s8, field),
+    )
 
 
 def test_step_compiles_once_and_survives_donation(runs):
@@ -77,8 +95,12 @@ def test_step_compiles_once_and_survives_donation(runs):
   try:
     state = sharding.put_replicated(state, mesh)
     batch = sharding.shard_batch(
-        {"image": np.zeros((GLOBAL_BATCH, 8, 8, 3), np.float32),
-         "label": np.zeros((GLOBAL_BATCH,), np.int32)}, mesh)
+      {
+        "image": np.zeros((GLOBAL_BATCH, 8, 8, 3), np.float32),
+        "label": np.zeros((GLOBAL_BATCH,), np.int32),
+      },
+      mesh,
+    )
     rng = jax.random.key(0)
     s1, _ = step(state, batch, rng)
     s2, m = step(s1, batch, rng)  # the donated s1 buffers are not needed again
@@ -99,15 +121,23 @@ def test_eval_sums_agree_across_meshes(runs):
   (_, s1, _, _), _ = runs
   model = TinyNet(num_classes=K)
   r = np.random.default_rng(9)
-  host = {"image": r.normal(size=(GLOBAL_BATCH, 8, 8, 3)).astype(np.float32),
-          "label": r.integers(0, K, size=GLOBAL_BATCH).astype(np.int32),
-          "mask": (np.arange(GLOBAL_BATCH) < 13).astype(np.float32)}
+  host = {
+    "image": r.normal(size=(GLOBAL_BATCH, 8, 8, 3)).astype(np.float32),
+    "label": r.integers(0, K, size=GLOBAL_BATCH).astype(np.int32),
+    "mask": (np.arange(GLOBAL_BATCH) < 13).astype(np.float32),
+  }
   out = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
     ev = sharding.jit_eval_step(steps.make_eval_step(model, num_classes=K), mesh)
-    out.append(jax.device_get(ev(sharding.put_replicated(state_lib.eval_variables(s1), mesh),
-                                 sharding.shard_batch(host, mesh))))
+    out.append(
+      jax.device_get(
+        ev(
+          sharding.put_replicated(state_lib.eval_variables(s1), mesh),
+          sharding.shard_batch(host, mesh),
+        )
+      )
+    )
   assert out[0]["count"] == out[1]["count"] == 13
   for k in out[0]:
     np.testing.assert_allclose(out[0][k], out[1][k], rtol=1e-5)
@@ -120,8 +150,13 @@ def test_shard_batch_rejects_uneven_batch():
 
 
 def test_init_distributed_is_noop_single_process(monkeypatch):
-  for var in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-              "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+  for var in (
+    "JAX_NUM_PROCESSES",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "JAX_COORDINATOR_ADDRESS",
+  ):
     monkeypatch.delenv(var, raising=False)
   sharding.init_distributed()
   assert jax.process_count() == 1
@@ -135,13 +170,24 @@ def test_two_processes_match_one(tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs = []
   for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
-    procs.append(subprocess.Popen(
+    env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(pid),
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]),
+    )
+    procs.append(
+      subprocess.Popen(
         [sys.executable, os.path.join(repo, "tests", "mp_worker.py"), str(tmp_path / f"{pid}.npz")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   for p in procs:
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out[-3000:]

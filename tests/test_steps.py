@@ -1,4 +1,5 @@
 """Train/eval steps (effnetv2_jax/steps.py) and the train state (effnetv2_jax/state.py)."""
+
 import functools
 import sys
 import types
@@ -34,9 +35,17 @@ def _setup(dropout=0.5, dtype=jnp.float32, ema=True, ema_decay=0.9999, mixup_alp
   if not ema:
     state = state.replace(ema_params=None, ema_batch_stats=None)
   model = TinyNet(num_classes=K, dropout_rate=dropout, dtype=dtype)
-  step = steps.make_train_step(model, tx, num_classes=K, label_smoothing=0.1, weight_decay=1e-5,
-                               ema_decay=ema_decay, mixup_alpha=mixup_alpha, cutmix_alpha=0.0,
-                               lr_fn=optim.lr_schedule(c, 10.0))
+  step = steps.make_train_step(
+    model,
+    tx,
+    num_classes=K,
+    label_smoothing=0.1,
+    weight_decay=1e-5,
+    ema_decay=ema_decay,
+    mixup_alpha=mixup_alpha,
+    cutmix_alpha=0.0,
+    lr_fn=optim.lr_schedule(c, 10.0),
+  )
   return model, state, jax.jit(step)
 
 
@@ -47,8 +56,10 @@ def _dropout_key(rng, step):
 
 def _batch(n=8, seed=0):
   r = np.random.default_rng(seed)
-  return {"image": jnp.asarray(r.normal(size=(n, 8, 8, 3)), jnp.float32),
-          "label": jnp.asarray(r.integers(0, K, size=n), jnp.int32)}
+  return {
+    "image": jnp.asarray(r.normal(size=(n, 8, 8, 3)), jnp.float32),
+    "label": jnp.asarray(r.integers(0, K, size=n), jnp.int32),
+  }
 
 
 def _assert_trees_equal(a, b):
@@ -58,29 +69,39 @@ def _assert_trees_equal(a, b):
 def test_ema_decay_warmup_formula():
   assert float(state_lib.ema_decay_at(0, 0.9999)) == pytest.approx(0.1)
   assert float(state_lib.ema_decay_at(8, 0.9999)) == pytest.approx(0.5)
-  assert float(state_lib.ema_decay_at(10 ** 7, 0.9999)) == pytest.approx(0.9999)
-  assert float(state_lib.ema_decay_at(10 ** 7, 0.0)) == 0.0
+  assert float(state_lib.ema_decay_at(10**7, 0.9999)) == pytest.approx(0.9999)
+  assert float(state_lib.ema_decay_at(10**7, 0.0)) == 0.0
 
 
 def test_ema_covers_params_and_batch_stats():
   _, s0, step = _setup()
   s1, m = step(s0, _batch(), jax.random.key(1))
   d = 0.1  # ema_decay_at(0)
-  for ema0, new, ema1 in ((s0.ema_params, s1.params, s1.ema_params),
-                          (s0.ema_batch_stats, s1.batch_stats, s1.ema_batch_stats)):
-    jax.tree.map(lambda e0, x, e1: np.testing.assert_allclose(e1, d * e0 + (1 - d) * x,
-                                                              rtol=1e-6, atol=1e-7),
-                 ema0, new, ema1)
+  for ema0, new, ema1 in (
+    (s0.ema_params, s1.params, s1.ema_params),
+    (s0.ema_batch_stats, s1.batch_stats, s1.ema_batch_stats),
+  ):
+    jax.tree.map(
+      lambda e0, x, e1: np.testing.assert_allclose(e1, d * e0 + (1 - d) * x, rtol=1e-6, atol=1e-7),
+      ema0,
+      new,
+      ema1,
+    )
   # BN statistics moved, so the EMA test above was not vacuous for them.
-  assert not np.allclose(s1.batch_stats["BatchNorm_0"]["mean"],
-                         s0.batch_stats["BatchNorm_0"]["mean"])
+  assert not np.allclose(
+    s1.batch_stats["BatchNorm_0"]["mean"], s0.batch_stats["BatchNorm_0"]["mean"]
+  )
   assert int(s1.step) == 1 and float(m["bad_step"]) == 0.0
 
 
 def test_ema_disabled_representations():
   _, s0, step = _setup(ema=False)
-  assert state_lib.create_train_state(
-      jax.random.key(0), TinyNet(num_classes=K), _init_state()[1], 8, ema=False).ema_params is None
+  assert (
+    state_lib.create_train_state(
+      jax.random.key(0), TinyNet(num_classes=K), _init_state()[1], 8, ema=False
+    ).ema_params
+    is None
+  )
   assert s0.ema_params is None and s0.ema_batch_stats is None
   s1, _ = step(s0, _batch(), jax.random.key(1))
   assert s1.ema_params is None
@@ -102,9 +123,13 @@ def test_label_smoothing_targets_and_loss():
   model, s0, step = _setup()
   b = _batch()
   _, m = step(s0, b, jax.random.key(1))
-  logits, _ = model.apply({"params": s0.params, "batch_stats": s0.batch_stats}, b["image"],
-                          train=True, mutable=["batch_stats"],
-                          rngs={"dropout": _dropout_key(jax.random.key(1), 0)})
+  logits, _ = model.apply(
+    {"params": s0.params, "batch_stats": s0.batch_stats},
+    b["image"],
+    train=True,
+    mutable=["batch_stats"],
+    rngs={"dropout": _dropout_key(jax.random.key(1), 0)},
+  )
   targets = steps.smooth_labels(jax.nn.one_hot(b["label"], K), 0.1)
   ce = jnp.mean(optax.softmax_cross_entropy(logits, targets))
   np.testing.assert_allclose(m["ce_loss"], ce, rtol=1e-5)
@@ -127,11 +152,16 @@ def test_smoothing_applies_after_mixing(monkeypatch):
   b = _batch()
   _, m = step(s0, b, jax.random.key(1))
   assert seen["alphas"] == (0.2, 0.0)
-  logits, _ = model.apply({"params": s0.params, "batch_stats": s0.batch_stats}, b["image"],
-                          train=True, mutable=["batch_stats"])
+  logits, _ = model.apply(
+    {"params": s0.params, "batch_stats": s0.batch_stats},
+    b["image"],
+    train=True,
+    mutable=["batch_stats"],
+  )
   targets = jnp.zeros((8, K)).at[:, :2].set(0.5) * 0.9 + 0.01
-  np.testing.assert_allclose(m["ce_loss"],
-                             jnp.mean(optax.softmax_cross_entropy(logits, targets)), rtol=1e-5)
+  np.testing.assert_allclose(
+    m["ce_loss"], jnp.mean(optax.softmax_cross_entropy(logits, targets)), rtol=1e-5
+  )
 
 
 def test_divergence_guard_skips_update_but_advances_step():
@@ -183,42 +213,61 @@ def test_eval_step_uses_given_variables_and_mask():
   out_ema = ev(state_lib.eval_variables(s1), b)
   out_raw = ev(state_lib.eval_variables(s1, use_ema=False), b)
 
-  logits = model.apply({"params": s1.ema_params, "batch_stats": s1.ema_batch_stats},
-                       b["image"][:6], train=False)
+  logits = model.apply(
+    {"params": s1.ema_params, "batch_stats": s1.ema_batch_stats}, b["image"][:6], train=False
+  )
   labels = b["label"][:6]
   assert float(out_ema["count"]) == 6.0
   np.testing.assert_allclose(out_ema["top1_correct"], jnp.sum(jnp.argmax(logits, -1) == labels))
   top5 = jnp.sum(jnp.any(jax.lax.top_k(logits, 5)[1] == labels[:, None], -1))
   np.testing.assert_allclose(out_ema["top5_correct"], top5)
   np.testing.assert_allclose(
-      out_ema["loss_sum"],
-      jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), rtol=1e-5)
+    out_ema["loss_sum"],
+    jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)),
+    rtol=1e-5,
+  )
   assert float(out_ema["loss_sum"]) != pytest.approx(float(out_raw["loss_sum"]))
 
 
 def test_freeze_bn_stats_keeps_running_statistics_but_trains_weights():
   c, tx, state = _init_state()
   model = TinyNet(num_classes=K, dropout_rate=0.0)
-  frozen = jax.jit(steps.make_train_step(model, tx, num_classes=K, label_smoothing=0.0,
-                                         weight_decay=0.0, ema_decay=0.0, freeze_bn_stats=True))
-  live = jax.jit(steps.make_train_step(model, tx, num_classes=K, label_smoothing=0.0,
-                                       weight_decay=0.0, ema_decay=0.0))
+  frozen = jax.jit(
+    steps.make_train_step(
+      model,
+      tx,
+      num_classes=K,
+      label_smoothing=0.0,
+      weight_decay=0.0,
+      ema_decay=0.0,
+      freeze_bn_stats=True,
+    )
+  )
+  live = jax.jit(
+    steps.make_train_step(
+      model, tx, num_classes=K, label_smoothing=0.0, weight_decay=0.0, ema_decay=0.0
+    )
+  )
   rng = jax.random.key(1)
   after_frozen, _ = frozen(state, _batch(), rng)
   after_live, _ = live(state, _batch(), rng)
   _assert_trees_equal(after_frozen.batch_stats, state.batch_stats)
   # The unfrozen step does move them (so the assertion above could fail), and both train weights.
-  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                         after_live.batch_stats, state.batch_stats)
+  changed = jax.tree.map(
+    lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+    after_live.batch_stats,
+    state.batch_stats,
+  )
   assert any(jax.tree.leaves(changed))
   _assert_trees_equal(after_frozen.params, after_live.params)
 
 
 def test_all_finite_is_exact_for_huge_values_and_catches_each_kind_of_non_finite():
   from effnetv2_jax.steps import _all_finite
-  huge = {'a': jnp.full((3,), 3e38, jnp.float32), 'b': jnp.full((2, 2), -3e38, jnp.bfloat16)}
-  assert bool(_all_finite(huge))                # a sum or a norm of these would overflow
+
+  huge = {"a": jnp.full((3,), 3e38, jnp.float32), "b": jnp.full((2, 2), -3e38, jnp.bfloat16)}
+  assert bool(_all_finite(huge))  # a sum or a norm of these would overflow
   for bad in (jnp.inf, -jnp.inf, jnp.nan):
-    tree = {'a': jnp.ones((3,)).at[1].set(bad), 'b': jnp.ones((2, 2), jnp.bfloat16)}
+    tree = {"a": jnp.ones((3,)).at[1].set(bad), "b": jnp.ones((2, 2), jnp.bfloat16)}
     assert not bool(_all_finite(tree)), bad
   assert bool(_all_finite({}))

@@ -1,18 +1,26 @@
 """The TPU VM launcher in dry-run mode: the commands it would run, none of them executed."""
+
 import importlib.util
 import os
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("tpu_launch",
-                                               os.path.join(REPO, "experiments", "tpu", "launch.py"))
+_spec = importlib.util.spec_from_file_location(
+  "tpu_launch", os.path.join(REPO, "experiments", "tpu", "launch.py")
+)
 launch = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(launch)
 
-BASE = ["--name=effnet-s", "--zone=us-central2-b", "--accelerator_type=v4-32",
-        "--config=configs/imagenet.py:variant=s,preset=paper", "--workdir=gs://bkt/runs/s-paper",
-        "--data_dir=gs://bkt/tfds", "--dry_run"]
+BASE = [
+  "--name=effnet-s",
+  "--zone=us-central2-b",
+  "--accelerator_type=v4-32",
+  "--config=configs/imagenet.py:variant=s,preset=paper",
+  "--workdir=gs://bkt/runs/s-paper",
+  "--data_dir=gs://bkt/tfds",
+  "--dry_run",
+]
 
 
 def _commands(capsys, argv):

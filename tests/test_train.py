@@ -10,6 +10,7 @@ checkpoints and a complete results.json, compile the train step exactly once per
 stopped mid-stage and again just past the stage boundary must end with bitwise-equal params.
 All runs share one persistent compilation cache, so only the first pays for compiling.
 """
+
 import glob
 import json
 import logging
@@ -41,6 +42,7 @@ def _restore_compilation_cache_setting():
   yield
   jax.config.update("jax_compilation_cache_dir", before)
   from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+
   compilation_cache.reset_cache()
 
 
@@ -64,7 +66,7 @@ class _CompileCounter(logging.Handler):
   def emit(self, record):
     msg = record.getMessage()
     if msg.startswith("Compiling jit("):
-      self.names.append(msg[len("Compiling jit("):msg.index(")")])
+      self.names.append(msg[len("Compiling jit(") : msg.index(")")])
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +120,19 @@ def test_tensorboard_events_hold_train_and_eval_scalars(reference):
   events = glob.glob(os.path.join(wd, "events.out.tfevents.*"))
   assert events
   import tensorflow as tf  # only to read the event file back
+
   tags = set()
   for path in events:
     for e in tf.compat.v1.train.summary_iterator(path):
       tags.update(v.tag for v in e.summary.value)
-  assert {"train/loss", "train/accuracy", "train/lr", "train/steps_per_sec",
-          "eval/top1", "eval/top5"} <= tags
+  assert {
+    "train/loss",
+    "train/accuracy",
+    "train/lr",
+    "train/steps_per_sec",
+    "eval/top1",
+    "eval/top5",
+  } <= tags
 
 
 def test_train_step_compiles_exactly_once_per_stage(reference):
@@ -180,10 +189,12 @@ def test_init_from_keeps_the_body_and_reinitialises_another_head(env, reference,
     st = train._fresh_state(cfg, model, tx, 16, mesh)  # pylint: disable=protected-access
   assert "classifier.kernel" in caplog.text and "re-initialised" in caplog.text
   src_params, _, _ = ckpt_lib.load_variables(wd)  # EMA weights of the reference
-  np.testing.assert_array_equal(st.params["stem"]["conv"]["kernel"],
-                                src_params["stem"]["conv"]["kernel"])
-  np.testing.assert_array_equal(st.ema_params["stem"]["conv"]["kernel"],
-                                src_params["stem"]["conv"]["kernel"])
+  np.testing.assert_array_equal(
+    st.params["stem"]["conv"]["kernel"], src_params["stem"]["conv"]["kernel"]
+  )
+  np.testing.assert_array_equal(
+    st.ema_params["stem"]["conv"]["kernel"], src_params["stem"]["conv"]["kernel"]
+  )
   assert st.params["classifier"]["kernel"].shape == (16, 5)
   assert int(st.step) == 0  # fine-tuning starts a new schedule
 
@@ -192,6 +203,7 @@ def test_divergence_stops_without_checkpointing_a_bad_state(env, monkeypatch, ca
   """NaN inputs from step 5 on: the guard skips the updates, the run stops after max_bad_steps
   naming the step, and no checkpoint is written after the last good step."""
   from effnetv2_jax.data import input_pipeline
+
   real = input_pipeline.train_iterator
 
   def poisoned(**kw):
@@ -201,12 +213,14 @@ def test_divergence_stops_without_checkpointing_a_bad_state(env, monkeypatch, ca
         batch = dict(batch, image=np.full_like(batch["image"], np.nan))
       step += 1
       yield batch
+
   monkeypatch.setattr(input_pipeline, "train_iterator", poisoned)
   cfg = _config(env, ckpt_every=1)
   cfg.max_bad_steps = 2
   wd = str(env["base"] / "diverge")
-  with pytest.raises(train.TrainingDivergedError, match="2 consecutive non-finite steps ending "
-                     "at step 7"):
+  with pytest.raises(
+    train.TrainingDivergedError, match="2 consecutive non-finite steps ending at step 7"
+  ):
     train.train_and_evaluate(cfg, wd, devices=ONE)
   assert "step 6: non-finite loss or gradient, update skipped" in caplog.text
   ck = ckpt_lib.Checkpointer(wd, read_only=True)
@@ -218,6 +232,7 @@ def test_divergence_stops_without_checkpointing_a_bad_state(env, monkeypatch, ca
 def test_cli_exit_codes(env, monkeypatch, capsys):
   def diverge(*a, **k):
     raise train.TrainingDivergedError("training diverged: 10 consecutive non-finite steps")
+
   monkeypatch.setattr(train, "train_and_evaluate", diverge)
   with pytest.raises(SystemExit) as e:
     main_lib.run(_config(env), str(env["base"] / "cli"), "train")
@@ -233,7 +248,9 @@ def test_bad_config_fails_before_touching_the_workdir(env, capsys):
     main_lib.run(cfg, wd, "train")
   assert e.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert err == ["error: progressive.min_image_size: 64 is larger than progressive.max_image_size 24"]
+  assert err == [
+    "error: progressive.min_image_size: 64 is larger than progressive.max_image_size 24"
+  ]
   assert not os.path.exists(wd)
 
 

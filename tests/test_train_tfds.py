@@ -4,6 +4,7 @@ The other trainer tests use an image folder (subprocesses need data on disk); th
 through the TFDS source: registry, prepared builder, per-process split, 28-px grayscale images.
 It trains two progressive stages, checkpoints, resumes from a mid-run stop, and writes results.
 """
+
 import os
 
 import jax

@@ -1,5 +1,6 @@
 """A tiny Flax model with the calling convention of `effnetv2_jax.models` (Conv, BN, Dropout,
 Dense), so the training-core tests are fast and independent of the real models."""
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -13,8 +14,7 @@ class TinyNet(nn.Module):
   def __call__(self, x, train: bool = False):
     x = nn.Conv(8, (3, 3), strides=2, use_bias=False, dtype=self.dtype)(x)
     # Flax momentum = TF decay 0.9, eps 1e-3 as in the official models.
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
-                     dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3, dtype=self.dtype)(x)
     x = nn.silu(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

@@ -17,6 +17,7 @@ Names:
     holds the class folders and is the single split ``all`` (used for both train and eval).
 Any TFDS split string may be passed as ``split=`` to the input pipeline; it is handed to TFDS unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,9 @@ import os
 IMAGENET_MINIVAL_SIZE = 25_021
 IMAGENET_TRAIN_SIZE = 1_281_167
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
-_FOLDER_PREFIX = 'folder:'
-_FOLDER_EVAL_DIRS = ('val', 'validation', 'test')
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+_FOLDER_PREFIX = "folder:"
+_FOLDER_EVAL_DIRS = ("val", "validation", "test")
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -38,15 +39,15 @@ class DatasetNotPreparedError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   name: str
-  tfds_name: str          # '' for image folders
+  tfds_name: str  # '' for image folders
   num_classes: int
   train_split: str
   eval_split: str
   num_train: int
   num_eval: int
-  folder_root: str | None = None        # only for folder: datasets
-  class_names: tuple[str, ...] = ()     # folder datasets: sorted class subfolder names
-  prepare_hint: str = ''                # how to make the data available; used in error messages
+  folder_root: str | None = None  # only for folder: datasets
+  class_names: tuple[str, ...] = ()  # folder datasets: sorted class subfolder names
+  prepare_hint: str = ""  # how to make the data available; used in error messages
 
   @property
   def is_folder(self) -> bool:
@@ -54,61 +55,116 @@ class DatasetInfo:
 
 
 def _tfds_hint(tfds_name: str) -> str:
-  return (f'build it with `tfds build {tfds_name} --data_dir=DATA_DIR` on a machine with network '
-          'access (or copy a prepared data_dir here).')
+  return (
+    f"build it with `tfds build {tfds_name} --data_dir=DATA_DIR` on a machine with network "
+    "access (or copy a prepared data_dir here)."
+  )
 
 
 _IMAGENET_HINT = (
-    'ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar and '
-    'ILSVRC2012_img_val.tar into DATA_DIR/downloads/manual/, then run '
-    '`tfds build imagenet2012 --data_dir=DATA_DIR` (about 150 GB of disk while building).')
+  "ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar and "
+  "ILSVRC2012_img_val.tar into DATA_DIR/downloads/manual/, then run "
+  "`tfds build imagenet2012 --data_dir=DATA_DIR` (about 150 GB of disk while building)."
+)
 _FASHION_HINT = (
-    'build it offline from Debian\'s dataset-fashion-mnist files with '
-    '`python -m effnetv2_jax.data.prepare fashion_mnist --data_dir=DATA_DIR` '
-    '(or `tfds build fashion_mnist` where a network exists).')
+  "build it offline from Debian's dataset-fashion-mnist files with "
+  "`python -m effnetv2_jax.data.prepare fashion_mnist --data_dir=DATA_DIR` "
+  "(or `tfds build fashion_mnist` where a network exists)."
+)
 
 # TFDS ships no ImageNet-21k builder (the data is behind a login), so the entry names a dataset the
 # user builds; the sizes are the paper's round figures and only convert epochs to steps.
 IMAGENET21K_CLASSES = 21_843  # the released code's count; the paper says 21,841 (reference sec. 9)
-IMAGENET21K_TRAIN_SIZE = 13_000_000  # "about 13M training images" (paper); set num_train_steps to pin
+IMAGENET21K_TRAIN_SIZE = (
+  13_000_000  # "about 13M training images" (paper); set num_train_steps to pin
+)
 IMAGENET21K_EVAL_SIZE = 100_000
 _IMAGENET21K_HINT = (
-    'TFDS has no ImageNet-21k builder: create one with `tfds new imagenet21k` whose examples are '
-    '{"image": jpeg, "label": int in [0, 21843)} with splits "train" and "validation" (one label per '
-    'image: multi-hot labels are not supported), then `tfds build imagenet21k --data_dir=DATA_DIR`; '
-    'or use dataset="folder:/path/to/unpacked/fall11" (class-per-subfolder, slow to list at this size).')
+  "TFDS has no ImageNet-21k builder: create one with `tfds new imagenet21k` whose examples are "
+  '{"image": jpeg, "label": int in [0, 21843)} with splits "train" and "validation" (one label per '
+  "image: multi-hot labels are not supported), then `tfds build imagenet21k --data_dir=DATA_DIR`; "
+  'or use dataset="folder:/path/to/unpacked/fall11" (class-per-subfolder, slow to list at this size).'
+)
 
 # name -> (tfds_name, classes, train split, eval split, #train, #eval, hint)
 _REGISTRY: dict[str, DatasetInfo] = {}
 
 
-def _register(name, tfds_name, num_classes, train_split, eval_split, num_train, num_eval, hint=None):
-  _REGISTRY[name] = DatasetInfo(name=name, tfds_name=tfds_name, num_classes=num_classes,
-                                train_split=train_split, eval_split=eval_split, num_train=num_train,
-                                num_eval=num_eval, prepare_hint=hint or _tfds_hint(tfds_name))
+def _register(
+  name, tfds_name, num_classes, train_split, eval_split, num_train, num_eval, hint=None
+):
+  _REGISTRY[name] = DatasetInfo(
+    name=name,
+    tfds_name=tfds_name,
+    num_classes=num_classes,
+    train_split=train_split,
+    eval_split=eval_split,
+    num_train=num_train,
+    num_eval=num_eval,
+    prepare_hint=hint or _tfds_hint(tfds_name),
+  )
 
 
-_register('imagenet2012', 'imagenet2012', 1000, 'train', 'validation', IMAGENET_TRAIN_SIZE, 50_000,
-          _IMAGENET_HINT)
-_register('imagenet2012_minival', 'imagenet2012', 1000, f'train[:-{IMAGENET_MINIVAL_SIZE}]',
-          f'train[-{IMAGENET_MINIVAL_SIZE}:]', IMAGENET_TRAIN_SIZE - IMAGENET_MINIVAL_SIZE,
-          IMAGENET_MINIVAL_SIZE, _IMAGENET_HINT)
-_register('imagenet2012_subset/1pct', 'imagenet2012_subset/1pct', 1000, 'train', 'validation',
-          12_811, 50_000, _IMAGENET_HINT.replace('imagenet2012 ', 'imagenet2012_subset/1pct '))
-_register('imagenet2012_subset/10pct', 'imagenet2012_subset/10pct', 1000, 'train', 'validation',
-          128_116, 50_000, _IMAGENET_HINT.replace('imagenet2012 ', 'imagenet2012_subset/10pct '))
-_register('cifar10', 'cifar10', 10, 'train', 'test', 50_000, 10_000)
-_register('cifar100', 'cifar100', 100, 'train', 'test', 50_000, 10_000)
+_register(
+  "imagenet2012",
+  "imagenet2012",
+  1000,
+  "train",
+  "validation",
+  IMAGENET_TRAIN_SIZE,
+  50_000,
+  _IMAGENET_HINT,
+)
+_register(
+  "imagenet2012_minival",
+  "imagenet2012",
+  1000,
+  f"train[:-{IMAGENET_MINIVAL_SIZE}]",
+  f"train[-{IMAGENET_MINIVAL_SIZE}:]",
+  IMAGENET_TRAIN_SIZE - IMAGENET_MINIVAL_SIZE,
+  IMAGENET_MINIVAL_SIZE,
+  _IMAGENET_HINT,
+)
+_register(
+  "imagenet2012_subset/1pct",
+  "imagenet2012_subset/1pct",
+  1000,
+  "train",
+  "validation",
+  12_811,
+  50_000,
+  _IMAGENET_HINT.replace("imagenet2012 ", "imagenet2012_subset/1pct "),
+)
+_register(
+  "imagenet2012_subset/10pct",
+  "imagenet2012_subset/10pct",
+  1000,
+  "train",
+  "validation",
+  128_116,
+  50_000,
+  _IMAGENET_HINT.replace("imagenet2012 ", "imagenet2012_subset/10pct "),
+)
+_register("cifar10", "cifar10", 10, "train", "test", 50_000, 10_000)
+_register("cifar100", "cifar100", 100, "train", "test", 50_000, 10_000)
 # Flowers: the usual transfer protocol trains on train+validation (1,020 each) and tests on test.
-_register('oxford_flowers102', 'oxford_flowers102', 102, 'train+validation', 'test', 2_040, 6_149)
-_register('cars196', 'cars196', 196, 'train', 'test', 8_144, 8_041)
-_register('imagenet21k', 'imagenet21k', IMAGENET21K_CLASSES, 'train', 'validation',
-          IMAGENET21K_TRAIN_SIZE, IMAGENET21K_EVAL_SIZE, _IMAGENET21K_HINT)
-_register('fashion_mnist', 'fashion_mnist', 10, 'train', 'test', 60_000, 10_000, _FASHION_HINT)
+_register("oxford_flowers102", "oxford_flowers102", 102, "train+validation", "test", 2_040, 6_149)
+_register("cars196", "cars196", 196, "train", "test", 8_144, 8_041)
+_register(
+  "imagenet21k",
+  "imagenet21k",
+  IMAGENET21K_CLASSES,
+  "train",
+  "validation",
+  IMAGENET21K_TRAIN_SIZE,
+  IMAGENET21K_EVAL_SIZE,
+  _IMAGENET21K_HINT,
+)
+_register("fashion_mnist", "fashion_mnist", 10, "train", "test", 60_000, 10_000, _FASHION_HINT)
 
 
 def known_names() -> list[str]:
-  return sorted(_REGISTRY) + ['folder:/path/to/root']
+  return sorted(_REGISTRY) + ["folder:/path/to/root"]
 
 
 def _list_class_dirs(split_dir: str) -> list[str]:
@@ -122,28 +178,32 @@ def _is_image(fname: str) -> bool:
 def folder_splits(root: str) -> dict[str, str]:
   """Split name -> directory holding the class folders of that split."""
   subdirs = set(_list_class_dirs(root)) if os.path.isdir(root) else set()
-  if 'train' in subdirs:
-    splits = {'train': os.path.join(root, 'train')}
+  if "train" in subdirs:
+    splits = {"train": os.path.join(root, "train")}
     for d in _FOLDER_EVAL_DIRS:
       if d in subdirs:
         splits[d] = os.path.join(root, d)
     return splits
-  return {'all': root}
+  return {"all": root}
 
 
-def folder_files(root: str, split: str, class_names: tuple[str, ...]) -> tuple[list[str], list[int]]:
+def folder_files(
+  root: str, split: str, class_names: tuple[str, ...]
+) -> tuple[list[str], list[int]]:
   """Sorted (path, label) lists of one folder split; labels index the TRAIN split's class names."""
   splits = folder_splits(root)
   if split not in splits:
-    raise ValueError(f'folder dataset {root!r} has splits {sorted(splits)}, not {split!r}')
+    raise ValueError(f"folder dataset {root!r} has splits {sorted(splits)}, not {split!r}")
   split_dir = splits[split]
   index = {c: i for i, c in enumerate(class_names)}
   paths, labels = [], []
   for cls in _list_class_dirs(split_dir):
     if cls not in index:
       # Never guess a label: a class unseen in train would silently map to a wrong index.
-      raise ValueError(f'class folder {cls!r} in {split_dir!r} does not exist in the train split '
-                       f'(classes: {list(class_names)[:10]}...)')
+      raise ValueError(
+        f"class folder {cls!r} in {split_dir!r} does not exist in the train split "
+        f"(classes: {list(class_names)[:10]}...)"
+      )
     cls_dir = os.path.join(split_dir, cls)
     for fname in sorted(os.listdir(cls_dir)):
       if _is_image(fname):
@@ -153,22 +213,35 @@ def folder_files(root: str, split: str, class_names: tuple[str, ...]) -> tuple[l
 
 
 def _folder_info(name: str) -> DatasetInfo:
-  root = os.path.abspath(os.path.expanduser(name[len(_FOLDER_PREFIX):]))
-  hint = (f'create {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg '
-          f'(or {root}/<class>/*.jpg for a single split named "all").')
+  root = os.path.abspath(os.path.expanduser(name[len(_FOLDER_PREFIX) :]))
+  hint = (
+    f"create {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg "
+    f'(or {root}/<class>/*.jpg for a single split named "all").'
+  )
   if not os.path.isdir(root):
-    raise DatasetNotPreparedError(f'Image folder {root!r} does not exist: {hint}')
+    raise DatasetNotPreparedError(f"Image folder {root!r} does not exist: {hint}")
   splits = folder_splits(root)
-  train_split = 'train' if 'train' in splits else 'all'
+  train_split = "train" if "train" in splits else "all"
   eval_split = next((s for s in _FOLDER_EVAL_DIRS if s in splits), train_split)
   classes = tuple(_list_class_dirs(splits[train_split]))
   if not classes:
-    raise DatasetNotPreparedError(f'Image folder {splits[train_split]!r} has no class subfolders: {hint}')
+    raise DatasetNotPreparedError(
+      f"Image folder {splits[train_split]!r} has no class subfolders: {hint}"
+    )
   num_train = len(folder_files(root, train_split, classes)[0])
   num_eval = len(folder_files(root, eval_split, classes)[0])
-  return DatasetInfo(name=name, tfds_name='', num_classes=len(classes), train_split=train_split,
-                     eval_split=eval_split, num_train=num_train, num_eval=num_eval,
-                     folder_root=root, class_names=classes, prepare_hint=hint)
+  return DatasetInfo(
+    name=name,
+    tfds_name="",
+    num_classes=len(classes),
+    train_split=train_split,
+    eval_split=eval_split,
+    num_train=num_train,
+    num_eval=num_eval,
+    folder_root=root,
+    class_names=classes,
+    prepare_hint=hint,
+  )
 
 
 def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
@@ -177,12 +250,13 @@ def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
   if name.startswith(_FOLDER_PREFIX):
     return _folder_info(name)
   if name not in _REGISTRY:
-    raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(known_names())}')
+    raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(known_names())}")
   return _REGISTRY[name]
 
 
 def _builder(info: DatasetInfo, data_dir: str | None):
   import tensorflow_datasets as tfds  # Imported lazily: the registry itself needs no TF.
+
   return tfds.builder(info.tfds_name, data_dir=data_dir)
 
 
@@ -194,18 +268,23 @@ def check_prepared(name: str, data_dir: str | None = None) -> None:
   try:
     builder = _builder(info, data_dir)
     # `is_prepared` is the public spelling in recent TFDS; fall back to the metadata file.
-    prepared = builder.is_prepared() if hasattr(builder, 'is_prepared') else os.path.exists(
-        os.path.join(builder.data_dir, 'dataset_info.json'))
+    prepared = (
+      builder.is_prepared()
+      if hasattr(builder, "is_prepared")
+      else os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+    )
   except Exception as e:  # pylint: disable=broad-except  (bad config name, unreadable dir, ...)
     # TFDS lists every builder it knows when a name is not one of them (imagenet21k): keep line 1.
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise DatasetNotPreparedError(f'Dataset {name!r} is not usable in data_dir {data_dir!r} ({reason}); '
-                                  f'{info.prepare_hint}') from e
+    raise DatasetNotPreparedError(
+      f"Dataset {name!r} is not usable in data_dir {data_dir!r} ({reason}); {info.prepare_hint}"
+    ) from e
   if not prepared:
     root = data_dir or os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
-    hint = info.prepare_hint.replace('DATA_DIR', root)
+    hint = info.prepare_hint.replace("DATA_DIR", root)
     raise DatasetNotPreparedError(
-        f'Dataset {name!r} (TFDS {info.tfds_name!r}) is not prepared in {root!r}: {hint}')
+      f"Dataset {name!r} (TFDS {info.tfds_name!r}) is not prepared in {root!r}: {hint}"
+    )
 
 
 def split_size(info: DatasetInfo, split: str, data_dir: str | None = None) -> int:

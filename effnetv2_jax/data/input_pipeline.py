@@ -17,6 +17,7 @@ practice this concerns image folders with corrupt files.
 Decode failures: the record's local position travels with it; after the failing record is dropped
 (`ignore_errors`), the host iterator sees a gap in positions and counts it (`decode_failures()`).
 """
+
 from __future__ import annotations
 
 import threading
@@ -28,7 +29,7 @@ import tensorflow as tf
 from effnetv2_jax.data import datasets
 from effnetv2_jax.data import preprocess
 
-_POS = '_pos'  # position of an example in this process' stream; -1 marks eval padding
+_POS = "_pos"  # position of an example in this process' stream; -1 marks eval padding
 _INF = np.iinfo(np.int64).max
 
 
@@ -45,8 +46,9 @@ class DecodeStats:
         self.failures += n
         total = self.failures
       if log:
-        tf.get_logger().warning('input pipeline: skipped %d undecodable image(s) (%d in this '
-                                'process so far)', n, total)
+        tf.get_logger().warning(
+          "input pipeline: skipped %d undecodable image(s) (%d in this process so far)", n, total
+        )
 
 
 _TOTAL = DecodeStats()
@@ -104,21 +106,28 @@ def _source(info, data_dir, split, process_index, process_count, cache):
   """(raw dataset of {'raw', 'label'}, load_fn raw->bytes, local sizes of every process)."""
   if info.is_folder:
     paths, labels = datasets.folder_files(info.folder_root, split, info.class_names)
-    sizes = [b - a for a, b in (_shard_bounds(len(paths), i, process_count) for i in range(process_count))]
+    sizes = [
+      b - a for a, b in (_shard_bounds(len(paths), i, process_count) for i in range(process_count))
+    ]
     lo, hi = _shard_bounds(len(paths), process_index, process_count)
     ds = tf.data.Dataset.from_tensor_slices(
-        {'raw': tf.constant(paths[lo:hi], tf.string), 'label': tf.constant(labels[lo:hi], tf.int64)})
+      {"raw": tf.constant(paths[lo:hi], tf.string), "label": tf.constant(labels[lo:hi], tf.int64)}
+    )
     return (ds.cache() if cache else ds), tf.io.read_file, sizes
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   datasets.check_prepared(info.name, data_dir)
   builder = tfds.builder(info.tfds_name, data_dir=data_dir)
   subsplits = tfds.even_splits(split, n=process_count)
   sizes = [builder.info.splits[s].num_examples for s in subsplits]
   # Files in a fixed order (the shuffle below is ours, seeded); images stay encoded until after
   # skip/shuffle so resuming and the shuffle buffer handle small byte strings, not pixels.
-  ds = builder.as_dataset(split=subsplits[process_index], shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {'raw': ex['image'], 'label': ex['label']})
+  ds = builder.as_dataset(
+    split=subsplits[process_index],
+    shuffle_files=False,
+    decoders={"image": tfds.decode.SkipDecoding()},
+  )
+  ds = ds.map(lambda ex: {"raw": ex["image"], "label": ex["label"]})
   return (ds.cache() if cache else ds), (lambda raw: raw), sizes
 
 
@@ -136,10 +145,11 @@ def _options(private_threadpool_size):
 def _check(global_batch_size, process_index, process_count, family):
   preprocess.check_family(family)
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {global_batch_size} is not divisible by process_count '
-                     f'{process_count}')
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}"
+    )
   return global_batch_size // process_count
 
 
@@ -149,13 +159,28 @@ def _epoch_seed(seed, epoch, process_index):
 
 
 # ------------------------------------------------------------------------------------------ train
-def train_iterator(*, dataset: str, data_dir: str | None, split: str | None, global_batch_size: int,
-                   image_size: int, family: str, randaug_magnitude: float, randaug_layers: int = 2,
-                   autoaugment: bool = False, randaug_ops=None, seed: int, start_step: int = 0,
-                   process_index: int = 0,
-                   process_count: int = 1, shuffle_buffer: int = 16384, cache: bool = False,
-                   num_parallel_calls: int = tf.data.AUTOTUNE, private_threadpool_size: int | None = None,
-                   prefetch_batches: int = 2) -> BatchIterator:
+def train_iterator(
+  *,
+  dataset: str,
+  data_dir: str | None,
+  split: str | None,
+  global_batch_size: int,
+  image_size: int,
+  family: str,
+  randaug_magnitude: float,
+  randaug_layers: int = 2,
+  autoaugment: bool = False,
+  randaug_ops=None,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  shuffle_buffer: int = 16384,
+  cache: bool = False,
+  num_parallel_calls: int = tf.data.AUTOTUNE,
+  private_threadpool_size: int | None = None,
+  prefetch_batches: int = 2,
+) -> BatchIterator:
   """Infinite iterator of this process' share of each global batch: {'image' float32 [B,H,W,3]
   normalised, 'label' int32 [B]}, B = global_batch_size // process_count. See the module docstring
   for the determinism/resume contract. `.decode_failures` counts skipped records."""
@@ -165,14 +190,17 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str | None, glo
   raw, load, sizes = _source(info, data_dir, split, process_index, process_count, cache)
   n_local = sizes[process_index]
   if n_local == 0:
-    raise ValueError(f'{dataset}:{split} has no examples for process {process_index}/{process_count}')
+    raise ValueError(
+      f"{dataset}:{split} has no examples for process {process_index}/{process_count}"
+    )
   first_pos = start_step * b_local
   first_epoch, first_skip = divmod(first_pos, n_local)
   buffer = max(1, min(shuffle_buffer, n_local))
 
   def epoch(e):
-    shuffled = raw.shuffle(buffer, seed=_epoch_seed(seed, e, process_index),
-                           reshuffle_each_iteration=False)
+    shuffled = raw.shuffle(
+      buffer, seed=_epoch_seed(seed, e, process_index), reshuffle_each_iteration=False
+    )
     return shuffled.skip(tf.where(e == first_epoch, tf.constant(first_skip, tf.int64), 0))
 
   ds = tf.data.Dataset.range(first_epoch, _INF).flat_map(epoch)
@@ -183,11 +211,18 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str | None, glo
     step, slot = pos // b_local, pos % b_local
     global_pos = step * global_batch_size + process_index * b_local + slot
     ex_seed = tf.random.experimental.stateless_fold_in(base_seed, global_pos)
-    image = preprocess.decode(load(ex['raw']))
-    image = preprocess.train_image(image, image_size=image_size, family=family, seed=ex_seed,
-                                   randaug_layers=randaug_layers, randaug_magnitude=randaug_magnitude,
-                                   autoaugment=autoaugment, randaug_ops=randaug_ops)
-    return {'image': image, 'label': tf.cast(ex['label'], tf.int32), _POS: pos}
+    image = preprocess.decode(load(ex["raw"]))
+    image = preprocess.train_image(
+      image,
+      image_size=image_size,
+      family=family,
+      seed=ex_seed,
+      randaug_layers=randaug_layers,
+      randaug_magnitude=randaug_magnitude,
+      autoaugment=autoaugment,
+      randaug_ops=randaug_ops,
+    )
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32), _POS: pos}
 
   ds = ds.map(process, num_parallel_calls=num_parallel_calls).ignore_errors()
   ds = ds.batch(b_local, drop_remainder=True).prefetch(prefetch_batches)
@@ -200,10 +235,20 @@ def num_eval_batches(sizes: list[int], local_batch: int) -> int:
   return max(-(-max(sizes) // local_batch), 1)
 
 
-def eval_iterator(*, dataset: str, data_dir: str | None, split: str | None, global_batch_size: int,
-                  image_size: int, family: str, process_index: int = 0, process_count: int = 1,
-                  num_parallel_calls: int = tf.data.AUTOTUNE, private_threadpool_size: int | None = None,
-                  prefetch_batches: int = 2) -> BatchIterator:
+def eval_iterator(
+  *,
+  dataset: str,
+  data_dir: str | None,
+  split: str | None,
+  global_batch_size: int,
+  image_size: int,
+  family: str,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_parallel_calls: int = tf.data.AUTOTUNE,
+  private_threadpool_size: int | None = None,
+  prefetch_batches: int = 2,
+) -> BatchIterator:
   """One pass of {'image', 'label', 'mask'}; padding examples have mask 0 (and label 0) so the sum of
   masks over all processes equals the split size (minus skipped undecodable records, if any)."""
   b_local = _check(global_batch_size, process_index, process_count, family)
@@ -213,15 +258,25 @@ def eval_iterator(*, dataset: str, data_dir: str | None, split: str | None, glob
   total = num_eval_batches(sizes, b_local) * b_local
 
   def process(pos, ex):
-    image = preprocess.eval_image(preprocess.decode(load(ex['raw'])), image_size=image_size,
-                                  family=family)
-    return {'image': image, 'label': tf.cast(ex['label'], tf.int32), 'mask': tf.constant(1.0),
-            _POS: pos}
+    image = preprocess.eval_image(
+      preprocess.decode(load(ex["raw"])), image_size=image_size, family=family
+    )
+    return {
+      "image": image,
+      "label": tf.cast(ex["label"], tf.int32),
+      "mask": tf.constant(1.0),
+      _POS: pos,
+    }
 
   ds = raw.enumerate().map(process, num_parallel_calls=num_parallel_calls).ignore_errors()
-  pad = {'image': tf.zeros([image_size, image_size, 3], tf.float32), 'label': tf.constant(0, tf.int32),
-         'mask': tf.constant(0.0), _POS: tf.constant(-1, tf.int64)}
+  pad = {
+    "image": tf.zeros([image_size, image_size, 3], tf.float32),
+    "label": tf.constant(0, tf.int32),
+    "mask": tf.constant(0.0),
+    _POS: tf.constant(-1, tf.int64),
+  }
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(total)
   ds = ds.batch(b_local, drop_remainder=True).prefetch(prefetch_batches)
-  return BatchIterator(ds.with_options(_options(private_threadpool_size)), 0,
-                       n_local=sizes[process_index])
+  return BatchIterator(
+    ds.with_options(_options(private_threadpool_size)), 0, n_local=sizes[process_index]
+  )

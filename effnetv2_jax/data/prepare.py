@@ -11,6 +11,7 @@ so the result is byte-for-byte what a networked `tfds build fashion_mnist` produ
 The builder hard-codes 60,000/10,000 examples; the counts are taken from the idx headers instead so a
 small generated idx set (tests) builds too. Debian's files give exactly 60,000/10,000.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -23,23 +24,26 @@ from unittest import mock
 
 from absl import app, flags, logging
 
-DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _IDX_FILES = {  # key used by TFDS' mnist builder -> file name
-    'train_data': 'train-images-idx3-ubyte.gz',
-    'train_labels': 'train-labels-idx1-ubyte.gz',
-    'test_data': 't10k-images-idx3-ubyte.gz',
-    'test_labels': 't10k-labels-idx1-ubyte.gz',
+  "train_data": "train-images-idx3-ubyte.gz",
+  "train_labels": "train-labels-idx1-ubyte.gz",
+  "test_data": "t10k-images-idx3-ubyte.gz",
+  "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049  # idx3 uint8 images, idx1 uint8 labels
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('data_dir', None, 'TFDS data_dir to write to (default: TFDS default, '
-                    '~/tensorflow_datasets).')
-flags.DEFINE_string('source_dir', DEBIAN_FASHION_MNIST_DIR, 'Directory with the four *-ubyte.gz idx files.')
+flags.DEFINE_string(
+  "data_dir", None, "TFDS data_dir to write to (default: TFDS default, ~/tensorflow_datasets)."
+)
+flags.DEFINE_string(
+  "source_dir", DEBIAN_FASHION_MNIST_DIR, "Directory with the four *-ubyte.gz idx files."
+)
 
 
 def _open_idx(path: str):
-  return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
+  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def read_idx_header(path: str) -> tuple[int, tuple[int, ...]]:
@@ -47,12 +51,12 @@ def read_idx_header(path: str) -> tuple[int, tuple[int, ...]]:
   with _open_idx(path) as f:
     head = f.read(4)
     if len(head) < 4:
-      raise ValueError(f'{path}: too short to be an idx file')
-    magic = struct.unpack('>I', head)[0]
+      raise ValueError(f"{path}: too short to be an idx file")
+    magic = struct.unpack(">I", head)[0]
     ndim = magic & 0xFF
     raw = f.read(4 * ndim)
   # A truncated header yields no dims; the caller's magic/shape checks then report the file.
-  dims = struct.unpack(f'>{ndim}I', raw) if len(raw) == 4 * ndim else ()
+  dims = struct.unpack(f">{ndim}I", raw) if len(raw) == 4 * ndim else ()
   return magic, dims
 
 
@@ -61,21 +65,26 @@ def _check_sources(source_dir: str) -> dict[str, int]:
   missing = [n for n in _IDX_FILES.values() if not os.path.exists(os.path.join(source_dir, n))]
   if missing:
     raise FileNotFoundError(
-        f'Fashion-MNIST idx files missing in {source_dir!r}: {missing}. Install Debian\'s '
-        '`dataset-fashion-mnist` package or pass --source_dir=DIR holding the four *-ubyte.gz files.')
+      f"Fashion-MNIST idx files missing in {source_dir!r}: {missing}. Install Debian's "
+      "`dataset-fashion-mnist` package or pass --source_dir=DIR holding the four *-ubyte.gz files."
+    )
   counts = {}
-  for split in ('train', 'test'):
-    img_path = os.path.join(source_dir, _IDX_FILES[f'{split}_data'])
-    lbl_path = os.path.join(source_dir, _IDX_FILES[f'{split}_labels'])
+  for split in ("train", "test"):
+    img_path = os.path.join(source_dir, _IDX_FILES[f"{split}_data"])
+    lbl_path = os.path.join(source_dir, _IDX_FILES[f"{split}_labels"])
     img_magic, img_dims = read_idx_header(img_path)
     lbl_magic, lbl_dims = read_idx_header(lbl_path)
     if img_magic != _IMAGES_MAGIC or len(img_dims) != 3 or tuple(img_dims[1:]) != (28, 28):
-      raise ValueError(f'{img_path}: expected idx3 uint8 28x28 images (magic {_IMAGES_MAGIC}), got '
-                       f'magic {img_magic} dims {img_dims}')
+      raise ValueError(
+        f"{img_path}: expected idx3 uint8 28x28 images (magic {_IMAGES_MAGIC}), got "
+        f"magic {img_magic} dims {img_dims}"
+      )
     if lbl_magic != _LABELS_MAGIC:
-      raise ValueError(f'{lbl_path}: expected idx1 uint8 labels (magic {_LABELS_MAGIC}), got {lbl_magic}')
+      raise ValueError(
+        f"{lbl_path}: expected idx1 uint8 labels (magic {_LABELS_MAGIC}), got {lbl_magic}"
+      )
     if not img_dims or not lbl_dims or img_dims[0] != lbl_dims[0]:
-      raise ValueError(f'{split}: {img_dims[0]} images but {lbl_dims[0]} labels')
+      raise ValueError(f"{split}: {img_dims[0]} images but {lbl_dims[0]} labels")
     counts[split] = img_dims[0]
   return counts
 
@@ -89,27 +98,30 @@ def _shim_importlib_resources():
     import importlib.abc  # noqa: F401  (makes importlib.resources.abc importable on 3.11)
     import importlib.resources
     import importlib.resources.abc  # noqa: F401
-    sys.modules['importlib_resources'] = importlib.resources
+
+    sys.modules["importlib_resources"] = importlib.resources
 
 
-def prepare_fashion_mnist(data_dir: str | None = None, source_dir: str = DEBIAN_FASHION_MNIST_DIR) -> str:
+def prepare_fashion_mnist(
+  data_dir: str | None = None, source_dir: str = DEBIAN_FASHION_MNIST_DIR
+) -> str:
   """Builds TFDS' fashion_mnist from local idx files; returns the dataset directory written."""
   import tensorflow_datasets as tfds
   from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
   counts = _check_sources(source_dir)
   _shim_importlib_resources()
-  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+  builder = tfds.builder("fashion_mnist", data_dir=data_dir)
   if builder.is_prepared():
-    logging.info('fashion_mnist already prepared in %s', builder.data_dir)
+    logging.info("fashion_mnist already prepared in %s", builder.data_dir)
     return builder.data_dir
 
-  with tempfile.TemporaryDirectory(prefix='fashion_mnist_idx_') as tmp:
+  with tempfile.TemporaryDirectory(prefix="fashion_mnist_idx_") as tmp:
     # TFDS' parser reads *extracted* files (download_and_extract gunzips them), so gunzip here too.
     extracted = {}
     for key, fname in _IDX_FILES.items():
       dst = os.path.join(tmp, fname[:-3])
-      with _open_idx(os.path.join(source_dir, fname)) as src, open(dst, 'wb') as out:
+      with _open_idx(os.path.join(source_dir, fname)) as src, open(dst, "wb") as out:
         shutil.copyfileobj(src, out)
       extracted[key] = dst
 
@@ -118,27 +130,37 @@ def prepare_fashion_mnist(data_dir: str | None = None, source_dir: str = DEBIAN_
       # The builder asks for {key: url}; answer each key with its local file, whatever the URL.
       return {key: extracted[key] for key in url_or_urls}
 
-    with mock.patch.object(tfds.download.DownloadManager, 'download_and_extract',
-                           local_download_and_extract), \
-         mock.patch.object(tfds_mnist, '_TRAIN_EXAMPLES', counts['train']), \
-         mock.patch.object(tfds_mnist, '_TEST_EXAMPLES', counts['test']):
+    with (
+      mock.patch.object(
+        tfds.download.DownloadManager, "download_and_extract", local_download_and_extract
+      ),
+      mock.patch.object(tfds_mnist, "_TRAIN_EXAMPLES", counts["train"]),
+      mock.patch.object(tfds_mnist, "_TEST_EXAMPLES", counts["test"]),
+    ):
       builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  logging.info('fashion_mnist prepared in %s (%d train / %d test)', builder.data_dir, counts['train'],
-               counts['test'])
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+      )
+  logging.info(
+    "fashion_mnist prepared in %s (%d train / %d test)",
+    builder.data_dir,
+    counts["train"],
+    counts["test"],
+  )
   return builder.data_dir
 
 
-_PREPARERS = {'fashion_mnist': prepare_fashion_mnist}
+_PREPARERS = {"fashion_mnist": prepare_fashion_mnist}
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in _PREPARERS:
-    raise app.UsageError(f'usage: python -m effnetv2_jax.data.prepare {{{"|".join(_PREPARERS)}}} '
-                         '[--data_dir=DIR] [--source_dir=DIR]')
+    raise app.UsageError(
+      f"usage: python -m effnetv2_jax.data.prepare {{{'|'.join(_PREPARERS)}}} "
+      "[--data_dir=DIR] [--source_dir=DIR]"
+    )
   path = _PREPARERS[argv[1]](data_dir=FLAGS.data_dir, source_dir=FLAGS.source_dir)
-  print(f'prepared {argv[1]} in {path}', file=sys.stdout)
+  print(f"prepared {argv[1]} in {path}", file=sys.stdout)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   app.run(main)

@@ -16,15 +16,16 @@ Randomness comes from a per-example stateless `seed` (shape [2]) so a batch is a
 (global seed, example position): that is what makes resumed runs see identical batches.
 Works for tiny inputs (28x28 Fashion-MNIST at 16-32 px): crops are clamped to at least 1 pixel.
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
 
 from effnetv2_jax.data import randaug
 
-FAMILIES = ('v2', 'v2-base', 'small')
-EVAL_CROP_PADDING = 32            # eval crop side = size / (size + 32) * short side
-V2_SQUASH_EVAL_FROM = 320         # 'v2' eval resizes the whole image at and above this size
+FAMILIES = ("v2", "v2-base", "small")
+EVAL_CROP_PADDING = 32  # eval crop side = size / (size + 32) * short side
+V2_SQUASH_EVAL_FROM = 320  # 'v2' eval resizes the whole image at and above this size
 V2_CROP_AREA = (0.05, 1.0)
 BASE_CROP_AREA = (0.08, 1.0)
 BASE_MIN_OBJECT_COVERED = 0.1
@@ -37,7 +38,7 @@ IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 def check_family(family: str) -> None:
   if family not in FAMILIES:
-    raise ValueError(f'Unknown preprocessing family {family!r}; expected one of {FAMILIES}')
+    raise ValueError(f"Unknown preprocessing family {family!r}; expected one of {FAMILIES}")
 
 
 def decode(image_bytes):
@@ -48,15 +49,15 @@ def decode(image_bytes):
 
 
 def _resize_method(family):
-  return 'bicubic' if family == 'v2-base' else 'bilinear'
+  return "bicubic" if family == "v2-base" else "bilinear"
 
 
 def normalize(image, family):
   """float [0, 255] -> the family's model input scale."""
   image = tf.cast(image, tf.float32)
-  if family == 'v2':
+  if family == "v2":
     return (image - V2_MEAN) / V2_STD
-  if family == 'small':
+  if family == "small":
     return (image / 255.0 - 0.5) / 0.5
   return (image - tf.constant(IMAGENET_MEAN_RGB)) / tf.constant(IMAGENET_STD_RGB)
 
@@ -76,12 +77,17 @@ def random_crop(image, family, image_size, seed):
   """The family's random-area crop (see module docstring)."""
   shape = tf.shape(image)
   whole = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
-  v2 = family == 'v2'
+  v2 = family == "v2"
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, bounding_boxes=whole, seed=seed,
-      min_object_covered=0.0 if v2 else BASE_MIN_OBJECT_COVERED,
-      aspect_ratio_range=CROP_ASPECT, area_range=V2_CROP_AREA if v2 else BASE_CROP_AREA,
-      max_attempts=CROP_MAX_ATTEMPTS, use_image_if_no_bounding_boxes=True)
+    shape,
+    bounding_boxes=whole,
+    seed=seed,
+    min_object_covered=0.0 if v2 else BASE_MIN_OBJECT_COVERED,
+    aspect_ratio_range=CROP_ASPECT,
+    area_range=V2_CROP_AREA if v2 else BASE_CROP_AREA,
+    max_attempts=CROP_MAX_ATTEMPTS,
+    use_image_if_no_bounding_boxes=True,
+  )
   crop = tf.slice(image, begin, size)
   if v2:
     return crop
@@ -90,8 +96,16 @@ def random_crop(image, family, image_size, seed):
   return tf.cond(failed, lambda: center_crop(image, image_size), lambda: crop)
 
 
-def _augment(image_float, *, randaug_layers, randaug_magnitude, autoaugment, seed, hparams=None,
-             randaug_ops=None):
+def _augment(
+  image_float,
+  *,
+  randaug_layers,
+  randaug_magnitude,
+  autoaugment,
+  seed,
+  hparams=None,
+  randaug_ops=None,
+):
   """Apply AutoAugment / RandAugment on uint8 as the official code does (clip, truncate, augment)."""
   use_aa = autoaugment
   use_ra = (not autoaugment) and randaug_layers > 0 and randaug_magnitude > 0
@@ -101,25 +115,42 @@ def _augment(image_float, *, randaug_layers, randaug_magnitude, autoaugment, see
   if use_aa:
     image = randaug.autoaugment(image, seed=seed)
   else:
-    image = randaug.randaugment(image, randaug_layers, randaug_magnitude, seed=seed, hparams=hparams,
-                                ops=randaug_ops)
+    image = randaug.randaugment(
+      image, randaug_layers, randaug_magnitude, seed=seed, hparams=hparams, ops=randaug_ops
+    )
   return tf.cast(image, tf.float32)
 
 
-def train_image(image, *, image_size, family, seed, randaug_layers=2, randaug_magnitude=0.0,
-                autoaugment=False, randaug_ops=None):
+def train_image(
+  image,
+  *,
+  image_size,
+  family,
+  seed,
+  randaug_layers=2,
+  randaug_magnitude=0.0,
+  autoaugment=False,
+  randaug_ops=None,
+):
   """uint8 [H, W, 3] -> float32 [image_size, image_size, 3], normalised, randomly augmented.
 
   `randaug_ops`: RandAugment's op set (randaug.parse_ops; default all 16)."""
   check_family(family)
   crop_seed, flip_seed, aug_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-  if family != 'small':
+  if family != "small":
     image = random_crop(image, family, image_size, crop_seed)
   image = tf.image.resize(image, [image_size, image_size], method=_resize_method(family))
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  hparams = randaug.scaled_hparams(image_size) if family == 'small' else None
-  image = _augment(image, randaug_layers=randaug_layers, randaug_magnitude=randaug_magnitude,
-                   autoaugment=autoaugment, seed=aug_seed, hparams=hparams, randaug_ops=randaug_ops)
+  hparams = randaug.scaled_hparams(image_size) if family == "small" else None
+  image = _augment(
+    image,
+    randaug_layers=randaug_layers,
+    randaug_magnitude=randaug_magnitude,
+    autoaugment=autoaugment,
+    seed=aug_seed,
+    hparams=hparams,
+    randaug_ops=randaug_ops,
+  )
   image = normalize(image, family)
   image.set_shape([image_size, image_size, 3])
   return image
@@ -128,7 +159,7 @@ def train_image(image, *, image_size, family, seed, randaug_layers=2, randaug_ma
 def eval_image(image, *, image_size, family):
   """uint8 [H, W, 3] -> float32 [image_size, image_size, 3], normalised, deterministic."""
   check_family(family)
-  if family != 'small' and not (family == 'v2' and image_size >= V2_SQUASH_EVAL_FROM):
+  if family != "small" and not (family == "v2" and image_size >= V2_SQUASH_EVAL_FROM):
     image = center_crop(image, image_size)
   image = tf.image.resize(image, [image_size, image_size], method=_resize_method(family))
   image = normalize(image, family)

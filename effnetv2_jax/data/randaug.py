@@ -13,6 +13,7 @@ augmentation a pure function of (global seed, example position).
 Deliberate deviation: the official `contrast` averages `sum(histogram) / 256` (the pixel count / 256,
 a known bug) instead of the grey mean; this uses the true grey mean, as PIL's ImageEnhance.Contrast does.
 """
+
 from __future__ import annotations
 
 import functools
@@ -113,22 +114,26 @@ def brightness(image, factor):
 def sharpness(image, factor):
   """Blend with a 3x3 smoothed copy (PIL's SMOOTH kernel); the 1-pixel border stays unsmoothed."""
   x = tf.cast(image, tf.float32)[None]
-  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.0
+  kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.nn.depthwise_conv2d(x, kernel, strides=[1, 1, 1, 1], padding='SAME')[0]
+  smooth = tf.nn.depthwise_conv2d(x, kernel, strides=[1, 1, 1, 1], padding="SAME")[0]
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   rows, cols = tf.range(h)[:, None, None], tf.range(w)[None, :, None]
   interior = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
-  smooth = tf.where(interior, tf.round(tf.clip_by_value(smooth, 0., 255.)), x[0])
+  smooth = tf.where(interior, tf.round(tf.clip_by_value(smooth, 0.0, 255.0)), x[0])
   return blend(tf.cast(smooth, tf.uint8), image, factor)
 
 
 def _project(image, transform, fill=FILL_VALUE):
   """Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2); outside -> fill."""
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=tf.cast(tf.reshape(transform, [1, 8]), tf.float32),
-      output_shape=tf.shape(image)[:2], fill_value=tf.cast(fill, tf.float32),
-      interpolation='NEAREST', fill_mode='CONSTANT')
+    images=image[None],
+    transforms=tf.cast(tf.reshape(transform, [1, 8]), tf.float32),
+    output_shape=tf.shape(image)[:2],
+    fill_value=tf.cast(fill, tf.float32),
+    interpolation="NEAREST",
+    fill_mode="CONSTANT",
+  )
   return out[0]
 
 
@@ -167,8 +172,12 @@ def cutout(image, pad_size, replace=FILL_VALUE, seed=None):
   cy = tf.random.stateless_uniform([], seed, maxval=h, dtype=tf.int32)
   cx = tf.random.stateless_uniform([], seed + 1, maxval=w, dtype=tf.int32)
   rows, cols = tf.range(h)[:, None, None], tf.range(w)[None, :, None]
-  inside = ((rows >= cy - pad_size) & (rows < cy + pad_size) &
-            (cols >= cx - pad_size) & (cols < cx + pad_size))
+  inside = (
+    (rows >= cy - pad_size)
+    & (rows < cy + pad_size)
+    & (cols >= cx - pad_size)
+    & (cols < cx + pad_size)
+  )
   return tf.where(inside, tf.cast(replace, image.dtype), image)
 
 
@@ -202,22 +211,28 @@ def _enhance_factor(level):
 # name -> (op, args(level, hparams, seed) -> tuple). Levels may be tensors (AutoAugment looks them up
 # from its policy table) or Python floats (RandAugment's static per-stage magnitude).
 _OP_TABLE = {
-    'AutoContrast': (autocontrast, lambda l, hp, s: ()),
-    'Equalize': (equalize, lambda l, hp, s: ()),
-    'Invert': (invert, lambda l, hp, s: ()),
-    'Rotate': (rotate, lambda l, hp, s: (_random_sign(_scaled(l, 30.0), s),)),
-    'Posterize': (posterize, lambda l, hp, s: (_int_level(l, 4),)),
-    'Solarize': (solarize, lambda l, hp, s: (_int_level(l, 256),)),
-    'SolarizeAdd': (solarize_add, lambda l, hp, s: (_int_level(l, 110),)),
-    'Color': (color, lambda l, hp, s: (_enhance_factor(l),)),
-    'Contrast': (contrast, lambda l, hp, s: (_enhance_factor(l),)),
-    'Brightness': (brightness, lambda l, hp, s: (_enhance_factor(l),)),
-    'Sharpness': (sharpness, lambda l, hp, s: (_enhance_factor(l),)),
-    'ShearX': (shear_x, lambda l, hp, s: (_random_sign(_scaled(l, 0.3), s),)),
-    'ShearY': (shear_y, lambda l, hp, s: (_random_sign(_scaled(l, 0.3), s),)),
-    'TranslateX': (translate_x, lambda l, hp, s: (_random_sign(_scaled(l, hp['translate_const']), s),)),
-    'TranslateY': (translate_y, lambda l, hp, s: (_random_sign(_scaled(l, hp['translate_const']), s),)),
-    'Cutout': (cutout, lambda l, hp, s: (_int_level(l, hp['cutout_const']), FILL_VALUE, s)),
+  "AutoContrast": (autocontrast, lambda l, hp, s: ()),
+  "Equalize": (equalize, lambda l, hp, s: ()),
+  "Invert": (invert, lambda l, hp, s: ()),
+  "Rotate": (rotate, lambda l, hp, s: (_random_sign(_scaled(l, 30.0), s),)),
+  "Posterize": (posterize, lambda l, hp, s: (_int_level(l, 4),)),
+  "Solarize": (solarize, lambda l, hp, s: (_int_level(l, 256),)),
+  "SolarizeAdd": (solarize_add, lambda l, hp, s: (_int_level(l, 110),)),
+  "Color": (color, lambda l, hp, s: (_enhance_factor(l),)),
+  "Contrast": (contrast, lambda l, hp, s: (_enhance_factor(l),)),
+  "Brightness": (brightness, lambda l, hp, s: (_enhance_factor(l),)),
+  "Sharpness": (sharpness, lambda l, hp, s: (_enhance_factor(l),)),
+  "ShearX": (shear_x, lambda l, hp, s: (_random_sign(_scaled(l, 0.3), s),)),
+  "ShearY": (shear_y, lambda l, hp, s: (_random_sign(_scaled(l, 0.3), s),)),
+  "TranslateX": (
+    translate_x,
+    lambda l, hp, s: (_random_sign(_scaled(l, hp["translate_const"]), s),),
+  ),
+  "TranslateY": (
+    translate_y,
+    lambda l, hp, s: (_random_sign(_scaled(l, hp["translate_const"]), s),),
+  ),
+  "Cutout": (cutout, lambda l, hp, s: (_int_level(l, hp["cutout_const"]), FILL_VALUE, s)),
 }
 assert tuple(sorted(_OP_TABLE)) == tuple(sorted(OPS))
 
@@ -258,12 +273,14 @@ def randaugment(image_uint8_hwc, num_layers=2, magnitude=10.0, seed=None, hparam
   ops = parse_ops(ops)
   image = tf.convert_to_tensor(image_uint8_hwc)
   if image.dtype != tf.uint8:
-    raise TypeError(f'randaugment expects uint8 images, got {image.dtype}')
+    raise TypeError(f"randaugment expects uint8 images, got {image.dtype}")
   seeds = tf.random.experimental.stateless_split(_seed_or_random(seed), 2 * max(num_layers, 1))
   for layer in range(num_layers):
     choice = tf.random.stateless_uniform([], seeds[2 * layer], maxval=len(ops), dtype=tf.int32)
     op_seed = seeds[2 * layer + 1]
-    branches = [functools.partial(apply_op, image, name, magnitude, op_seed, hparams) for name in ops]
+    branches = [
+      functools.partial(apply_op, image, name, magnitude, op_seed, hparams) for name in ops
+    ]
     image = tf.switch_case(choice, branches)
   return image
 
@@ -272,31 +289,31 @@ def randaugment(image_uint8_hwc, num_layers=2, magnitude=10.0, seed=None, hparam
 # AutoAugment ImageNet policy "v0" as used by the official EfficientNet code: 25 sub-policies of two
 # (op, probability, level) steps; one sub-policy is drawn per image.
 POLICY_V0 = (
-    (('Equalize', 0.8, 1), ('ShearY', 0.8, 4)),
-    (('Color', 0.4, 9), ('Equalize', 0.6, 3)),
-    (('Color', 0.4, 1), ('Rotate', 0.6, 8)),
-    (('Solarize', 0.8, 3), ('Equalize', 0.4, 7)),
-    (('Solarize', 0.4, 2), ('Solarize', 0.6, 2)),
-    (('Color', 0.2, 0), ('Equalize', 0.8, 8)),
-    (('Equalize', 0.4, 8), ('SolarizeAdd', 0.8, 3)),
-    (('ShearX', 0.2, 9), ('Rotate', 0.6, 8)),
-    (('Color', 0.6, 1), ('Equalize', 1.0, 2)),
-    (('Invert', 0.4, 9), ('Rotate', 0.6, 0)),
-    (('Equalize', 1.0, 9), ('ShearY', 0.6, 3)),
-    (('Color', 0.4, 7), ('Equalize', 0.6, 0)),
-    (('Posterize', 0.4, 6), ('AutoContrast', 0.4, 7)),
-    (('Solarize', 0.6, 8), ('Color', 0.6, 9)),
-    (('Solarize', 0.2, 4), ('Rotate', 0.8, 9)),
-    (('Rotate', 1.0, 7), ('TranslateY', 0.8, 9)),
-    (('ShearX', 0.0, 0), ('Solarize', 0.8, 4)),
-    (('ShearY', 0.8, 0), ('Color', 0.6, 4)),
-    (('Color', 1.0, 0), ('Rotate', 0.6, 2)),
-    (('Equalize', 0.8, 4), ('Equalize', 0.0, 8)),
-    (('Equalize', 1.0, 4), ('AutoContrast', 0.6, 2)),
-    (('ShearY', 0.4, 7), ('SolarizeAdd', 0.6, 7)),
-    (('Posterize', 0.8, 2), ('Solarize', 0.6, 10)),
-    (('Solarize', 0.6, 8), ('Equalize', 0.6, 1)),
-    (('Color', 0.8, 6), ('Rotate', 0.4, 5)),
+  (("Equalize", 0.8, 1), ("ShearY", 0.8, 4)),
+  (("Color", 0.4, 9), ("Equalize", 0.6, 3)),
+  (("Color", 0.4, 1), ("Rotate", 0.6, 8)),
+  (("Solarize", 0.8, 3), ("Equalize", 0.4, 7)),
+  (("Solarize", 0.4, 2), ("Solarize", 0.6, 2)),
+  (("Color", 0.2, 0), ("Equalize", 0.8, 8)),
+  (("Equalize", 0.4, 8), ("SolarizeAdd", 0.8, 3)),
+  (("ShearX", 0.2, 9), ("Rotate", 0.6, 8)),
+  (("Color", 0.6, 1), ("Equalize", 1.0, 2)),
+  (("Invert", 0.4, 9), ("Rotate", 0.6, 0)),
+  (("Equalize", 1.0, 9), ("ShearY", 0.6, 3)),
+  (("Color", 0.4, 7), ("Equalize", 0.6, 0)),
+  (("Posterize", 0.4, 6), ("AutoContrast", 0.4, 7)),
+  (("Solarize", 0.6, 8), ("Color", 0.6, 9)),
+  (("Solarize", 0.2, 4), ("Rotate", 0.8, 9)),
+  (("Rotate", 1.0, 7), ("TranslateY", 0.8, 9)),
+  (("ShearX", 0.0, 0), ("Solarize", 0.8, 4)),
+  (("ShearY", 0.8, 0), ("Color", 0.6, 4)),
+  (("Color", 1.0, 0), ("Rotate", 0.6, 2)),
+  (("Equalize", 0.8, 4), ("Equalize", 0.0, 8)),
+  (("Equalize", 1.0, 4), ("AutoContrast", 0.6, 2)),
+  (("ShearY", 0.4, 7), ("SolarizeAdd", 0.6, 7)),
+  (("Posterize", 0.8, 2), ("Solarize", 0.6, 10)),
+  (("Solarize", 0.6, 8), ("Equalize", 0.6, 1)),
+  (("Color", 0.8, 6), ("Rotate", 0.4, 5)),
 )
 
 
@@ -321,8 +338,9 @@ def autoaugment(image_uint8_hwc, seed=None):
     op_seed = seeds[2 + 2 * step]
 
     def apply(img=image, op_index=op_index, level=level, op_seed=op_seed):
-      branches = [functools.partial(apply_op, img, name, level, op_seed, AUTOAUGMENT_HPARAMS)
-                  for name in OPS]
+      branches = [
+        functools.partial(apply_op, img, name, level, op_seed, AUTOAUGMENT_HPARAMS) for name in OPS
+      ]
       return tf.switch_case(op_index, branches)
 
     coin = tf.random.stateless_uniform([], seeds[1 + 2 * step])

@@ -5,38 +5,39 @@ stem, blocks_<k>/{expand,dw,se,project}, head, classifier. Differences from V2, 
 efficientnet code: only MBConv blocks (3x3 and 5x5 depthwise), the filter rounding adds 8 back when
 rounding lost more than 10%, and the head dropout grows with the variant.
 """
+
 from effnetv2_jax.models.effnetv2 import EfficientNet
 
 # Official efficientnet_builder.py block strings (strides written 's11'/'s22' there; we accept both).
 V1_BLOCKS = (
-    'r1_k3_s1_e1_i32_o16_se0.25',
-    'r2_k3_s2_e6_i16_o24_se0.25',
-    'r2_k5_s2_e6_i24_o40_se0.25',
-    'r3_k3_s2_e6_i40_o80_se0.25',
-    'r3_k5_s1_e6_i80_o112_se0.25',
-    'r4_k5_s2_e6_i112_o192_se0.25',
-    'r1_k3_s1_e6_i192_o320_se0.25',
+  "r1_k3_s1_e1_i32_o16_se0.25",
+  "r2_k3_s2_e6_i16_o24_se0.25",
+  "r2_k5_s2_e6_i24_o40_se0.25",
+  "r3_k3_s2_e6_i40_o80_se0.25",
+  "r3_k5_s1_e6_i80_o112_se0.25",
+  "r4_k5_s2_e6_i112_o192_se0.25",
+  "r1_k3_s1_e6_i192_o320_se0.25",
 )
 
 # name -> (width_mult, depth_mult, resolution, dropout_rate), official efficientnet_params().
 V1_VARIANTS = {
-    'efficientnet-b0': (1.0, 1.0, 224, 0.2),
-    'efficientnet-b1': (1.0, 1.1, 240, 0.2),
-    'efficientnet-b2': (1.1, 1.2, 260, 0.3),
-    'efficientnet-b3': (1.2, 1.4, 300, 0.3),
-    'efficientnet-b4': (1.4, 1.8, 380, 0.4),
-    'efficientnet-b5': (1.6, 2.2, 456, 0.4),
-    'efficientnet-b6': (1.8, 2.6, 528, 0.5),
-    'efficientnet-b7': (2.0, 3.1, 600, 0.5),
+  "efficientnet-b0": (1.0, 1.0, 224, 0.2),
+  "efficientnet-b1": (1.0, 1.1, 240, 0.2),
+  "efficientnet-b2": (1.1, 1.2, 260, 0.3),
+  "efficientnet-b3": (1.2, 1.4, 300, 0.3),
+  "efficientnet-b4": (1.4, 1.8, 380, 0.4),
+  "efficientnet-b5": (1.6, 2.2, 456, 0.4),
+  "efficientnet-b6": (1.8, 2.6, 528, 0.5),
+  "efficientnet-b7": (2.0, 3.1, 600, 0.5),
 }
 V1_DROP_CONNECT_RATE = 0.2
 
 
 def efficientnet_v1(name: str, **kwargs) -> EfficientNet:
-    width, depth, _, dropout = V1_VARIANTS[name]
-    kwargs.setdefault('blocks', V1_BLOCKS)
-    kwargs.setdefault('width_mult', width)
-    kwargs.setdefault('depth_mult', depth)
-    kwargs.setdefault('dropout_rate', dropout)
-    kwargs.setdefault('drop_path_rate', V1_DROP_CONNECT_RATE)
-    return EfficientNet(round_down_guard=True, **kwargs)
+  width, depth, _, dropout = V1_VARIANTS[name]
+  kwargs.setdefault("blocks", V1_BLOCKS)
+  kwargs.setdefault("width_mult", width)
+  kwargs.setdefault("depth_mult", depth)
+  kwargs.setdefault("dropout_rate", dropout)
+  kwargs.setdefault("drop_path_rate", V1_DROP_CONNECT_RATE)
+  return EfficientNet(round_down_guard=True, **kwargs)

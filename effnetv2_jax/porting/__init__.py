@@ -10,9 +10,19 @@ missing, unexpected and mis-shaped array in one ValueError):
   export.py         export_inference(...)                          StableHLO / SavedModel for serving
 Converters import TensorFlow/Keras lazily, if at all; torch is never needed.
 """
+
 from effnetv2_jax.porting.keras import KERAS_V2_LAYERS, from_keras
 from effnetv2_jax.porting.tf_checkpoint import TF_BLOCKS, from_tf_checkpoint, to_tf_names
 from effnetv2_jax.porting.timm import TIMM_BLOCKS, from_timm, load_state_dict, to_timm
 
-__all__ = ['from_keras', 'KERAS_V2_LAYERS', 'from_tf_checkpoint', 'to_tf_names', 'TF_BLOCKS',
-           'from_timm', 'to_timm', 'load_state_dict', 'TIMM_BLOCKS']
+__all__ = [
+  "from_keras",
+  "KERAS_V2_LAYERS",
+  "from_tf_checkpoint",
+  "to_tf_names",
+  "TF_BLOCKS",
+  "from_timm",
+  "to_timm",
+  "load_state_dict",
+  "TIMM_BLOCKS",
+]

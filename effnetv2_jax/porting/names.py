@@ -12,6 +12,7 @@ Arrays stay numpy on the host: nothing is placed on a device until the caller ap
 and zero-copy views (np.broadcast_to) pass through, which lets tests check XL's 208M-parameter
 mapping without allocating it.
 """
+
 import functools
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -22,131 +23,148 @@ import numpy as np
 # Layout changes between a source array and ours: name -> (to ours, back to the source).
 # torch conv OIHW -> our HWIO; the same permutation takes torch depthwise [C,1,k,k] to [k,k,1,C].
 TRANSFORMS: Dict[Optional[str], Tuple[Callable, Callable]] = {
-    None: (lambda a: a, lambda a: a),
-    'torch_conv': (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
-    'torch_linear': (lambda a: a.T, lambda a: a.T),                   # [out, in] <-> [in, out]
-    'tf_depthwise': (lambda a: a.transpose(0, 1, 3, 2),) * 2,         # [k,k,C,1] <-> [k,k,1,C]
+  None: (lambda a: a, lambda a: a),
+  "torch_conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
+  "torch_linear": (lambda a: a.T, lambda a: a.T),  # [out, in] <-> [in, out]
+  "tf_depthwise": (lambda a: a.transpose(0, 1, 3, 2),) * 2,  # [k,k,C,1] <-> [k,k,1,C]
 }
 _MAX_LISTED = 20
 
 
 class Leaf(NamedTuple):
-    """One array of our variables and where it sits in the network."""
-    collection: str                 # 'params' | 'batch_stats'
-    path: Tuple[str, ...]           # ('blocks_3', 'dw', 'conv', 'kernel')
-    shape: Tuple[int, ...]
-    dtype: np.dtype
-    block: int                      # flat block index k for `blocks_k/...`, else -1
+  """One array of our variables and where it sits in the network."""
 
-    @property
-    def module(self) -> str:
-        """Our module path without the block and leaf: 'dw/conv' (in a block) or 'stem/bn'."""
-        return '/'.join(self.path[1:-1] if self.block >= 0 else self.path[:-1])
+  collection: str  # 'params' | 'batch_stats'
+  path: Tuple[str, ...]  # ('blocks_3', 'dw', 'conv', 'kernel')
+  shape: Tuple[int, ...]
+  dtype: np.dtype
+  block: int  # flat block index k for `blocks_k/...`, else -1
 
-    @property
-    def name(self) -> str:
-        return f'{self.collection}/' + '/'.join(self.path)
+  @property
+  def module(self) -> str:
+    """Our module path without the block and leaf: 'dw/conv' (in a block) or 'stem/bn'."""
+    return "/".join(self.path[1:-1] if self.block >= 0 else self.path[:-1])
+
+  @property
+  def name(self) -> str:
+    return f"{self.collection}/" + "/".join(self.path)
 
 
 def block_layout(spec) -> str:
-    """Which children a block has, hence which table applies: fused/mbconv, with or without expand."""
-    return ('fused' if spec.fused else 'mbconv') + ('_e1' if spec.expand_ratio == 1 else '')
+  """Which children a block has, hence which table applies: fused/mbconv, with or without expand."""
+  return ("fused" if spec.fused else "mbconv") + ("_e1" if spec.expand_ratio == 1 else "")
 
 
 def build(model_name: str, num_classes: int, **overrides):
-    """(model, block specs, leaves) of an EfficientNet, without allocating its weights.
+  """(model, block specs, leaves) of an EfficientNet, without allocating its weights.
 
-    Cached: tracing a large model's init takes seconds, and converting then inverting (tests,
-    to_timm/from_timm) asks for the same model twice.
-    """
-    try:
-        return _build_cached(model_name, int(num_classes), tuple(sorted(overrides.items())))
-    except TypeError:   # an unhashable override (a list from a config): build uncached
-        return _build(model_name, int(num_classes), overrides)
+  Cached: tracing a large model's init takes seconds, and converting then inverting (tests,
+  to_timm/from_timm) asks for the same model twice.
+  """
+  try:
+    return _build_cached(model_name, int(num_classes), tuple(sorted(overrides.items())))
+  except TypeError:  # an unhashable override (a list from a config): build uncached
+    return _build(model_name, int(num_classes), overrides)
 
 
 @functools.lru_cache(maxsize=16)
 def _build_cached(model_name, num_classes, overrides):
-    return _build(model_name, num_classes, dict(overrides))
+  return _build(model_name, num_classes, dict(overrides))
 
 
 def _build(model_name, num_classes, overrides):
-    from effnetv2_jax.models import create_model  # late: porting stays importable on its own
-    model = create_model(model_name, num_classes=num_classes, **overrides)
-    if not hasattr(model, 'architecture'):
-        raise ValueError(f'{model_name} is not an EfficientNet; the converters cover EfficientNet V1/V2')
-    _, specs, _ = model.architecture()
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-    leaves = []
-    for collection in ('params', 'batch_stats'):
-        for key_path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get(collection, {}))[0]:
-            path = tuple(k.key for k in key_path)
-            block = int(path[0].split('_')[1]) if path[0].startswith('blocks_') else -1
-            leaves.append(Leaf(collection, path, tuple(leaf.shape), np.dtype(leaf.dtype), block))
-    return model, specs, tuple(leaves)
+  from effnetv2_jax.models import create_model  # late: porting stays importable on its own
+
+  model = create_model(model_name, num_classes=num_classes, **overrides)
+  if not hasattr(model, "architecture"):
+    raise ValueError(
+      f"{model_name} is not an EfficientNet; the converters cover EfficientNet V1/V2"
+    )
+  _, specs, _ = model.architecture()
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  leaves = []
+  for collection in ("params", "batch_stats"):
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get(collection, {}))[0]:
+      path = tuple(k.key for k in key_path)
+      block = int(path[0].split("_")[1]) if path[0].startswith("blocks_") else -1
+      leaves.append(Leaf(collection, path, tuple(leaf.shape), np.dtype(leaf.dtype), block))
+  return model, specs, tuple(leaves)
 
 
 def _unflatten(items: Sequence[Tuple[Leaf, np.ndarray]]) -> Dict[str, dict]:
-    tree: Dict[str, dict] = {'params': {}, 'batch_stats': {}}
-    for leaf, value in items:
-        node = tree[leaf.collection]
-        for k in leaf.path[:-1]:
-            node = node.setdefault(k, {})
-        node[leaf.path[-1]] = value
-    return tree
+  tree: Dict[str, dict] = {"params": {}, "batch_stats": {}}
+  for leaf, value in items:
+    node = tree[leaf.collection]
+    for k in leaf.path[:-1]:
+      node = node.setdefault(k, {})
+    node[leaf.path[-1]] = value
+  return tree
 
 
-def fill_variables(leaves: Sequence[Leaf], source: Mapping[str, np.ndarray], lookup: Callable,
-                   *, what: str, ignore: Callable[[str], bool] = lambda name: False) -> Dict[str, dict]:
-    """Variables {'params', 'batch_stats'} with every leaf taken from `source` via `lookup`.
+def fill_variables(
+  leaves: Sequence[Leaf],
+  source: Mapping[str, np.ndarray],
+  lookup: Callable,
+  *,
+  what: str,
+  ignore: Callable[[str], bool] = lambda name: False,
+) -> Dict[str, dict]:
+  """Variables {'params', 'batch_stats'} with every leaf taken from `source` via `lookup`.
 
-    `lookup(leaf)` returns (source name, transform key) or None when the table has no entry for
-    that module. `ignore(name)` marks source names that are legitimately unused (optimizer slots,
-    BN counters). Raises ValueError naming every problem; `what` says which file/model in it.
-    """
-    items, used, missing, mismatched = [], set(), [], []
-    for leaf in leaves:
-        entry = lookup(leaf)
-        if entry is None:
-            missing.append(f'{leaf.name} (no table entry for {leaf.module!r})')
-            continue
-        name, transform = entry
-        if name not in source:
-            missing.append(f'{leaf.name} <- {name}')
-            continue
-        used.add(name)
-        value = TRANSFORMS[transform][0](np.asarray(source[name]))
-        if tuple(value.shape) != leaf.shape:
-            mismatched.append(f'{leaf.name} {leaf.shape} <- {name} {tuple(np.shape(source[name]))}')
-            continue
-        items.append((leaf, np.asarray(value, dtype=leaf.dtype)))
-    unexpected = sorted(n for n in source if n not in used and not ignore(n))
-    problems: List[str] = []
-    for title, names in (('missing', missing), ('shape mismatch', mismatched),
-                         ('unexpected', unexpected)):
-        if names:
-            problems.append(f'{title} ({len(names)}): ' + '; '.join(names[:_MAX_LISTED])
-                            + (' ...' if len(names) > _MAX_LISTED else ''))
-    if problems:
-        raise ValueError(f'{what}: ' + ' | '.join(problems))
-    return _unflatten(items)
+  `lookup(leaf)` returns (source name, transform key) or None when the table has no entry for
+  that module. `ignore(name)` marks source names that are legitimately unused (optimizer slots,
+  BN counters). Raises ValueError naming every problem; `what` says which file/model in it.
+  """
+  items, used, missing, mismatched = [], set(), [], []
+  for leaf in leaves:
+    entry = lookup(leaf)
+    if entry is None:
+      missing.append(f"{leaf.name} (no table entry for {leaf.module!r})")
+      continue
+    name, transform = entry
+    if name not in source:
+      missing.append(f"{leaf.name} <- {name}")
+      continue
+    used.add(name)
+    value = TRANSFORMS[transform][0](np.asarray(source[name]))
+    if tuple(value.shape) != leaf.shape:
+      mismatched.append(f"{leaf.name} {leaf.shape} <- {name} {tuple(np.shape(source[name]))}")
+      continue
+    items.append((leaf, np.asarray(value, dtype=leaf.dtype)))
+  unexpected = sorted(n for n in source if n not in used and not ignore(n))
+  problems: List[str] = []
+  for title, names in (
+    ("missing", missing),
+    ("shape mismatch", mismatched),
+    ("unexpected", unexpected),
+  ):
+    if names:
+      problems.append(
+        f"{title} ({len(names)}): "
+        + "; ".join(names[:_MAX_LISTED])
+        + (" ..." if len(names) > _MAX_LISTED else "")
+      )
+  if problems:
+    raise ValueError(f"{what}: " + " | ".join(problems))
+  return _unflatten(items)
 
 
-def to_source(variables: Mapping[str, dict], leaves: Sequence[Leaf],
-              lookup: Callable) -> Dict[str, np.ndarray]:
-    """The inverse of fill_variables: source name -> array in the source's layout."""
-    out = {}
-    for leaf in leaves:
-        entry = lookup(leaf)
-        if entry is None:
-            raise ValueError(f'{leaf.name}: no table entry for {leaf.module!r}')
-        node = variables[leaf.collection]
-        for k in leaf.path:
-            node = node[k]
-        out[entry[0]] = TRANSFORMS[entry[1]][1](np.asarray(node))
-    return out
+def to_source(
+  variables: Mapping[str, dict], leaves: Sequence[Leaf], lookup: Callable
+) -> Dict[str, np.ndarray]:
+  """The inverse of fill_variables: source name -> array in the source's layout."""
+  out = {}
+  for leaf in leaves:
+    entry = lookup(leaf)
+    if entry is None:
+      raise ValueError(f"{leaf.name}: no table entry for {leaf.module!r}")
+    node = variables[leaf.collection]
+    for k in leaf.path:
+      node = node[k]
+    out[entry[0]] = TRANSFORMS[entry[1]][1](np.asarray(node))
+  return out
 
 
 def classifier_classes(source: Mapping[str, np.ndarray], name: str, axis: int) -> Optional[int]:
-    """The class count from the source's classifier array, if it has one."""
-    return int(np.shape(source[name])[axis]) if name in source else None
+  """The class count from the source's classifier array, if it has one."""
+  return int(np.shape(source[name])[axis]) if name in source else None

@@ -15,6 +15,7 @@ Steps, each a `gcloud compute tpus tpu-vm ...` command (`--dry_run` prints them 
 Re-running the same command after a preemption recreates the slice and resumes from the workdir's
 latest checkpoint. Pass-through `--config.x=y` flags go to every trial.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,13 @@ def delete_cmd(args):
 
 
 def create_cmd(args):
-  cmd = _gcloud(args, "create", args.name, f"--accelerator-type={args.accelerator_type}",
-                f"--version={args.version}")
+  cmd = _gcloud(
+    args,
+    "create",
+    args.name,
+    f"--accelerator-type={args.accelerator_type}",
+    f"--version={args.version}",
+  )
   if args.spot:
     cmd.append("--spot")
   return cmd
@@ -68,21 +74,29 @@ def scp_cmd(args, local_tar: str):
 
 
 def install_command() -> str:
-  return " && ".join([
+  return " && ".join(
+    [
       f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR}",
       f"tar xzf ~/{TARBALL} -C {REMOTE_DIR}",
       f"(test -x {REMOTE_VENV}/bin/python || python3 -m venv {REMOTE_VENV})",
       f"{REMOTE_VENV}/bin/pip install -q -U pip",
       f"{REMOTE_VENV}/bin/pip install -q -e {REMOTE_DIR} {shlex.quote(JAX_TPU)}",
-  ])
+    ]
+  )
 
 
 def run_argv(args, passthrough: list[str]) -> list[str]:
   """The training (or sweep) command every worker runs."""
   py = f"{REMOTE_VENV}/bin/python"
   if args.sweep:
-    argv = [py, "-m", "effnetv2_jax.sweep", f"--config={args.config}", f"--sweep={args.sweep}",
-            f"--workdir={args.workdir}"]
+    argv = [
+      py,
+      "-m",
+      "effnetv2_jax.sweep",
+      f"--config={args.config}",
+      f"--sweep={args.sweep}",
+      f"--workdir={args.workdir}",
+    ]
   else:
     argv = [py, "-m", "effnetv2_jax.main", f"--config={args.config}", f"--workdir={args.workdir}"]
   if args.data_dir:
@@ -104,8 +118,12 @@ def plan(args, passthrough: list[str], state: str | None) -> list[list[str]]:
     cmds.append(delete_cmd(args))
   if state is None or state in RECREATE_STATES:
     cmds.append(create_cmd(args))
-  cmds += [archive_cmd(local_tar), scp_cmd(args, local_tar), ssh_cmd(args, install_command()),
-           ssh_cmd(args, start_command(args, passthrough))]
+  cmds += [
+    archive_cmd(local_tar),
+    scp_cmd(args, local_tar),
+    ssh_cmd(args, install_command()),
+    ssh_cmd(args, start_command(args, passthrough)),
+  ]
   return cmds
 
 
@@ -123,19 +141,29 @@ def parse_args(argv):
   p.add_argument("--name", required=True, help="TPU VM name")
   p.add_argument("--zone", required=True, help="e.g. us-central2-b (v4) or us-east5-a (v5p)")
   p.add_argument("--project", default="", help="default: gcloud's configured project")
-  p.add_argument("--accelerator_type", default="v4-32", help="v4-8, v4-32, v5p-16, v5litepod-16, ...")
+  p.add_argument(
+    "--accelerator_type", default="v4-32", help="v4-8, v4-32, v5p-16, v5litepod-16, ..."
+  )
   p.add_argument("--version", default="tpu-ubuntu2204-base", help="TPU VM software version")
   p.add_argument("--spot", action="store_true", help="a spot slice (cheaper, can be preempted)")
   p.add_argument("--config", required=True, help="config file[:args], relative to the repo root")
-  p.add_argument("--workdir", required=True, help="a path every worker sees, e.g. gs://BUCKET/runs/x")
-  p.add_argument("--data_dir", default="", help="TFDS data_dir, e.g. gs://BUCKET/tensorflow_datasets")
-  p.add_argument("--sweep", default="", help="a sweep spec (relative to the repo root) instead of one run")
+  p.add_argument(
+    "--workdir", required=True, help="a path every worker sees, e.g. gs://BUCKET/runs/x"
+  )
+  p.add_argument(
+    "--data_dir", default="", help="TFDS data_dir, e.g. gs://BUCKET/tensorflow_datasets"
+  )
+  p.add_argument(
+    "--sweep", default="", help="a sweep spec (relative to the repo root) instead of one run"
+  )
   p.add_argument("--tmp_dir", default="/tmp", help="where the local tarball is written")
   p.add_argument("--dry_run", action="store_true", help="print every command, run none")
   args, rest = p.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith("--config.")]
   if bad:
-    p.error(f"unrecognized arguments: {' '.join(bad)} (only --config.<field>=<value> passes through)")
+    p.error(
+      f"unrecognized arguments: {' '.join(bad)} (only --config.<field>=<value> passes through)"
+    )
   return args, rest
 
 
@@ -154,7 +182,9 @@ def main(argv=None) -> int:
     if not args.dry_run:
       subprocess.run(cmd, check=True)
   log = ssh_cmd(args, f"tail -n 20 {REMOTE_LOG}")
-  print("# follow it:  " + " ".join(shlex.quote(c) for c in log).replace("--worker=all", "--worker=0"))
+  print(
+    "# follow it:  " + " ".join(shlex.quote(c) for c in log).replace("--worker=all", "--worker=0")
+  )
   print(f"# TensorBoard:  tensorboard --logdir {args.workdir}")
   return 0
 
