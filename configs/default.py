@@ -86,6 +86,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.compilation_cache_dir = "~/.cache/effnetv2_jax/xla"  # '' disables
   c.init_from = ""  # an orbax checkpoint dir of this package to start from (fine-tuning)
   c.freeze_bn_stats = False  # fine-tuning: keep BN running statistics at their loaded values
-  c.remat = False
   c.runlocal = False
   return c

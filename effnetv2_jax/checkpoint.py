@@ -98,6 +98,13 @@ def _mismatch_error(where: str, lines: list[str]) -> CheckpointMismatchError:
   )
 
 
+def check_compatible(where: str, saved: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+  """Raise CheckpointMismatchError naming the arrays in which two flat_shapes() dicts differ."""
+  lines = describe_mismatch(saved, expected)
+  if lines:
+    raise _mismatch_error(where, lines)
+
+
 def _as_abstract(tree):
   """ShapeDtypeStructs (keeping shardings) for a tree of arrays or ShapeDtypeStructs."""
 
@@ -185,9 +192,7 @@ class Checkpointer:
   def check_compatible(self, step: int, abstract_state):
     """Raise CheckpointMismatchError unless the saved tree has the expected arrays and shapes."""
     expected = flat_shapes(serialization.to_state_dict(abstract_state))
-    lines = describe_mismatch(self.saved_shapes(step), expected)
-    if lines:
-      raise _mismatch_error(f"{self.directory}/{step}", lines)
+    check_compatible(f"{self.directory}/{step}", self.saved_shapes(step), expected)
 
   def restore(self, step: int, abstract_state):
     """Restore `step` into the structure, dtypes and shardings of `abstract_state`.

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 
+from effnetv2_jax import optim
 from effnetv2_jax import paths
 from effnetv2_jax import progressive
 from effnetv2_jax.data import randaug_ops
 
 V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "efficientnetv2-xl")
 DTYPES = ("float32", "bfloat16")
-OPTIMIZERS = ("rmsprop", "sgd", "adamw")
-LR_SCHEDULES = ("exponential", "cosine", "constant")
 FAMILIES = ("auto", "v2", "v2-base", "small")
 
 
@@ -104,8 +103,8 @@ def validate_config(
   registry's size of the train split, looked up only when the run length is given in epochs.
   """
   _one_of(config, "dtype", DTYPES)
-  _one_of(config, "optimizer", OPTIMIZERS)
-  _one_of(config, "lr_schedule", LR_SCHEDULES)
+  _one_of(config, "optimizer", optim.OPTIMIZERS)
+  _one_of(config, "lr_schedule", optim.SCHEDULES)
   _one_of(config, "preprocess_family", FAMILIES)
   _validate_model(config)
   _validate_progressive(config)
@@ -163,13 +162,13 @@ def validate_config(
     from effnetv2_jax.data import datasets
 
     try:
-      info = datasets.get_dataset_info(config.dataset, config.data_dir)
+      datasets.get_dataset_info(config.dataset, config.data_dir)
     except ValueError as e:
       raise ConfigError("dataset", str(e)) from None
-    if num_train_examples is None:
-      num_train_examples = info.num_train
   if config.num_train_steps <= 0 and num_train_examples is None:
-    num_train_examples = progressive.dataset_train_size(config)
+    from effnetv2_jax import plan  # the size of the split trained on, as the run resolves it
+
+    num_train_examples = plan.train_examples(config)
   n = progressive.total_steps(config, num_train_examples)
   stages = 1 if config.progressive.preset == "none" else config.progressive.num_stages
   _require(

@@ -6,12 +6,12 @@
   python -m effnetv2_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=eval
   python -m effnetv2_jax.main --config=configs/imagenet.py:variant=s --mode=plan
 
-Exit codes: 0 done or preempted (SIGTERM: the current step is checkpointed; rerun to resume);
-2 bad input (config field, dataset not prepared, checkpoint of another model, workdir in use),
-printed as one `error: ...` line without a traceback; 3 training diverged.
+Exit codes: see `effnetv2_jax.exit_codes` (0 done or preempted, 2 bad input as one `error: ...`
+line without a traceback, 3 training diverged).
 """
 
 import os
+import re
 import sys
 
 # TensorFlow (input pipeline only) greets every process with C++ info lines; keep warnings.
@@ -21,6 +21,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from effnetv2_jax import exit_codes
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (path[:args]).", lock_config=True
@@ -34,8 +36,8 @@ _MODE = flags.DEFINE_enum(
   "workdir's latest checkpoint; plan: print the stage table.",
 )
 
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3
+EXIT_BAD_INPUT = exit_codes.BAD_INPUT
+EXIT_DIVERGED = exit_codes.DIVERGED
 
 
 def _fail(message: str, code: int) -> None:
@@ -51,15 +53,15 @@ def run(config, workdir, mode) -> int:
   # Imported here so `--help` and flag errors stay fast.
   from effnetv2_jax import checkpoint as ckpt_lib
   from effnetv2_jax import config_validation
-  from effnetv2_jax import progressive
+  from effnetv2_jax import plan
   from effnetv2_jax import train
   from effnetv2_jax import workdir as workdir_lib
   from effnetv2_jax.data import datasets
 
   try:
     if mode == "plan":
-      config_validation.validate_config(config, check_dataset=False, num_devices=1)
-      print(progressive.format_plan(config), flush=True)
+      config_validation.validate_config(config, num_devices=1)
+      print(plan.format_plan(config, plan.resolve(config)), flush=True)
       return 0
     if not workdir:
       raise config_validation.ConfigError("--workdir", "is required for --mode=" + mode)
@@ -82,23 +84,24 @@ def run(config, workdir, mode) -> int:
   return 1
 
 
+def _unknown_field_message(text: str, args) -> str:
+  """`--config.batch_sise: no such field; did you mean batch_size?` from ml_collections' error,
+  whose text is the field name and a hint, quoted and escaped several times over."""
+  words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
+  name = words[0] if words else text
+  overrides = [a.split("=")[0] for a in args if a.startswith("--config.")]
+  where = next((o for o in overrides if o.rsplit(".", 1)[-1] == name), "--config." + name)
+  hint = re.search(r'Did you mean \W*"?([A-Za-z0-9_]+)', text)
+  suffix = f"; did you mean {hint.group(1)}?" if hint else " (see configs/default.py)"
+  return f"{where}: no such field{suffix}"
+
+
 def parse_flags(argv):
   """absl's parser, but a bad `--config...` flag is one `error:` line and exit 2, no traceback."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # an override naming a field the config lacks
-    name = str(e).strip("\"'")
-    bad = [
-      a.split("=")[0]
-      for a in argv[1:]
-      if a.startswith("--config.") and a.split("=")[0].rsplit(".", 1)[-1] == name
-    ]
-    where = bad[0] if bad else "--config"
-    _fail(
-      f"{where}: the config has no field {name!r} (overrides must name existing fields; "
-      "see configs/default.py)",
-      EXIT_BAD_INPUT,
-    )
+    _fail(_unknown_field_message(str(e), argv[1:]), EXIT_BAD_INPUT)
   except flags.Error as e:
     _fail(str(e), EXIT_BAD_INPUT)
   except Exception as e:  # pylint: disable=broad-except  (the config file itself failed to load)

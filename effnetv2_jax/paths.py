@@ -13,6 +13,10 @@ from __future__ import annotations
 import os
 import re
 
+# The files a workdir holds besides its checkpoints (effnetv2_jax.checkpoint) and TensorBoard events.
+RESULTS_NAME = "results.json"  # a finished training run's; a sweep skips trials that have one
+EVAL_RESULTS_NAME = "eval_results.json"  # --mode=eval of a training workdir
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 

@@ -15,7 +15,8 @@ the `preset`:
   are linspace(min, max, M)[i]; dropout is not scheduled and stays at `max_dropout`.
 - 'none': a single stage at the max size and max regularization (the non-progressive baseline).
 
-Nothing here touches JAX devices or TensorFlow, so `--mode=plan` is instant.
+This is pure configuration: it neither touches JAX devices nor reads the dataset (the train
+split's size is passed in; `effnetv2_jax.plan.resolve` looks it up once per run).
 """
 
 from __future__ import annotations
@@ -42,19 +43,15 @@ class Stage:
     return self.last_step - self.first_step
 
 
-def dataset_train_size(config) -> int:
-  """The train split's size from the dataset registry (only needed when steps come from epochs)."""
-  from effnetv2_jax.data import datasets  # imported lazily: it pulls in TensorFlow
-
-  return datasets.get_dataset_info(config.dataset, config.data_dir).num_train
-
-
 def total_steps(config, num_train_examples: int | None = None) -> int:
   """`config.num_train_steps` when positive, else num_epochs over the train split (official: int())."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   if num_train_examples is None:
-    num_train_examples = dataset_train_size(config)
+    raise ValueError(
+      "the run length is given in epochs (num_epochs): pass the train split's size "
+      "(effnetv2_jax.plan.resolve does), or set num_train_steps"
+    )
   return int(config.num_epochs * num_train_examples / config.batch_size)
 
 
@@ -113,44 +110,3 @@ def stage_at(table: Sequence[Stage], step: int) -> Stage:
   if step >= table[-1].last_step:
     return table[-1]
   raise ValueError(f"step {step} is before the first stage")
-
-
-def format_plan(config, num_train_examples: int | None = None) -> str:
-  """The stage table as markdown: sizes, regularization, steps, epochs, MACs and compute share.
-
-  MACs are counted analytically from the architecture (no compilation), so the share of compute
-  per stage shows where progressive learning saves time: early stages at small sizes are cheap.
-  """
-  from effnetv2_jax import models
-
-  if num_train_examples is None and config.num_train_steps <= 0:
-    num_train_examples = dataset_train_size(config)
-  table = stages(config, num_train_examples)
-  steps_per_epoch = (num_train_examples / config.batch_size) if num_train_examples else None
-  overrides = dict(config.model_overrides)
-  macs = [models.count_macs(config.model_name, s.image_size, **overrides) for s in table]
-  work = [mac * s.num_steps for mac, s in zip(macs, table)]
-  total_work = sum(work) or 1
-  lines = [
-    f"model {config.model_name}, preset {config.progressive.preset}, "
-    f"{table[-1].last_step} steps at batch {config.batch_size}, eval at {config.eval_image_size}px",
-    "",
-    "| stage | size | randaug | mixup | cutmix | dropout | steps | epochs | GMACs/img | compute |",
-    "|---|---|---|---|---|---|---|---|---|---|",
-  ]
-  for s, mac, w in zip(table, macs, work):
-    epochs = f"{s.num_steps / steps_per_epoch:.1f}" if steps_per_epoch else "-"
-    lines.append(
-      f"| {s.index} | {s.image_size} | {s.randaug_magnitude:.3g} | {s.mixup_alpha:.3g} | "
-      f"{s.cutmix_alpha:.3g} | {s.dropout_rate:.3g} | {s.first_step}-{s.last_step} | {epochs} | "
-      f"{mac / 1e9:.3f} | {100 * w / total_work:.1f}% |"
-    )
-  # What the same number of steps would cost at the final size alone (the 'none' baseline).
-  flat = macs[-1] * table[-1].last_step
-  lines.append("")
-  lines.append(
-    f"train compute vs. all steps at {table[-1].image_size}px: {total_work / flat:.2f}x"
-    if flat
-    else ""
-  )
-  return "\n".join(lines)

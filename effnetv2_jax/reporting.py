@@ -69,10 +69,6 @@ class IntervalMeter:
     self._pending.append(metrics)
     self._steps += 1
 
-  @property
-  def steps(self) -> int:
-    return self._steps
-
   def flush(self) -> tuple[dict[str, float], float, int]:
     """Returns (means, seconds elapsed, steps) for the interval and starts a new one."""
     fetched = jax.device_get(self._pending)
@@ -84,10 +80,6 @@ class IntervalMeter:
     dt, steps = time.perf_counter() - self._t0, self._steps
     self._pending, self._steps, self._t0 = [], 0, time.perf_counter()
     return means, dt, steps
-
-  def reset_clock(self):
-    """Restart the timer (after a compile or an eval, which are not training throughput)."""
-    self._t0 = time.perf_counter()
 
 
 def progress_line(

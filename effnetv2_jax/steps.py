@@ -7,7 +7,7 @@ so 1 device and N devices compute the same numbers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,6 @@ def make_train_step(
   mixup_alpha: float = 0.0,
   cutmix_alpha: float = 0.0,
   lr_fn: Callable[[jax.Array], jax.Array] | None = None,
-  dtype: Any = None,
   freeze_bn_stats: bool = False,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """Build `train_step(state, batch, rng) -> (state, metrics)` for one progressive stage.
@@ -60,8 +59,8 @@ def make_train_step(
   `model` is the stage's model (its dropout rate and compute dtype are baked in); `mixup_alpha`,
   `cutmix_alpha` are the stage's (Python numbers, so one compile per stage). `rng` is the run's base
   key: the step's key is `fold_in(rng, state.step)`, so a resumed run draws the same dropout masks
-  and mixing as an uninterrupted one. `dtype`, when given, is the dtype images are cast to before
-  the model (the model's own dtype decides compute; params/opt state/EMA/BN stats stay fp32).
+  and mixing as an uninterrupted one. The model's dtype decides compute; params, optimizer state,
+  EMA and BN statistics stay fp32.
   `weight_decay` is the L2 coefficient in the loss (`optim.loss_weight_decay(config)`).
   `freeze_bn_stats` keeps the BN running statistics fixed (fine-tuning).
 
@@ -78,8 +77,6 @@ def make_train_step(
     step_key = jax.random.fold_in(rng, state.step)
     dropout_key, mix_key = jax.random.split(step_key)
     images = batch["image"]
-    if dtype is not None:
-      images = images.astype(dtype)
     labels = batch["label"]
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if mixing:

@@ -42,9 +42,12 @@ import sys
 import time
 from typing import Any, Iterable, Sequence
 
-RESULTS_NAME = "results.json"  # written by effnetv2_jax.train when a run completes
+from effnetv2_jax import exit_codes
+from effnetv2_jax import paths
+
+RESULTS_NAME = paths.RESULTS_NAME  # written by effnetv2_jax.train when a run completes
 TABLE_NAME = "sweep_results"
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = exit_codes.BAD_INPUT
 _MAX_NAME = 120  # directory names stay readable and well under file system limits
 
 
@@ -230,31 +233,11 @@ def trial_command(config_arg: str, workdir: str, overrides: dict, python: str = 
   ]
 
 
-def _exists(path: str) -> bool:
-  if "://" in path:  # gs:// workdirs of TPU runs
-    from etils import epath
-
-    return epath.Path(path).exists()
-  return os.path.exists(path)
-
-
-def _read_json(path: str):
-  if "://" in path:
-    from etils import epath
-
-    return json.loads(epath.Path(path).read_text())
-  with open(path) as f:
-    return json.load(f)
-
-
 def _write_text(path: str, text: str) -> None:
-  if "://" in path:
-    from etils import epath
-
-    epath.Path(path).write_text(text)
+  if paths.is_remote(path):  # an object write is atomic by itself
+    paths.write_text(path, text)
     return
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
+  paths.write_text(path + ".tmp", text)
   os.replace(path + ".tmp", path)  # a reader never sees half a table
 
 
@@ -273,9 +256,8 @@ def run_trials(
   while pending or running:
     while pending and len(running) < max(1, parallel):
       name, argv, wd = pending.pop(0)
-      if "://" not in wd:
-        os.makedirs(wd, exist_ok=True)
-      log_path = os.path.join(wd, "sweep.log") if "://" not in wd else os.devnull
+      paths.makedirs(wd)
+      log_path = os.devnull if paths.is_remote(wd) else os.path.join(wd, "sweep.log")
       out = open(log_path, "ab")  # closed when the trial ends
       log(f"[sweep] start {name}")
       running[name] = (
@@ -308,10 +290,10 @@ def gather(
   header = ["trial"] + keys + ["status", "step", "top1", "top5", "wall_s"]
   rows = []
   for name, t in zip(names, trials):
-    path = os.path.join(workdir, name, RESULTS_NAME)
+    path = paths.join(workdir, name, RESULTS_NAME)
     cells = [name] + [_fmt(t[k]) if k in t else "" for k in keys]
-    if _exists(path):
-      r = _read_json(path)
+    if paths.exists(path):
+      r = json.loads(paths.read_text(path))
       ev = r.get("final_eval") or {}
       cells += [
         str(r.get("status", "?")),
@@ -343,7 +325,7 @@ def format_csv(header, rows) -> str:
 
 
 def write_tables(workdir: str, header, rows, title: str) -> tuple[str, str]:
-  md, cs = (os.path.join(workdir, TABLE_NAME + ext) for ext in (".md", ".csv"))
+  md, cs = (paths.join(workdir, TABLE_NAME + ext) for ext in (".md", ".csv"))
   _write_text(md, format_markdown(header, rows, title))
   _write_text(cs, format_csv(header, rows))
   return md, cs
@@ -396,8 +378,8 @@ def main(argv=None) -> int:
   base_flags = [f"--config.{k}={v}" for k, v in base.items()]
   jobs, skipped = [], []
   for name, t in zip(names, trials):
-    wd = os.path.join(args.workdir, name)
-    if _exists(os.path.join(wd, RESULTS_NAME)):
+    wd = paths.join(args.workdir, name)
+    if paths.exists(paths.join(wd, RESULTS_NAME)):
       skipped.append(name)
       continue
     jobs.append((name, trial_command(args.config, wd, t) + base_flags, wd))
@@ -414,8 +396,7 @@ def main(argv=None) -> int:
     for _, argv_, _ in jobs:
       print(" ".join(shlex.quote(a) for a in argv_), flush=True)
     return 0
-  if "://" not in args.workdir:
-    os.makedirs(args.workdir, exist_ok=True)
+  paths.makedirs(args.workdir)
   codes = run_trials(
     jobs, parallel=args.parallel, env=_child_env(args.config), log=lambda m: print(m, flush=True)
   )

@@ -93,3 +93,31 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path):
   assert lines == ["error: progressive.min_image_size: must be a positive integer, got -3"]
   assert "Traceback" not in out.stderr
   assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    (
+      "--config.batch_sise=2",
+      "error: --config.batch_sise: no such field; did you mean batch_size?",
+    ),
+    (
+      "--config.progressive.num_stagez=2",
+      "error: --config.progressive.num_stagez: no such field; did you mean num_stages?",
+    ),
+    ("--config.zzzqqq=2", "error: --config.zzzqqq: no such field (see configs/default.py)"),
+  ],
+)
+def test_misspelt_override_is_one_readable_line(tmp_path, override, message):
+  cmd = [sys.executable, "-m", "effnetv2_jax.main", "--config=configs/demo.py", "--mode=plan"]
+  out = subprocess.run(
+    cmd + [override],
+    capture_output=True,
+    text=True,
+    cwd=fx.REPO,
+    env=fx.subprocess_env(),
+    timeout=120,
+  )
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [message]

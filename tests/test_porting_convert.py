@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import _train_fixtures as fx
-from effnetv2_jax import checkpoint, train
+from effnetv2_jax import checkpoint, plan, train
 from effnetv2_jax.models import create_model
 from effnetv2_jax.porting import convert, to_timm
 from effnetv2_jax.porting.timm import write_safetensors
@@ -63,7 +63,7 @@ def test_eval_mode_from_converted_weights_equals_applying_them(converted):
   # The same split and preprocessing, applied here without the trainer.
   from effnetv2_jax.data import input_pipeline
 
-  facts = train.resolve(cfg)
+  facts = plan.resolve(cfg)
   model = create_model("efficientnetv2-b0", num_classes=2, **TINY)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   losses, correct = [], []

@@ -1,7 +1,7 @@
 """The ablation script's arms and its summary: constant-reg pins regularization, times and reach."""
 
 from configs import demo
-from effnetv2_jax import progressive, sweep
+from effnetv2_jax import plan, sweep
 
 from experiments import progressive_vs_baseline as ab
 
@@ -10,7 +10,7 @@ def _staged(overrides):
   c = demo.get_config()
   for k, v in overrides.items():
     sweep.apply_override(c, k, v)
-  return progressive.stages(c)
+  return list(plan.resolve(c).stages)
 
 
 def test_arms_differ_only_in_the_schedule():

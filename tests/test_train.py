@@ -110,8 +110,8 @@ def test_checksum_is_of_the_final_checkpointed_params(reference):
   assert ck.latest_step() == STEPS
   assert ck.all_steps() == [6, 8]  # keep_checkpoints=2 (saves at 3, 4, 6, 8)
   assert ck.read_meta(STEPS)["stage"] == 1
-  raw = jax.tree.map(np.asarray, ck._mgr.restore(STEPS)["state"]["params"])  # pylint: disable=protected-access
   ck.close()
+  raw, _, _ = ckpt_lib.load_variables(wd, step=STEPS, prefer_ema=False)
   assert reporting.params_checksum(raw) == results["params_checksum"]
 
 
@@ -186,7 +186,7 @@ def test_init_from_keeps_the_body_and_reinitialises_another_head(env, reference,
   model = train.build_model(cfg, 5, 0.1)
   tx = train.optim.make_optimizer(cfg, 4, STEPS)
   with caplog.at_level(logging.INFO):
-    st = train._fresh_state(cfg, model, tx, 16, mesh)  # pylint: disable=protected-access
+    st = train.init_state(cfg, model, tx, 16, mesh)
   assert "classifier.kernel" in caplog.text and "re-initialised" in caplog.text
   src_params, _, _ = ckpt_lib.load_variables(wd)  # EMA weights of the reference
   np.testing.assert_array_equal(
