@@ -11,17 +11,19 @@ runlocal (a few steps at toy sizes on a CPU, for tests and smoke runs).
 """
 
 from configs import common, default
+from effnetv2_jax import models
 
-# (train size, eval size, dropout, RandAugment max, mixup/CutMix max), released code (section 3).
+# (RandAugment max, mixup/CutMix max) of the released code (reference section 3). Train size, eval
+# size and dropout per variant come from the model registry's one table (models.model_defaults).
 OFFICIAL = {
-  "b0": (192, 224, 0.2, 0.0, 0.0),
-  "b1": (192, 240, 0.2, 0.0, 0.0),
-  "b2": (208, 260, 0.3, 0.0, 0.0),
-  "b3": (240, 300, 0.3, 0.0, 0.0),
-  "s": (300, 384, 0.2, 10.0, 0.0),
-  "m": (384, 480, 0.3, 15.0, 0.2),
-  "l": (384, 480, 0.4, 20.0, 0.5),
-  "xl": (384, 512, 0.4, 20.0, 0.5),
+  "b0": (0.0, 0.0),
+  "b1": (0.0, 0.0),
+  "b2": (0.0, 0.0),
+  "b3": (0.0, 0.0),
+  "s": (10.0, 0.0),
+  "m": (15.0, 0.2),
+  "l": (20.0, 0.5),
+  "xl": (20.0, 0.5),
 }
 # The paper's Table 6 (max size, RandAugment 5 -> max, mixup 0 -> max, dropout 0.1 -> max). The
 # paper gives no ranges for B0-B3 or XL: B0-B3 keep the code's end points under Algorithm 1, XL
@@ -41,7 +43,9 @@ def get_config(arg=None):
   variant, preset = args["variant"], args["preset"]
   if variant not in OFFICIAL:
     raise ValueError(f"variant must be one of {', '.join(OFFICIAL)}, got {variant!r}")
-  train_size, eval_size, dropout, ra_max, mix_max = OFFICIAL[variant]
+  sizes = models.model_defaults(f"efficientnetv2-{variant}")
+  train_size, eval_size, dropout = sizes["train_size"], sizes["eval_size"], sizes["dropout_rate"]
+  ra_max, mix_max = OFFICIAL[variant]
   base_family = variant.startswith("b")
 
   c = default.get_config()

@@ -55,11 +55,11 @@ _TUPLE_FIELDS = ("blocks", "stage_repeats", "depths")
 
 
 def _efficientnet_v2(name, **kw):
-  blocks, width, depth, dropout, _, _ = V2_VARIANTS[name]
-  kw.setdefault("blocks", blocks)
-  kw.setdefault("width_mult", width)
-  kw.setdefault("depth_mult", depth)
-  kw.setdefault("dropout_rate", dropout)
+  v = V2_VARIANTS[name]
+  kw.setdefault("blocks", v.blocks)
+  kw.setdefault("width_mult", v.width_mult)
+  kw.setdefault("depth_mult", v.depth_mult)
+  kw.setdefault("dropout_rate", v.dropout_rate)
   kw.setdefault("drop_path_rate", DROP_PATH_RATE)
   return EfficientNet(**kw)
 
@@ -122,11 +122,11 @@ def model_defaults(name: str) -> Dict[str, Any]:
   """Published defaults for a model: train_size, eval_size, dropout_rate."""
   _check_name(name)
   if name in V2_VARIANTS:
-    _, _, _, dropout, train, evl = V2_VARIANTS[name]
-    return dict(train_size=train, eval_size=evl, dropout_rate=dropout)
+    v = V2_VARIANTS[name]
+    return dict(train_size=v.train_size, eval_size=v.eval_size, dropout_rate=v.dropout_rate)
   if name in V1_VARIANTS:
-    _, _, res, dropout = V1_VARIANTS[name]
-    return dict(train_size=res, eval_size=res, dropout_rate=dropout)
+    v = V1_VARIANTS[name]
+    return dict(train_size=v.resolution, eval_size=v.resolution, dropout_rate=v.dropout_rate)
   return dict(train_size=224, eval_size=224, dropout_rate=0.0)
 
 

@@ -6,6 +6,8 @@ efficientnet code: only MBConv blocks (3x3 and 5x5 depthwise), the filter roundi
 rounding lost more than 10%, and the head dropout grows with the variant.
 """
 
+from typing import NamedTuple
+
 from effnetv2_jax.models.effnetv2 import EfficientNet
 
 # Official efficientnet_builder.py block strings (strides written 's11'/'s22' there; we accept both).
@@ -19,25 +21,33 @@ V1_BLOCKS = (
   "r1_k3_s1_e6_i192_o320_se0.25",
 )
 
-# name -> (width_mult, depth_mult, resolution, dropout_rate), official efficientnet_params().
+
+# Official efficientnet_params(), by name.
+class V1Variant(NamedTuple):
+  width_mult: float
+  depth_mult: float
+  resolution: int  # V1 trains and evaluates at one size
+  dropout_rate: float
+
+
 V1_VARIANTS = {
-  "efficientnet-b0": (1.0, 1.0, 224, 0.2),
-  "efficientnet-b1": (1.0, 1.1, 240, 0.2),
-  "efficientnet-b2": (1.1, 1.2, 260, 0.3),
-  "efficientnet-b3": (1.2, 1.4, 300, 0.3),
-  "efficientnet-b4": (1.4, 1.8, 380, 0.4),
-  "efficientnet-b5": (1.6, 2.2, 456, 0.4),
-  "efficientnet-b6": (1.8, 2.6, 528, 0.5),
-  "efficientnet-b7": (2.0, 3.1, 600, 0.5),
+  "efficientnet-b0": V1Variant(1.0, 1.0, 224, 0.2),
+  "efficientnet-b1": V1Variant(1.0, 1.1, 240, 0.2),
+  "efficientnet-b2": V1Variant(1.1, 1.2, 260, 0.3),
+  "efficientnet-b3": V1Variant(1.2, 1.4, 300, 0.3),
+  "efficientnet-b4": V1Variant(1.4, 1.8, 380, 0.4),
+  "efficientnet-b5": V1Variant(1.6, 2.2, 456, 0.4),
+  "efficientnet-b6": V1Variant(1.8, 2.6, 528, 0.5),
+  "efficientnet-b7": V1Variant(2.0, 3.1, 600, 0.5),
 }
 V1_DROP_CONNECT_RATE = 0.2
 
 
 def efficientnet_v1(name: str, **kwargs) -> EfficientNet:
-  width, depth, _, dropout = V1_VARIANTS[name]
+  v = V1_VARIANTS[name]
   kwargs.setdefault("blocks", V1_BLOCKS)
-  kwargs.setdefault("width_mult", width)
-  kwargs.setdefault("depth_mult", depth)
-  kwargs.setdefault("dropout_rate", dropout)
+  kwargs.setdefault("width_mult", v.width_mult)
+  kwargs.setdefault("depth_mult", v.depth_mult)
+  kwargs.setdefault("dropout_rate", v.dropout_rate)
   kwargs.setdefault("drop_path_rate", V1_DROP_CONNECT_RATE)
   return EfficientNet(round_down_guard=True, **kwargs)

@@ -74,17 +74,29 @@ V2_XL_BLOCKS = (
   "r8_k3_s1_e6_i512_o640_se0.25",
 )
 
-# name -> (blocks, width_mult, depth_mult, dropout_rate, train_size, eval_size); sizes from the
-# released code (the paper's progressive schedule ends at the train size, evaluation is larger).
+
+class V2Variant(NamedTuple):
+  """One EfficientNetV2 variant: its architecture and the released code's train/eval sizes and
+  dropout (the paper's progressive schedule ends at the train size, evaluation is larger)."""
+
+  blocks: tuple
+  width_mult: float
+  depth_mult: float
+  dropout_rate: float
+  train_size: int
+  eval_size: int
+
+
+# The one per-variant table: configs and benchmarks read it through models.model_defaults(name).
 V2_VARIANTS = {
-  "efficientnetv2-b0": (V2_BASE_BLOCKS, 1.0, 1.0, 0.2, 192, 224),
-  "efficientnetv2-b1": (V2_BASE_BLOCKS, 1.0, 1.1, 0.2, 192, 240),
-  "efficientnetv2-b2": (V2_BASE_BLOCKS, 1.1, 1.2, 0.3, 208, 260),
-  "efficientnetv2-b3": (V2_BASE_BLOCKS, 1.2, 1.4, 0.3, 240, 300),
-  "efficientnetv2-s": (V2_S_BLOCKS, 1.0, 1.0, 0.2, 300, 384),
-  "efficientnetv2-m": (V2_M_BLOCKS, 1.0, 1.0, 0.3, 384, 480),
-  "efficientnetv2-l": (V2_L_BLOCKS, 1.0, 1.0, 0.4, 384, 480),
-  "efficientnetv2-xl": (V2_XL_BLOCKS, 1.0, 1.0, 0.4, 384, 512),
+  "efficientnetv2-b0": V2Variant(V2_BASE_BLOCKS, 1.0, 1.0, 0.2, 192, 224),
+  "efficientnetv2-b1": V2Variant(V2_BASE_BLOCKS, 1.0, 1.1, 0.2, 192, 240),
+  "efficientnetv2-b2": V2Variant(V2_BASE_BLOCKS, 1.1, 1.2, 0.3, 208, 260),
+  "efficientnetv2-b3": V2Variant(V2_BASE_BLOCKS, 1.2, 1.4, 0.3, 240, 300),
+  "efficientnetv2-s": V2Variant(V2_S_BLOCKS, 1.0, 1.0, 0.2, 300, 384),
+  "efficientnetv2-m": V2Variant(V2_M_BLOCKS, 1.0, 1.0, 0.3, 384, 480),
+  "efficientnetv2-l": V2Variant(V2_L_BLOCKS, 1.0, 1.0, 0.4, 384, 480),
+  "efficientnetv2-xl": V2Variant(V2_XL_BLOCKS, 1.0, 1.0, 0.4, 384, 512),
 }
 HEAD_FILTERS = 1280  # before width scaling, both families
 DROP_PATH_RATE = 0.2  # official survival_prob 0.8 for the last block, linear in block index
