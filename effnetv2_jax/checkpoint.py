@@ -16,10 +16,14 @@ naming the arrays, instead of a shape error from deep inside the restore.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -35,6 +39,61 @@ _MAX_LISTED = 12  # mismatched arrays named in an error message
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint on disk does not fit the model/state being trained."""
+
+
+class CheckpointUnreadableError(RuntimeError):
+  """No checkpoint of a workdir (or not the one named) can be read; `str()` is one line."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint write failed (no space, permission, quota); `str()` is one line that names the
+  path, the error, the last complete checkpoint and how to go on."""
+
+
+def first_line(error: BaseException, limit: int = 240) -> str:
+  """The gist of an error from deep inside orbax/tensorstore: the operating system's message where
+  the chain carries one ('no space left on device'), else the error's first line, without
+  tensorstore's JSON spec."""
+  chain, e = [], error
+  while e is not None and e not in chain:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for e in chain:
+    if isinstance(e, OSError) and e.strerror:
+      return e.strerror.lower() + (f": {e.filename}" if e.filename else "")
+    code = re.search(r"os_error_code=\\?'(\d+)", str(e))  # tensorstore's way of saying errno
+    if code:
+      return os.strerror(int(code.group(1))).lower()
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  text = text.split(" [tensorstore_spec=")[0]
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _quiet_aborted_reads() -> None:
+  """After a failed restore, tensorstore still completes the aborted reads' futures, whose
+  callbacks then find orbax's event loop closed: each one would print a 'RuntimeError: Event loop
+  is closed' traceback (hundreds per checkpoint). Those, and only those, are dropped from then on.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
+def _nbytes(tree) -> int:
+  return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree)))
+
+
+def _size(n: int) -> str:
+  return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def config_hash(config) -> str:
@@ -144,6 +203,8 @@ class Checkpointer:
     self._mgr = ocp.CheckpointManager(
       self.directory, options=options, item_names=("state", "meta"), item_handlers=_handlers()
     )
+    self._pending: tuple[int, int] | None = None  # (step, bytes) of the last write started
+    self._failed: CheckpointWriteError | None = None
 
   # --- queries -------------------------------------------------------------------------------
   def latest_step(self) -> int | None:
@@ -154,8 +215,10 @@ class Checkpointer:
 
   def saved_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
     md = self._mgr.item_metadata(step)["state"]
-    tree = getattr(md, "tree", md)
-    return flat_shapes(tree)
+    shapes = flat_shapes(getattr(md, "tree", md))
+    if not shapes:  # a checkpoint without array metadata is damaged, not of another model
+      raise ValueError(f"the array metadata of {self.directory}/{step} is missing or empty")
+    return shapes
 
   def reached_preemption(self, step: int) -> bool:
     """Orbax's multi-host preemption agreement (only meaningful under jax.distributed)."""
@@ -166,28 +229,144 @@ class Checkpointer:
 
   # --- save / restore ------------------------------------------------------------------------
   def save(self, step: int, state, meta: Mapping[str, Any]) -> bool:
-    """Start writing `state` at `step` (async); returns False if that step is already saved."""
+    """Start writing `state` at `step` (async); returns False if that step is already saved.
+
+    A failed write raises CheckpointWriteError, here or (async) from the next `check_for_errors`,
+    `wait` or `save`; its half-written tmp folder is removed first.
+    """
+    self.wait()  # orbax would wait for the previous write inside save(): report its failure as its own
     if step in self._mgr.all_steps():
       return False
-    self._mgr.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
-        meta=ocp.args.JsonSave(dict(meta, step=int(step))),
-      ),
-      force=True,
-    )
+    self._pending = (int(step), _nbytes(state))
+    try:
+      self._mgr.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+          meta=ocp.args.JsonSave(dict(meta, step=int(step))),
+        ),
+        force=True,
+      )
+    except Exception as e:  # pylint: disable=broad-except  (a synchronous part of the write)
+      raise self._write_error(e) from None
     return True
 
+  def check_for_errors(self) -> None:
+    """Raise CheckpointWriteError if an async write has failed since the last call (cheap: the
+    trainer calls it every step, so a full disk stops the run at the next step)."""
+    if self._mgr is None:
+      return
+    try:
+      self._mgr.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(e) from None
+
   def wait(self):
-    self._mgr.wait_until_finished()
+    try:
+      self._mgr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(e) from None
 
   def close(self):
-    """Wait for in-flight writes and release the manager (safe to call twice)."""
-    if self._mgr is not None:
-      self._mgr.wait_until_finished()
-      self._mgr.close()
+    """Wait for in-flight writes and release the manager (safe to call twice). A write failure
+    already reported is not raised again."""
+    if self._mgr is None:
+      return
+    try:
+      if self._failed is None:
+        self.wait()
+    finally:
+      try:
+        self._mgr.close()
+      except Exception:  # pylint: disable=broad-except  (its failure was reported above)
+        pass
       self._mgr = None
+
+  def _write_error(self, error: BaseException) -> CheckpointWriteError:
+    if self._failed is not None:  # orbax re-raises the same failure at every later call
+      return self._failed
+    step, nbytes = self._pending or (None, 0)
+    removed = self._remove_tmp_dirs()
+    done = [s for s in self._mgr.all_steps(read=True) if s != step] if self._mgr else []
+    where = f"{self.directory}/{step}" if step is not None else self.directory
+    need = f" (its arrays need about {_size(nbytes)}" if nbytes else ""
+    if need and not paths.is_remote(self.directory):
+      try:
+        need += f", {_size(shutil.disk_usage(self.directory).free)} free"
+      except OSError:
+        pass
+    need += ")" if need else ""
+    then = (
+      f"the last complete checkpoint is step {max(done)}; rerunning the same command resumes from it"
+      if done
+      else "there is no complete checkpoint yet; rerunning the same command starts from step 0"
+    )
+    self._failed = CheckpointWriteError(
+      f"cannot write checkpoint {where}: {first_line(error)}{need}; {then}"
+      + (f" (removed the half-written {', '.join(removed)})" if removed else "")
+    )
+    return self._failed
+
+  def _remove_tmp_dirs(self) -> list[str]:
+    if paths.is_remote(self.directory) or jax.process_index() != 0:
+      return []  # orbax removes remote tmp dirs itself at the next start (cleanup_tmp_directories)
+    removed = []
+    for path in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(os.path.basename(path))
+    return removed
+
+  def restore_latest(self, abstract_state):
+    """Restore the newest checkpoint that reads; -> (step, state, meta), or None without any.
+
+    A newer one that cannot be read (unreadable, truncated, a missing or corrupt metadata or
+    array file) costs one warning: it is moved aside to `<step>.corrupt` (never deleted) once an
+    older one has been restored. CheckpointMismatchError (another model) is raised as it is; if
+    no checkpoint reads, CheckpointUnreadableError names the steps tried and nothing is moved.
+    """
+    failed = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        _quiet_aborted_reads()
+        failed.append((step, first_line(e)))
+        continue
+      for bad, why in failed:
+        moved = self._move_aside(bad)
+        logging.warning(
+          "checkpoint at step %d cannot be restored (%s); moved it to %s and resumed from step %d",
+          bad,
+          why,
+          moved,
+          step,
+        )
+      return step, state, meta
+    if failed:
+      tried = ", ".join(str(s) for s, _ in failed)
+      raise CheckpointUnreadableError(
+        f"no checkpoint in {self.directory} can be restored (tried steps {tried}; step "
+        f"{failed[0][0]}: {failed[0][1]}); nothing was changed: move the unreadable step folders "
+        "out of it to start again from step 0, or restore them from a backup"
+      )
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    src = paths.join(self.directory, str(step))
+    dst, n = f"{src}.corrupt", 1
+    while paths.exists(dst):
+      n += 1
+      dst = f"{src}.corrupt{n}"
+    if jax.process_index() == 0:
+      paths.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+    self._mgr.reload()
+    return dst
 
   def check_compatible(self, step: int, abstract_state):
     """Raise CheckpointMismatchError unless the saved tree has the expected arrays and shapes."""
@@ -243,18 +422,14 @@ def load_variables(
       step = mgr.latest_step()
       if step is None:
         raise FileNotFoundError(f"init_from: no complete checkpoint under {root}")
-    md = mgr.item_metadata(step)["state"]
-    tree = getattr(md, "tree", md)
-    device = jax.local_devices()[0]
-    target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(
-        m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
-      ),
-      tree,
-      is_leaf=lambda m: hasattr(m, "shape"),
-    )
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    restored = jax.device_get(restored["state"])
+    try:
+      restored = _read_state(mgr, step)
+    except Exception as e:  # pylint: disable=broad-except
+      _quiet_aborted_reads()
+      raise CheckpointUnreadableError(
+        f"checkpoint {paths.join(root, str(step))} cannot be read ({first_line(e)}); "
+        "name another step directory, or restore this one from a backup"
+      ) from None
   finally:
     mgr.close()
   if prefer_ema and restored.get("ema_params"):
@@ -262,6 +437,21 @@ def load_variables(
   params = restored["params"]
   batch_stats = restored.get("batch_stats") or {}
   return params, batch_stats, int(step)
+
+
+def _read_state(mgr, step: int) -> dict:
+  md = mgr.item_metadata(step)["state"]
+  tree = getattr(md, "tree", md)
+  device = jax.local_devices()[0]
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(
+      m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
+    ),
+    tree,
+    is_leaf=lambda m: hasattr(m, "shape"),
+  )
+  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return jax.device_get(restored["state"])
 
 
 def merge_pretrained(init_params, loaded_params, log=logging.info):

@@ -10,6 +10,7 @@ Exit codes: see `effnetv2_jax.exit_codes` (0 done or preempted, 2 bad input as o
 line without a traceback, 3 training diverged).
 """
 
+import logging as std_logging
 import os
 import re
 import sys
@@ -38,6 +39,7 @@ _MODE = flags.DEFINE_enum(
 
 EXIT_BAD_INPUT = exit_codes.BAD_INPUT
 EXIT_DIVERGED = exit_codes.DIVERGED
+EXIT_WRITE_FAILED = exit_codes.WRITE_FAILED
 
 
 def _fail(message: str, code: int) -> None:
@@ -75,12 +77,15 @@ def run(config, workdir, mode) -> int:
   except (
     datasets.DatasetNotPreparedError,
     ckpt_lib.CheckpointMismatchError,
+    ckpt_lib.CheckpointUnreadableError,
     workdir_lib.WorkdirLockedError,
     FileNotFoundError,
   ) as e:
     _fail(str(e), EXIT_BAD_INPUT)
   except train.TrainingDivergedError as e:
     _fail(str(e), EXIT_DIVERGED)
+  except (ckpt_lib.CheckpointWriteError, train.ResultsWriteError) as e:
+    _fail(str(e), EXIT_WRITE_FAILED)
   return 1
 
 
@@ -108,10 +113,24 @@ def parse_flags(argv):
     _fail(f"--config: {type(e).__name__}: {e}", EXIT_BAD_INPUT)
 
 
+def _drop_orbax_errors(record) -> bool:
+  """orbax logs a failed write or read with tracebacks from its own threads; the trainer reports
+  the same failure as one line (a warning, or an error and exit 2/4), so orbax's warnings and
+  errors are dropped unless EFFNET_VERBOSE is set."""
+  from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+  return not (from_orbax and record.levelno >= std_logging.WARNING)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO if os.environ.get("EFFNET_VERBOSE") else logging.WARNING)
+  verbose = bool(os.environ.get("EFFNET_VERBOSE"))
+  logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+  if not verbose:
+    logging.get_absl_handler().addFilter(_drop_orbax_errors)
+    # The same failure again, from the asyncio tasks orbax writes with ("Task exception was never
+    # retrieved"); this program runs no asyncio code of its own.
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
   try:
     config = _CONFIG.value
     config.get("seed")  # a config file that failed to load only reports it on first access

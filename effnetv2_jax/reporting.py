@@ -7,6 +7,7 @@ on a gs:// workdir it is written as one object, which GCS also replaces atomical
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -160,12 +161,17 @@ def write_json_atomic(path: str, obj: Mapping[str, Any]):
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError:  # no space, permission: leave no half-written tmp file behind
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
 
 
 def create_writer(workdir: str):

@@ -50,6 +50,11 @@ class TrainingDivergedError(RuntimeError):
   """Too many consecutive non-finite steps; the last good checkpoint is left as it was."""
 
 
+class ResultsWriteError(RuntimeError):
+  """results.json could not be written (no space, permission); the final checkpoint is complete,
+  so rerunning the same command only re-evaluates and writes it."""
+
+
 def setup_compilation_cache(config) -> str | None:
   """Persistent XLA cache, so a resumed job (and the next stage of a rerun) skips compiling."""
   cache_dir = config.compilation_cache_dir
@@ -391,12 +396,12 @@ def _restore_or_init(ctx: RunContext):
     "num_classes": run.num_classes,
   }
   model = build_model(config, run.num_classes, run.stages[0].dropout_rate)
-  latest = ctx.ckpt.latest_step()
-  if latest is None:
+  target = abstract_state(config, model, ctx.tx, run.stages[0].image_size, ctx.mesh)
+  restored = ctx.ckpt.restore_latest(target)  # an unreadable newest one falls back to an older
+  if restored is None:
     state = init_state(config, model, ctx.tx, run.stages[0].image_size, ctx.mesh)
     return state, 0, StageLog(run.stages, header)
-  target = abstract_state(config, model, ctx.tx, run.stages[0].image_size, ctx.mesh)
-  state, meta = ctx.ckpt.restore(latest, target)
+  latest, state, meta = restored
   if meta.get("config_hash") not in (None, cfg_hash):
     logging.warning(
       "resuming from a checkpoint written with a different config (hash %s != %s)",
@@ -474,6 +479,7 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
       batch = sharding.shard_batch(next(data), ctx.mesh)
     meter.add(metrics)
     guard.observe(step, metrics["bad_step"])
+    ctx.ckpt.check_for_errors()  # a failed async checkpoint write stops the run at the next step
     if step % ctx.config.log_every_steps == 0 or not more:
       _log_progress(ctx, stage, step, meter, eta)
     status = _stop_requested(ctx, step)
@@ -571,7 +577,13 @@ def _report(ctx: RunContext, state, step: int, log: StageLog, evaluator) -> dict
   }
   out = paths.join(ctx.workdir, paths.RESULTS_NAME)
   if jax.process_index() == 0:
-    reporting.write_json_atomic(out, results)
+    try:
+      reporting.write_json_atomic(out, results)
+    except OSError as e:
+      raise ResultsWriteError(
+        f"cannot write {out}: {ckpt_lib.first_line(e)}; training is complete and checkpointed "
+        f"at step {step}: free space and rerun the same command to evaluate and write it again"
+      ) from None
   _print(
     f"done: step {step}, eval top1 {final['top1']:.4f} top5 {final['top5']:.4f} on "
     f"{final['num_examples']} images; {reporting.format_duration(results['total_wall_s'])} "
