@@ -8,6 +8,12 @@ Launch (one host or all workers of a TPU slice):
 Arguments: variant=b0|b1|b2|b3|s|m|l|xl; preset=official|paper|none (see effnetv2_jax/progressive.py
 and section 9 of the reference: BN decay, dropout schedule, RandAugment and mixup ranges differ);
 runlocal (a few steps at toy sizes on a CPU, for tests and smoke runs).
+
+RandAugment/AutoAugment op semantics (configs/default.py, reference section 10 items 1 and 8):
+'official' and 'none' use the released code's ops (randaug_solarize="official": the Solarize
+threshold wraps at magnitude >= 10; randaug_enhance="official": Contrast's pixel-count "mean",
+Sharpness truncation); 'paper' uses the ops as RandAugment defines them ("unwrapped", "corrected"),
+since the paper specifies RandAugment, not the released code's bugs.
 """
 
 from configs import common, default
@@ -60,6 +66,7 @@ def get_config(arg=None):
   p.min_dropout = p.max_dropout = dropout
   if preset == "paper":
     c.model_overrides.bn_momentum = 0.99  # paper: BN decay 0.99; code: 0.9
+    c.randaug_solarize, c.randaug_enhance = "unwrapped", "corrected"  # RandAugment's ops as defined
     p.min_dropout = 0.1
     if not base_family:
       p.max_image_size, p.max_randaug, p.max_mixup, p.max_dropout = PAPER[variant]

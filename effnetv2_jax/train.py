@@ -303,6 +303,7 @@ def _train(config, workdir, *, stop_at_step, flag, devices) -> dict:
 def _train_loop(
   config, workdir, facts, mesh, tx, lr_fn, train_rng, writer, ckpt, *, stop_at_step, flag, run_t0
 ) -> dict:
+  from effnetv2_jax.data import augment
   from effnetv2_jax.data import input_pipeline
 
   cfg_hash = ckpt_lib.config_hash(config)
@@ -403,10 +404,7 @@ def _train_loop(
       global_batch_size=config.batch_size,
       image_size=stage.image_size,
       family=facts.family,
-      randaug_magnitude=stage.randaug_magnitude,
-      randaug_layers=config.randaug_layers,
-      autoaugment=config.autoaugment,
-      randaug_ops=config.get("randaug_ops") or None,
+      augment=augment.for_stage(config, stage),
       seed=config.seed,
       start_step=max(step, stage.first_step),
       process_index=jax.process_index(),

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from effnetv2_jax.data import preprocess
+from effnetv2_jax.data.augment import Augment
 
 
 def _framed(size=100, border=5):
@@ -48,9 +49,9 @@ def test_train_on_tiny_images(family, image_size, aug):
     image_size=image_size,
     family=family,
     seed=tf.constant([1, 2], tf.int64),
-    randaug_layers=2,
-    randaug_magnitude=15.0 if aug == "randaug" else 0.0,
-    autoaugment=aug == "autoaugment",
+    augment=Augment(
+      layers=2, magnitude=15.0 if aug == "randaug" else 0.0, autoaugment=aug == "autoaugment"
+    ),
   )
   out = preprocess.train_image(img, **kw).numpy()
   assert out.shape == (image_size, image_size, 3) and np.isfinite(out).all()
@@ -87,7 +88,7 @@ def test_small_family_keeps_the_whole_image():
     image_size=28,
     family="small",
     seed=tf.constant([3, 4], tf.int64),
-    randaug_magnitude=0.0,
+    augment=Augment(magnitude=0.0),
   ).numpy()
   assert np.allclose(tr, out) or np.allclose(tr, out[:, ::-1])
 
@@ -108,10 +109,12 @@ def test_train_image_passes_the_randaugment_op_set():
   # With the op set reduced to Invert, every augmented image is the negative of the plain one
   # (up to the uint8 truncation RandAugment works in); the configured set reaches the op choice.
   img = np.random.default_rng(1).integers(0, 256, size=(28, 28, 3), dtype=np.uint8)
-  kw = dict(image_size=28, family="small", seed=tf.constant([3, 4], tf.int64), randaug_layers=1)
-  plain = preprocess.train_image(tf.constant(img), randaug_magnitude=0.0, **kw).numpy()
+  kw = dict(image_size=28, family="small", seed=tf.constant([3, 4], tf.int64))
+  plain = preprocess.train_image(
+    tf.constant(img), augment=Augment(layers=1, magnitude=0.0), **kw
+  ).numpy()
   inverted = preprocess.train_image(
-    tf.constant(img), randaug_magnitude=5.0, randaug_ops="Invert", **kw
+    tf.constant(img), augment=Augment(layers=1, magnitude=5.0, ops="Invert"), **kw
   ).numpy()
   np.testing.assert_allclose(inverted, -plain, atol=2 / 127.5)
   assert np.abs(plain).mean() > 0.1

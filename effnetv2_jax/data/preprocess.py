@@ -22,6 +22,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from effnetv2_jax.data import randaug
+from effnetv2_jax.data.augment import Augment
 
 FAMILIES = ("v2", "v2-base", "small")
 EVAL_CROP_PADDING = 32  # eval crop side = size / (size + 32) * short side
@@ -34,6 +35,7 @@ CROP_MAX_ATTEMPTS = 10
 V2_MEAN, V2_STD = 128.0, 128.0
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+NO_AUGMENT = Augment()
 
 
 def check_family(family: str) -> None:
@@ -96,45 +98,30 @@ def random_crop(image, family, image_size, seed):
   return tf.cond(failed, lambda: center_crop(image, image_size), lambda: crop)
 
 
-def _augment(
-  image_float,
-  *,
-  randaug_layers,
-  randaug_magnitude,
-  autoaugment,
-  seed,
-  hparams=None,
-  randaug_ops=None,
-):
+def _augment(image_float, augment, seed, hparams=None):
   """Apply AutoAugment / RandAugment on uint8 as the official code does (clip, truncate, augment)."""
-  use_aa = autoaugment
-  use_ra = (not autoaugment) and randaug_layers > 0 and randaug_magnitude > 0
-  if not (use_aa or use_ra):
+  if not augment.active:
     return image_float
   image = tf.cast(tf.clip_by_value(image_float, 0.0, 255.0), tf.uint8)
-  if use_aa:
-    image = randaug.autoaugment(image, seed=seed)
+  switches = dict(solarize=augment.solarize, enhance=augment.enhance)
+  if augment.autoaugment:
+    image = randaug.autoaugment(image, seed=seed, **switches)
   else:
     image = randaug.randaugment(
-      image, randaug_layers, randaug_magnitude, seed=seed, hparams=hparams, ops=randaug_ops
+      image,
+      augment.layers,
+      augment.magnitude,
+      seed=seed,
+      hparams=hparams,
+      ops=augment.ops,
+      **switches,
     )
   return tf.cast(image, tf.float32)
 
 
-def train_image(
-  image,
-  *,
-  image_size,
-  family,
-  seed,
-  randaug_layers=2,
-  randaug_magnitude=0.0,
-  autoaugment=False,
-  randaug_ops=None,
-):
-  """uint8 [H, W, 3] -> float32 [image_size, image_size, 3], normalised, randomly augmented.
-
-  `randaug_ops`: RandAugment's op set (randaug.parse_ops; default all 16)."""
+def train_image(image, *, image_size, family, seed, augment=NO_AUGMENT):
+  """uint8 [H, W, 3] -> float32 [image_size, image_size, 3], normalised, randomly augmented with
+  `augment` (an `augment.Augment`; default none: crop and flip only)."""
   check_family(family)
   crop_seed, flip_seed, aug_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   if family != "small":
@@ -142,15 +129,7 @@ def train_image(
   image = tf.image.resize(image, [image_size, image_size], method=_resize_method(family))
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   hparams = randaug.scaled_hparams(image_size) if family == "small" else None
-  image = _augment(
-    image,
-    randaug_layers=randaug_layers,
-    randaug_magnitude=randaug_magnitude,
-    autoaugment=autoaugment,
-    seed=aug_seed,
-    hparams=hparams,
-    randaug_ops=randaug_ops,
-  )
+  image = _augment(image, augment, aug_seed, hparams)
   image = normalize(image, family)
   image.set_shape([image_size, image_size, 3])
   return image
