@@ -9,6 +9,7 @@ from PIL import Image
 
 from effnetv2_jax.data import input_pipeline
 from effnetv2_jax.data import prepare
+from effnetv2_jax.data import preprocess
 from effnetv2_jax.data.augment import Augment
 from test_data_prepare import write_idx_set  # pylint: disable=g-bad-import-order
 
@@ -177,3 +178,43 @@ def test_bad_arguments(fm_dir):
     _train(fm_dir, family="v3")
   with pytest.raises(ValueError, match="divisible"):
     _train(fm_dir, global_batch_size=9, process_count=2)
+
+
+def test_base_family_decodes_and_crops_jpegs_in_the_pipeline(folder):
+  # v2-base takes the decode_and_crop_jpeg path for the JPEGs (RGB, grey, CMYK), decode + slice for
+  # the PNGs, and still drops the corrupt file (a JPEG header followed by garbage).
+  root, levels = folder
+  mean = np.array(preprocess.IMAGENET_MEAN_RGB)
+  std = np.array(preprocess.IMAGENET_STD_RGB)
+
+  def class_of(image):
+    level = (image * std + mean).mean()
+    return min(range(len(levels)), key=lambda c: abs(sorted(levels.values())[c] - level))
+
+  it = input_pipeline.eval_iterator(
+    dataset=f"folder:{root}",
+    data_dir=None,
+    split=None,
+    global_batch_size=4,
+    image_size=16,
+    family="v2-base",
+  )
+  batches = list(it)
+  assert it.decode_failures == 1 and sum(b["mask"].sum() for b in batches) == 9
+  for b in batches:
+    for image, label, mask in zip(b["image"], b["label"], b["mask"]):
+      if mask:
+        assert class_of(image) == label
+  train = input_pipeline.train_iterator(
+    dataset=f"folder:{root}",
+    data_dir=None,
+    split=None,
+    global_batch_size=4,
+    image_size=16,
+    family="v2-base",
+    augment=Augment(autoaugment=True),
+    seed=0,
+  )
+  for _ in range(3):
+    b = next(train)
+    assert b["image"].shape == (4, 16, 16, 3) and np.isfinite(b["image"]).all()

@@ -217,9 +217,8 @@ def train_iterator(
     step, slot = pos // b_local, pos % b_local
     global_pos = step * global_batch_size + process_index * b_local + slot
     ex_seed = tf.random.experimental.stateless_fold_in(base_seed, global_pos)
-    image = preprocess.decode(load(ex["raw"]))
     image = preprocess.train_image(
-      image, image_size=image_size, family=family, seed=ex_seed, augment=augment
+      load(ex["raw"]), image_size=image_size, family=family, seed=ex_seed, augment=augment
     )
     return {"image": image, "label": tf.cast(ex["label"], tf.int32), _POS: pos}
 
@@ -257,9 +256,7 @@ def eval_iterator(
   total = num_eval_batches(sizes, b_local) * b_local
 
   def process(pos, ex):
-    image = preprocess.eval_image(
-      preprocess.decode(load(ex["raw"])), image_size=image_size, family=family
-    )
+    image = preprocess.eval_image(load(ex["raw"]), image_size=image_size, family=family)
     return {
       "image": image,
       "label": tf.cast(ex["label"], tf.int32),
