@@ -114,3 +114,64 @@ def test_folder_dataset_classes_sorted_and_splits(tmp_path):
   )
   paths, labels = datasets.folder_files(info.folder_root, "val", info.class_names)
   assert [os.path.basename(os.path.dirname(p)) for p in paths] == ["a", "c"] and labels == [0, 2]
+
+
+# --- lookups are cached: a folder tree is listed once per process ---------------------------------
+def test_folder_tree_is_listed_once(tmp_path, monkeypatch):
+  for split, per_class in (("train", 3), ("val", 2), ("test", 1)):
+    for c in ("a", "b"):
+      os.makedirs(tmp_path / split / c)
+      for i in range(per_class):
+        (tmp_path / split / c / f"{i}.jpg").write_bytes(b"")
+  listed = []
+  real = os.listdir
+  monkeypatch.setattr(os, "listdir", lambda p: listed.append(os.fspath(p)) or real(p))
+  datasets.clear_cache()
+  name = f"folder:{tmp_path}"
+  info = datasets.get_dataset_info(name)
+  assert (info.num_train, info.num_eval) == (6, 4)
+  for _ in range(3):
+    assert datasets.get_dataset_info(name) is info
+    assert datasets.get_dataset_info(name, None) is info
+    assert datasets.split_size(info, "train") == 6 and datasets.split_size(info, "val") == 4
+    assert datasets.split_size(info, "test") == 2
+    datasets.check_prepared(name)
+    assert datasets.folder_files(info.folder_root, "val", info.class_names)[1] == [0, 0, 1, 1]
+  assert len(listed) == len(set(listed))  # no directory listed twice
+  root = str(tmp_path)
+  want = {root} | {os.path.join(root, s) for s in ("train", "val", "test")}
+  want |= {os.path.join(root, s, c) for s in ("train", "val", "test") for c in ("a", "b")}
+  assert set(listed) == want
+  # clear_cache forgets: a file added on disk shows up afterwards.
+  (tmp_path / "train" / "a" / "new.jpg").write_bytes(b"")
+  assert datasets.get_dataset_info(name).num_train == 6
+  datasets.clear_cache()
+  assert datasets.get_dataset_info(name).num_train == 7
+
+
+# --- the "not prepared" message names the TFDS data dir --------------------------------------------
+def test_not_prepared_message_names_the_default_tfds_dir():
+  default_root = os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  import tensorflow_datasets as tfds
+
+  if tfds.builder("cars196").is_prepared():
+    pytest.skip("cars196 is prepared in the default data dir of this machine")
+  with pytest.raises(datasets.DatasetNotPreparedError) as e:
+    datasets.check_prepared("cars196")
+  msg = str(e.value)
+  assert f"is not prepared in {default_root!r}" in msg
+  assert f"--data_dir={default_root}`" in msg
+  assert f"in {os.path.dirname(default_root)!r}" not in msg  # the old message: one level too high
+
+
+def test_data_dir_root_of_a_builder_config():
+  # Builders with a config (imagenet2012_subset/1pct) sit one level deeper: name/config/version.
+  class Old:  # a TFDS without `data_dir_root`
+    data_dir = "/data/tfds/imagenet2012_subset/1pct/5.0.0"
+
+    class info:  # noqa: N801
+      full_name = "imagenet2012_subset/1pct/5.0.0"
+
+  assert datasets._data_dir_root(Old()) == "/data/tfds"  # pylint: disable=protected-access
+  Old.data_dir, Old.info.full_name = "/data/tfds/fashion_mnist/3.0.1", "fashion_mnist/3.0.1"
+  assert datasets._data_dir_root(Old()) == "/data/tfds"  # pylint: disable=protected-access

@@ -1,7 +1,8 @@
 """Dataset registry: names -> TFDS builders (or image folders), class counts, default splits.
 
-A registry entry carries the *static* facts (class count, default train/eval split, their sizes), so a
-config can be validated and a step count planned without touching the data. Sizes of custom split
+A registry entry is a `DatasetInfo` carrying the *static* facts (class count, default train/eval
+split and their sizes, how to prepare the data), so a config can be validated and a step count
+planned without touching the data. Sizes of custom split
 strings (``train[:10%]``, ``train[:-25021]``) are resolved from the prepared TFDS metadata by
 `split_size`, because only TFDS knows exactly how it rounds percentage slices.
 
@@ -16,11 +17,16 @@ Names:
     (``train`` and one of ``val``/``validation``/``test``) those are the splits; otherwise the root itself
     holds the class folders and is the single split ``all`` (used for both train and eval).
 Any TFDS split string may be passed as ``split=`` to the input pipeline; it is handed to TFDS unchanged.
+
+Lookups are cached per process (`get_dataset_info` by (name, data_dir); a folder's directories are
+listed once): validation, the trainer and every iterator ask for the same facts. A folder changed
+on disk after its first lookup needs `clear_cache()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 # Official code: the last 25,021 train images are held out as "minival" (reference section 2).
@@ -86,7 +92,7 @@ _IMAGENET21K_HINT = (
   'or use dataset="folder:/path/to/unpacked/fall11" (class-per-subfolder, slow to list at this size).'
 )
 
-# name -> (tfds_name, classes, train split, eval split, #train, #eval, hint)
+# name -> DatasetInfo, filled by the _register calls below.
 _REGISTRY: dict[str, DatasetInfo] = {}
 
 
@@ -167,37 +173,42 @@ def known_names() -> list[str]:
   return sorted(_REGISTRY) + ["folder:/path/to/root"]
 
 
+@functools.lru_cache(maxsize=None)
+def _class_dirs(split_dir: str) -> tuple[str, ...]:
+  """Sorted subdirectory names of `split_dir` (listed once per process; see clear_cache)."""
+  return tuple(
+    sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+  )
+
+
 def _list_class_dirs(split_dir: str) -> list[str]:
-  return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+  return list(_class_dirs(split_dir))
 
 
 def _is_image(fname: str) -> bool:
   return fname.lower().endswith(IMAGE_EXTENSIONS)
 
 
+@functools.lru_cache(maxsize=None)
+def _folder_splits(root: str) -> tuple[tuple[str, str], ...]:
+  subdirs = set(_class_dirs(root)) if os.path.isdir(root) else set()
+  if "train" in subdirs:
+    splits = [("train", os.path.join(root, "train"))]
+    splits += [(d, os.path.join(root, d)) for d in _FOLDER_EVAL_DIRS if d in subdirs]
+    return tuple(splits)
+  return (("all", root),)
+
+
 def folder_splits(root: str) -> dict[str, str]:
   """Split name -> directory holding the class folders of that split."""
-  subdirs = set(_list_class_dirs(root)) if os.path.isdir(root) else set()
-  if "train" in subdirs:
-    splits = {"train": os.path.join(root, "train")}
-    for d in _FOLDER_EVAL_DIRS:
-      if d in subdirs:
-        splits[d] = os.path.join(root, d)
-    return splits
-  return {"all": root}
+  return dict(_folder_splits(root))
 
 
-def folder_files(
-  root: str, split: str, class_names: tuple[str, ...]
-) -> tuple[list[str], list[int]]:
-  """Sorted (path, label) lists of one folder split; labels index the TRAIN split's class names."""
-  splits = folder_splits(root)
-  if split not in splits:
-    raise ValueError(f"folder dataset {root!r} has splits {sorted(splits)}, not {split!r}")
-  split_dir = splits[split]
+@functools.lru_cache(maxsize=None)
+def _split_files(split_dir: str, class_names: tuple[str, ...]) -> tuple[tuple, tuple]:
   index = {c: i for i, c in enumerate(class_names)}
   paths, labels = [], []
-  for cls in _list_class_dirs(split_dir):
+  for cls in _class_dirs(split_dir):
     if cls not in index:
       # Never guess a label: a class unseen in train would silently map to a wrong index.
       raise ValueError(
@@ -209,7 +220,18 @@ def folder_files(
       if _is_image(fname):
         paths.append(os.path.join(cls_dir, fname))
         labels.append(index[cls])
-  return paths, labels
+  return tuple(paths), tuple(labels)
+
+
+def folder_files(
+  root: str, split: str, class_names: tuple[str, ...]
+) -> tuple[list[str], list[int]]:
+  """Sorted (path, label) lists of one folder split; labels index the TRAIN split's class names."""
+  splits = folder_splits(root)
+  if split not in splits:
+    raise ValueError(f"folder dataset {root!r} has splits {sorted(splits)}, not {split!r}")
+  paths, labels = _split_files(splits[split], tuple(class_names))
+  return list(paths), list(labels)
 
 
 def _folder_info(name: str) -> DatasetInfo:
@@ -223,7 +245,7 @@ def _folder_info(name: str) -> DatasetInfo:
   splits = folder_splits(root)
   train_split = "train" if "train" in splits else "all"
   eval_split = next((s for s in _FOLDER_EVAL_DIRS if s in splits), train_split)
-  classes = tuple(_list_class_dirs(splits[train_split]))
+  classes = _class_dirs(splits[train_split])
   if not classes:
     raise DatasetNotPreparedError(
       f"Image folder {splits[train_split]!r} has no class subfolders: {hint}"
@@ -245,13 +267,26 @@ def _folder_info(name: str) -> DatasetInfo:
 
 
 def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
-  """Registry lookup. ``data_dir`` is accepted for symmetry; the registry's facts do not depend on it."""
+  """Registry lookup, cached per (name, data_dir): a folder dataset's tree is listed once per
+  process. ``data_dir`` is part of the key only; the registry's facts do not depend on it."""
+  return _cached_info(name, data_dir)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_info(name: str, data_dir: str | None) -> DatasetInfo:
   del data_dir
   if name.startswith(_FOLDER_PREFIX):
     return _folder_info(name)
   if name not in _REGISTRY:
     raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(known_names())}")
   return _REGISTRY[name]
+
+
+def clear_cache() -> None:
+  """Forget every cached lookup (dataset infos, folder listings): for tests, or after a folder
+  dataset changed on disk."""
+  for cached in (_cached_info, _class_dirs, _folder_splits, _split_files):
+    cached.cache_clear()
 
 
 def _builder(info: DatasetInfo, data_dir: str | None):
@@ -280,16 +315,30 @@ def check_prepared(name: str, data_dir: str | None = None) -> None:
       f"Dataset {name!r} is not usable in data_dir {data_dir!r} ({reason}); {info.prepare_hint}"
     ) from e
   if not prepared:
-    root = data_dir or os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+    root = data_dir or _data_dir_root(builder)
     hint = info.prepare_hint.replace("DATA_DIR", root)
     raise DatasetNotPreparedError(
       f"Dataset {name!r} (TFDS {info.tfds_name!r}) is not prepared in {root!r}: {hint}"
     )
 
 
+def _data_dir_root(builder) -> str:
+  """The TFDS data_dir a builder reads from (~/tensorflow_datasets by default): its data_dir minus
+  '<name>[/<config>]/<version>'."""
+  root = getattr(builder, "data_dir_root", None)
+  if root:
+    return os.fspath(root)
+  path = os.fspath(builder.data_dir)
+  for _ in str(builder.info.full_name).split("/"):
+    path = os.path.dirname(path)
+  return path
+
+
 def split_size(info: DatasetInfo, split: str, data_dir: str | None = None) -> int:
   """Number of examples of `split` (any TFDS split string, or a folder split name)."""
   if info.is_folder:
+    if split in (info.train_split, info.eval_split):  # counted when the info was built
+      return info.num_train if split == info.train_split else info.num_eval
     return len(folder_files(info.folder_root, split, info.class_names)[0])
   if split == info.train_split:
     static = info.num_train
