@@ -116,6 +116,33 @@ def test_folder_dataset_classes_sorted_and_splits(tmp_path):
   assert [os.path.basename(os.path.dirname(p)) for p in paths] == ["a", "c"] and labels == [0, 2]
 
 
+# --- the official ImageNet splits are known without the data -------------------------------------
+def test_split_num_examples_knows_the_official_imagenet_splits_without_data(tmp_path):
+  for data_dir in (None, str(tmp_path)):  # tmp_path: an empty data_dir, nothing prepared
+    n = lambda split, name="imagenet2012": datasets.split_num_examples(name, split, data_dir)  # noqa: E731
+    assert n(datasets.IMAGENET_TRAIN_MINUS_MINIVAL) == 1_256_144
+    assert n(datasets.IMAGENET_MINIVAL) == 25_021
+    assert n(datasets.IMAGENET_VALIDATION) == 50_000
+    assert n(datasets.IMAGENET_TRAIN) == 1_281_167
+    assert n(datasets.IMAGENET_MINIVAL, "imagenet2012_minival") == 25_021
+    assert n("train[:-25021]") == 1_256_146  # imagenet2012_minival's train split
+    assert n("train", "cifar10") == 50_000 and n("test", "cifar10") == 10_000
+  assert datasets.IMAGENET_TRAIN_MINUS_MINIVAL == "train[:1256144]"
+  assert datasets.IMAGENET_MINIVAL == "train[-25021:]"
+  # Disjoint: train ends at 1,256,144, minival starts at 1,281,167 - 25,021 = 1,256,146.
+  assert datasets.IMAGENET_OFFICIAL_TRAIN_SIZE <= datasets.IMAGENET_TRAIN_SIZE - 25_021
+  # A split string the registry does not know needs the prepared data.
+  with pytest.raises(Exception):
+    datasets.split_num_examples("imagenet2012", "train[:10%]", str(tmp_path))
+
+
+def test_split_num_examples_falls_back_to_the_prepared_data(prepared):
+  data_dir, _ = prepared
+  assert datasets.split_num_examples("fashion_mnist", "train[:5]", data_dir) == 5
+  assert datasets.split_num_examples("fashion_mnist", "train+test", data_dir) == 17
+  assert datasets.split_num_examples("fashion_mnist", "test", data_dir) == 10_000  # the registry's
+
+
 # --- lookups are cached: a folder tree is listed once per process ---------------------------------
 def test_folder_tree_is_listed_once(tmp_path, monkeypatch):
   for split, per_class in (("train", 3), ("val", 2), ("test", 1)):
@@ -134,7 +161,8 @@ def test_folder_tree_is_listed_once(tmp_path, monkeypatch):
     assert datasets.get_dataset_info(name) is info
     assert datasets.get_dataset_info(name, None) is info
     assert datasets.split_size(info, "train") == 6 and datasets.split_size(info, "val") == 4
-    assert datasets.split_size(info, "test") == 2
+    assert datasets.split_num_examples(name, "train") == 6
+    assert datasets.split_num_examples(name, "test") == 2
     datasets.check_prepared(name)
     assert datasets.folder_files(info.folder_root, "val", info.class_names)[1] == [0, 0, 1, 1]
   assert len(listed) == len(set(listed))  # no directory listed twice

@@ -1,16 +1,20 @@
 """Dataset registry: names -> TFDS builders (or image folders), class counts, default splits.
 
 A registry entry is a `DatasetInfo` carrying the *static* facts (class count, default train/eval
-split and their sizes, how to prepare the data), so a config can be validated and a step count
-planned without touching the data. Sizes of custom split
-strings (``train[:10%]``, ``train[:-25021]``) are resolved from the prepared TFDS metadata by
+split and their sizes, the sizes of other split strings it knows, how to prepare the data), so a
+config can be validated and a step count planned without touching the data (`split_num_examples`).
+Sizes of other split strings (``train[:10%]``) are resolved from the prepared TFDS metadata by
 `split_size`, because only TFDS knows exactly how it rounds percentage slices.
 
 Names:
-  * ``imagenet2012``, ``imagenet2012_minival`` (the official code's 25,021-image holdout taken from the end
-    of train, evaluated on instead of `validation`), ``imagenet2012_subset/1pct`` and ``/10pct`` (TFDS'
-    semi-supervised subsets), ``cifar10``, ``cifar100``, ``oxford_flowers102``, ``cars196``,
-    ``fashion_mnist``;
+  * ``imagenet2012``: TFDS' ImageNet-1k. Its registry defaults are ``train`` (1,281,167) and
+    ``validation`` (50,000); the official recipe's splits are the constants below:
+    `IMAGENET_TRAIN_MINUS_MINIVAL` (1,256,144) to train on, `IMAGENET_VALIDATION` to report on and
+    `IMAGENET_MINIVAL` (25,021) for model selection (configs/imagenet.py uses them);
+  * ``imagenet2012_minival``: the same data with every other training image / minival as train / eval
+    split;
+  * ``imagenet2012_subset/1pct`` and ``/10pct`` (TFDS' semi-supervised subsets), ``cifar10``,
+    ``cifar100``, ``oxford_flowers102``, ``cars196``, ``fashion_mnist``;
   * ``imagenet21k``: TFDS has no builder for it; the name points at a TFDS dataset the user builds
     (single integer labels: the pipeline has no multi-hot labels), see ``_IMAGENET21K_HINT``;
   * ``folder:/path/to/root``: class-per-subfolder images. If ``root`` has split subdirectories
@@ -29,9 +33,32 @@ import dataclasses
 import functools
 import os
 
-# Official code: the last 25,021 train images are held out as "minival" (reference section 2).
-IMAGENET_MINIVAL_SIZE = 25_021
 IMAGENET_TRAIN_SIZE = 1_281_167
+IMAGENET_VALIDATION_SIZE = 50_000
+# The official ImageNet splits (reference sections 2 and 10.3): the released code trains on
+# 1,256,144 training images, holds 25,021 out as "minival" for model selection and reports on the
+# 50,000 validation images. Its counts add up to 1,281,165, two fewer than the training set.
+# Which images: its TFRecord input (`datasets.py` ImageNetInput) takes minival as the first 20 of
+# the 1,024 train-* files (imagenet_to_gcs.py writes them in a random.seed(0) order) and trains on
+# files 20-1023; its TFDS input (ImageNetTfdsInput) trains on 'train[:98%]' and means the last 2% as
+# minival (written 'train[2%:]', which would overlap train). TFDS orders its examples differently
+# from those files, so no TFDS slice holds the same images. These follow the TFDS input (minival at
+# the end of train) with the TFRecord input's exact counts: train is the first 1,256,144 examples,
+# minival the last 25,021, and the 2 examples between them are in neither.
+IMAGENET_OFFICIAL_TRAIN_SIZE = 1_256_144
+IMAGENET_MINIVAL_SIZE = 25_021
+IMAGENET_TRAIN = "train"  # all 1,281,167
+IMAGENET_VALIDATION = "validation"
+IMAGENET_TRAIN_MINUS_MINIVAL = f"train[:{IMAGENET_OFFICIAL_TRAIN_SIZE}]"
+IMAGENET_MINIVAL = f"train[-{IMAGENET_MINIVAL_SIZE}:]"
+_IMAGENET_ALL_BUT_MINIVAL = f"train[:-{IMAGENET_MINIVAL_SIZE}]"  # imagenet2012_minival's train
+_IMAGENET_SPLIT_SIZES = (
+  (IMAGENET_TRAIN, IMAGENET_TRAIN_SIZE),
+  (IMAGENET_VALIDATION, IMAGENET_VALIDATION_SIZE),
+  (IMAGENET_TRAIN_MINUS_MINIVAL, IMAGENET_OFFICIAL_TRAIN_SIZE),
+  (IMAGENET_MINIVAL, IMAGENET_MINIVAL_SIZE),
+  (_IMAGENET_ALL_BUT_MINIVAL, IMAGENET_TRAIN_SIZE - IMAGENET_MINIVAL_SIZE),
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 _FOLDER_PREFIX = "folder:"
@@ -54,10 +81,20 @@ class DatasetInfo:
   folder_root: str | None = None  # only for folder: datasets
   class_names: tuple[str, ...] = ()  # folder datasets: sorted class subfolder names
   prepare_hint: str = ""  # how to make the data available; used in error messages
+  split_sizes: tuple[tuple[str, int], ...] = ()  # (split string, size) known besides train/eval
 
   @property
   def is_folder(self) -> bool:
     return self.folder_root is not None
+
+  def known_split_size(self, split: str) -> int | None:
+    """The registry's size of `split` (spaces ignored), or None when only the data can tell."""
+    split = split.replace(" ", "")
+    if split == self.train_split:
+      return self.num_train
+    if split == self.eval_split:
+      return self.num_eval
+    return dict(self.split_sizes).get(split)
 
 
 def _tfds_hint(tfds_name: str) -> str:
@@ -97,7 +134,15 @@ _REGISTRY: dict[str, DatasetInfo] = {}
 
 
 def _register(
-  name, tfds_name, num_classes, train_split, eval_split, num_train, num_eval, hint=None
+  name,
+  tfds_name,
+  num_classes,
+  train_split,
+  eval_split,
+  num_train,
+  num_eval,
+  hint=None,
+  split_sizes=(),
 ):
   _REGISTRY[name] = DatasetInfo(
     name=name,
@@ -108,6 +153,7 @@ def _register(
     num_train=num_train,
     num_eval=num_eval,
     prepare_hint=hint or _tfds_hint(tfds_name),
+    split_sizes=tuple(split_sizes),
   )
 
 
@@ -115,21 +161,25 @@ _register(
   "imagenet2012",
   "imagenet2012",
   1000,
-  "train",
-  "validation",
+  IMAGENET_TRAIN,
+  IMAGENET_VALIDATION,
   IMAGENET_TRAIN_SIZE,
-  50_000,
+  IMAGENET_VALIDATION_SIZE,
   _IMAGENET_HINT,
+  _IMAGENET_SPLIT_SIZES,
 )
+# Trains on every training image outside minival (1,256,146: two more than the official split, see
+# above) and evaluates on minival.
 _register(
   "imagenet2012_minival",
   "imagenet2012",
   1000,
-  f"train[:-{IMAGENET_MINIVAL_SIZE}]",
-  f"train[-{IMAGENET_MINIVAL_SIZE}:]",
+  _IMAGENET_ALL_BUT_MINIVAL,
+  IMAGENET_MINIVAL,
   IMAGENET_TRAIN_SIZE - IMAGENET_MINIVAL_SIZE,
   IMAGENET_MINIVAL_SIZE,
   _IMAGENET_HINT,
+  _IMAGENET_SPLIT_SIZES,
 )
 _register(
   "imagenet2012_subset/1pct",
@@ -154,7 +204,16 @@ _register(
 _register("cifar10", "cifar10", 10, "train", "test", 50_000, 10_000)
 _register("cifar100", "cifar100", 100, "train", "test", 50_000, 10_000)
 # Flowers: the usual transfer protocol trains on train+validation (1,020 each) and tests on test.
-_register("oxford_flowers102", "oxford_flowers102", 102, "train+validation", "test", 2_040, 6_149)
+_register(
+  "oxford_flowers102",
+  "oxford_flowers102",
+  102,
+  "train+validation",
+  "test",
+  2_040,
+  6_149,
+  split_sizes=(("train", 1_020), ("validation", 1_020)),
+)
 _register("cars196", "cars196", 196, "train", "test", 8_144, 8_041)
 _register(
   "imagenet21k",
@@ -335,20 +394,25 @@ def _data_dir_root(builder) -> str:
 
 
 def split_size(info: DatasetInfo, split: str, data_dir: str | None = None) -> int:
-  """Number of examples of `split` (any TFDS split string, or a folder split name)."""
+  """Number of examples of `split` (any TFDS split string, or a folder split name), from the
+  prepared data; the registry's size where the data is not prepared and the registry knows it."""
   if info.is_folder:
     if split in (info.train_split, info.eval_split):  # counted when the info was built
       return info.num_train if split == info.train_split else info.num_eval
     return len(folder_files(info.folder_root, split, info.class_names)[0])
-  if split == info.train_split:
-    static = info.num_train
-  elif split == info.eval_split:
-    static = info.num_eval
-  else:
-    static = None
+  static = info.known_split_size(split)
   try:
     return _builder(info, data_dir).info.splits[split].num_examples
   except Exception:  # pylint: disable=broad-except  (not prepared: the static count is the best we know)
     if static is None:
       raise
     return static
+
+
+def split_num_examples(name: str, split: str, data_dir: str | None = None) -> int:
+  """Size of `split` of dataset `name` without needing the data where the registry knows it (e.g.
+  `IMAGENET_TRAIN_MINUS_MINIVAL` -> 1,256,144, `IMAGENET_MINIVAL` -> 25,021, 'validation' -> 50,000),
+  so plan mode works on a machine without ImageNet; otherwise from the prepared data (`split_size`)."""
+  info = get_dataset_info(name, data_dir)
+  known = None if info.is_folder else info.known_split_size(split)
+  return known if known is not None else split_size(info, split, data_dir)
