@@ -203,3 +203,38 @@ def test_data_dir_root_of_a_builder_config():
   assert datasets._data_dir_root(Old()) == "/data/tfds"  # pylint: disable=protected-access
   Old.data_dir, Old.info.full_name = "/data/tfds/fashion_mnist/3.0.1", "fashion_mnist/3.0.1"
   assert datasets._data_dir_root(Old()) == "/data/tfds"  # pylint: disable=protected-access
+
+
+# --- the CLI prints one line per split and a summary ---------------------------------------------
+def test_prepare_cli_prints_one_line_per_split(tmp_path):
+  import subprocess
+  import sys
+
+  import _train_fixtures as fx
+
+  src, data_dir = str(tmp_path / "idx"), str(tmp_path / "tfds")
+  write_idx_set(src, num_train=30, num_test=7)
+  cmd = [
+    sys.executable,
+    "-m",
+    "effnetv2_jax.data.prepare",
+    "fashion_mnist",
+    f"--data_dir={data_dir}",
+    f"--source_dir={src}",
+  ]
+  out = subprocess.run(
+    cmd, capture_output=True, text=True, cwd=fx.REPO, env=fx.subprocess_env(), timeout=300
+  )
+  assert out.returncode == 0, out.stderr
+  path = os.path.join(data_dir, "fashion_mnist", "3.0.1")
+  assert out.stdout.splitlines() == [
+    "fashion_mnist train: 30 examples",
+    "fashion_mnist test: 7 examples",
+    f"prepared fashion_mnist in {path}: 2 splits, 37 examples",
+  ]
+  assert out.stderr == ""  # no progress bars, TFDS prints or absl/TF log lines
+  again = subprocess.run(
+    cmd, capture_output=True, text=True, cwd=fx.REPO, env=fx.subprocess_env(), timeout=300
+  )
+  assert again.stdout.splitlines()[-1].startswith("already prepared fashion_mnist in ")
+  assert again.stderr == ""
