@@ -31,6 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.autoaugment = False  # AutoAugment v0 instead of RandAugment (B0-B3 in the official code)
   c.randaug_layers = 2
   c.randaug_ops = ""  # comma-separated subset of data.randaug.OPS; "" = all 16 (official)
+  # Official-vs-corrected RandAugment/AutoAugment ops (effnetv2_jax/data/augment.py; reference
+  # section 10, items 1 and 8). "official" reproduces the released code, bugs included.
+  # Solarize threshold int(magnitude / 10 * 256): "official" casts it to uint8, so it wraps (magnitude
+  # 10 -> 0 inverts every pixel, 15 -> 128) | "unwrapped" (from magnitude 10 on: no change).
+  c.randaug_solarize = "official"
+  # Contrast and Sharpness: "official" (Contrast blends towards pixel count / 256, Sharpness
+  # truncates its smoothed image) | "corrected" (the grey mean, rounded smoothing: as PIL).
+  c.randaug_enhance = "official"
   c.shuffle_buffer = 16384
   c.cache_dataset = False
 

@@ -10,7 +10,7 @@ import os
 from effnetv2_jax import optim
 from effnetv2_jax import paths
 from effnetv2_jax import progressive
-from effnetv2_jax.data import randaug_ops
+from effnetv2_jax.data import augment
 
 V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "efficientnetv2-xl")
 DTYPES = ("float32", "bfloat16")
@@ -140,13 +140,10 @@ def validate_config(
     f"must be in [0, 1), got {config.label_smoothing}",
   )
   _require(0 <= config.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {config.ema_decay}")
-  _require(
-    config.randaug_layers >= 0, "randaug_layers", f"must be >= 0, got {config.randaug_layers}"
-  )
-  try:
-    randaug_ops.parse_ops(config.get("randaug_ops"))
-  except ValueError as e:
-    _require(False, "randaug_ops", str(e))
+  try:  # randaug_layers, randaug_ops, autoaugment, randaug_solarize, randaug_enhance
+    augment.check_config(config)
+  except augment.AugmentError as e:
+    raise ConfigError(e.field, e.reason) from None
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_bad_steps"):
     _require(config[field] >= 1, field, f"must be >= 1, got {config[field]}")
   # A remote init_from (gs://...) is not looked up here (that needs the network); loading it

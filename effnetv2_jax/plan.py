@@ -47,12 +47,13 @@ def _dataset(config):
 
 
 def train_examples(config) -> int:
-  """The size of the split this config trains on (not of the dataset's whole train split)."""
+  """The size of the split this config trains on (not of the dataset's whole train split): the
+  registry's where it knows the split (plan mode needs no data), else the prepared data's."""
   datasets, info = _dataset(config)
-  if not config.train_split or config.train_split == info.train_split:
-    return int(info.num_train)
-  datasets.check_prepared(config.dataset, config.data_dir)  # a sub-split's size needs the data
-  return int(datasets.split_size(info, config.train_split, config.data_dir))
+  split = config.train_split or info.train_split
+  if not info.is_folder and info.known_split_size(split) is None:
+    datasets.check_prepared(config.dataset, config.data_dir)  # a clear error, not a TFDS trace
+  return int(datasets.split_num_examples(config.dataset, split, config.data_dir))
 
 
 def resolve(config, *, num_train: int | None = None, num_classes: int | None = None) -> RunPlan:

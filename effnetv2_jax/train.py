@@ -426,7 +426,7 @@ def _save(ctx: RunContext, guard: DivergenceGuard, log: StageLog, step: int, sta
 
 def _compile_stage(ctx: RunContext, stage, state, step: int):
   """-> (compiled step, data iterator, first batch, compile seconds) for `stage` from `step` on."""
-  from effnetv2_jax.data import input_pipeline
+  from effnetv2_jax.data import augment, input_pipeline
 
   config = ctx.config
   train_step = make_stage_step(config, ctx.run, stage, ctx.tx, ctx.lr_fn)
@@ -437,10 +437,7 @@ def _compile_stage(ctx: RunContext, stage, state, step: int):
     global_batch_size=ctx.run.batch_size,
     image_size=stage.image_size,
     family=ctx.run.family,
-    randaug_magnitude=stage.randaug_magnitude,
-    randaug_layers=config.randaug_layers,
-    autoaugment=config.autoaugment,
-    randaug_ops=config.get("randaug_ops") or None,
+    augment=augment.for_stage(config, stage),
     seed=config.seed,
     start_step=max(step, stage.first_step),
     process_index=jax.process_index(),

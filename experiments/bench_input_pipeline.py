@@ -44,6 +44,7 @@ def make_folder(root: str, num_images: int, seed: int = 0) -> str:
 
 def bench_tf(root, image_size, magnitude, seconds, batch, cores):
   from effnetv2_jax.data import input_pipeline
+  from effnetv2_jax.data.augment import Augment
 
   it = input_pipeline.train_iterator(
     dataset=f"folder:{root}",
@@ -52,7 +53,7 @@ def bench_tf(root, image_size, magnitude, seconds, batch, cores):
     global_batch_size=batch,
     image_size=image_size,
     family="v2",
-    randaug_magnitude=magnitude,
+    augment=Augment(magnitude=magnitude),
     seed=0,
     private_threadpool_size=cores,
   )

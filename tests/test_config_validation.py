@@ -51,6 +51,9 @@ def _error(config, **kw):
     ({"label_smoothing": 1.5}, "label_smoothing"),
     ({"init_from": "/no/such/checkpoint"}, "init_from"),
     ({"randaug_ops": "Rotate,Flip"}, "randaug_ops"),
+    ({"randaug_layers": -1}, "randaug_layers"),
+    ({"randaug_solarize": "wrap"}, "randaug_solarize"),
+    ({"randaug_enhance": "pil"}, "randaug_enhance"),
   ],
 )
 def test_bad_field_is_named(change, field):

@@ -103,6 +103,19 @@ def test_imagenet21k_recipe_is_the_reference_one():
   assert datasets.get_dataset_info("imagenet21k").num_classes == 21_843
 
 
+@pytest.mark.parametrize("preset", ["official", "paper", "none"])
+def test_imagenet_presets_train_on_the_official_split(preset):
+  from effnetv2_jax.data import datasets
+
+  c = _load("imagenet", f"variant=s,preset={preset}")
+  assert (c.train_split, c.eval_split) == (datasets.IMAGENET_TRAIN_MINUS_MINIVAL, "validation")
+  assert datasets.split_num_examples(c.dataset, c.train_split) == 1_256_144  # no data needed
+  assert datasets.split_num_examples(c.dataset, c.eval_split) == 50_000
+  # The released code's op semantics, except in the paper preset (RandAugment's ops as defined).
+  ops = ("unwrapped", "corrected") if preset == "paper" else ("official", "official")
+  assert (c.randaug_solarize, c.randaug_enhance) == ops
+
+
 @pytest.mark.parametrize(
   "preset,schedule,wd", [("paper", "cosine", 0.0), ("official", "constant", 1e-5)]
 )
@@ -145,6 +158,7 @@ def data(tmp_path_factory):
 def _train_two_steps(name, arg, data, workdir, size=16, **fields):
   config = _load(name, arg)
   config.dataset = f"folder:{data}"
+  config.train_split = config.eval_split = None  # the folder's own; ImageNet's would not exist
   config.num_train_steps = 2
   config.progressive.min_image_size = size // 2
   config.progressive.max_image_size = config.eval_image_size = size

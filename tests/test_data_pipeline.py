@@ -9,6 +9,8 @@ from PIL import Image
 
 from effnetv2_jax.data import input_pipeline
 from effnetv2_jax.data import prepare
+from effnetv2_jax.data import preprocess
+from effnetv2_jax.data.augment import Augment
 from test_data_prepare import write_idx_set  # pylint: disable=g-bad-import-order
 
 NUM_TRAIN, NUM_TEST = 50, 37  # neither divisible by the batch sizes below
@@ -31,7 +33,7 @@ def _train(fm_dir, **kw):
     global_batch_size=8,
     image_size=20,
     family="v2",
-    randaug_magnitude=15.0,
+    augment=Augment(magnitude=15.0),
     seed=3,
     shuffle_buffer=64,
   )
@@ -44,7 +46,9 @@ def _train(fm_dir, **kw):
 def test_resume_from_step_k_equals_the_tail_of_an_uninterrupted_run(
   fm_dir, process_index, process_count, magnitude
 ):
-  kw = dict(process_index=process_index, process_count=process_count, randaug_magnitude=magnitude)
+  kw = dict(
+    process_index=process_index, process_count=process_count, augment=Augment(magnitude=magnitude)
+  )
   full = _train(fm_dir, **kw)
   batches = [next(full) for _ in range(12)]  # > 1 epoch of this shard: crosses epoch boundaries
   k = 7
@@ -61,7 +65,8 @@ def test_resume_from_step_k_equals_the_tail_of_an_uninterrupted_run(
 
 
 def test_epochs_cover_the_shard_once_each(fm_dir):
-  it = _train(fm_dir, global_batch_size=10, randaug_magnitude=0.0)  # 50 = 5 batches per epoch
+  # 50 = 5 batches per epoch
+  it = _train(fm_dir, global_batch_size=10, augment=Augment(magnitude=0.0))
   labels = [np.concatenate([next(it)["label"] for _ in range(5)]) for _ in range(2)]
   assert sorted(labels[0]) == sorted(labels[1])  # each epoch is a permutation of the split
   assert not np.array_equal(labels[0], labels[1])  # reshuffled per epoch
@@ -151,7 +156,7 @@ def test_train_skips_corrupt_images_without_crashing(folder):
     global_batch_size=4,
     image_size=16,
     family="v2",
-    randaug_magnitude=0.0,
+    augment=Augment(magnitude=0.0),
     seed=0,
   )
   batches = [next(it) for _ in range(13)]  # 13 files per epoch, 12 decodable -> 4 epochs
@@ -163,7 +168,7 @@ def test_train_skips_corrupt_images_without_crashing(folder):
 
 
 def test_base_family_with_autoaugment_on_tiny_images(fm_dir):
-  it = _train(fm_dir, family="v2-base", autoaugment=True, image_size=16)
+  it = _train(fm_dir, family="v2-base", augment=Augment(autoaugment=True), image_size=16)
   b = next(it)
   assert b["image"].shape == (8, 16, 16, 3) and np.isfinite(b["image"]).all()
 
@@ -173,3 +178,43 @@ def test_bad_arguments(fm_dir):
     _train(fm_dir, family="v3")
   with pytest.raises(ValueError, match="divisible"):
     _train(fm_dir, global_batch_size=9, process_count=2)
+
+
+def test_base_family_decodes_and_crops_jpegs_in_the_pipeline(folder):
+  # v2-base takes the decode_and_crop_jpeg path for the JPEGs (RGB, grey, CMYK), decode + slice for
+  # the PNGs, and still drops the corrupt file (a JPEG header followed by garbage).
+  root, levels = folder
+  mean = np.array(preprocess.IMAGENET_MEAN_RGB)
+  std = np.array(preprocess.IMAGENET_STD_RGB)
+
+  def class_of(image):
+    level = (image * std + mean).mean()
+    return min(range(len(levels)), key=lambda c: abs(sorted(levels.values())[c] - level))
+
+  it = input_pipeline.eval_iterator(
+    dataset=f"folder:{root}",
+    data_dir=None,
+    split=None,
+    global_batch_size=4,
+    image_size=16,
+    family="v2-base",
+  )
+  batches = list(it)
+  assert it.decode_failures == 1 and sum(b["mask"].sum() for b in batches) == 9
+  for b in batches:
+    for image, label, mask in zip(b["image"], b["label"], b["mask"]):
+      if mask:
+        assert class_of(image) == label
+  train = input_pipeline.train_iterator(
+    dataset=f"folder:{root}",
+    data_dir=None,
+    split=None,
+    global_batch_size=4,
+    image_size=16,
+    family="v2-base",
+    augment=Augment(autoaugment=True),
+    seed=0,
+  )
+  for _ in range(3):
+    b = next(train)
+    assert b["image"].shape == (4, 16, 16, 3) and np.isfinite(b["image"]).all()

@@ -80,3 +80,24 @@ def test_steps_from_epochs_use_the_train_split_size():
   c = default.get_config()
   c.num_epochs, c.batch_size = 2.4, 100
   assert progressive.total_steps(c, num_train_examples=1000) == 24
+
+
+def test_official_s_plan_has_the_released_codes_step_counts(capsys):
+  """The official preset trains on train minus minival (1,256,144 images): int(350 * 1256144 /
+  4096) = 107,336 steps, as main.py totals them, and plan mode prints exactly that table."""
+  from effnetv2_jax import main as main_lib
+  from effnetv2_jax import plan
+
+  c = imagenet.get_config("variant=s,preset=official")
+  run = plan.resolve(c)
+  assert (run.num_train, run.total_steps) == (1_256_144, 107_336)
+  assert [(s.first_step, s.last_step) for s in run.stages] == [
+    (0, 26834),
+    (26834, 53668),
+    (53668, 80502),
+    (80502, 107336),
+  ]
+  assert main_lib.run(c, None, "plan") == 0
+  out = capsys.readouterr().out
+  assert "107336 steps at batch 4096 (1256144 examples in 'train[:1256144]'" in out
+  assert "| 3 | 300 | 10 | 0 | 0 | 0.2 | 80502-107336 |" in out

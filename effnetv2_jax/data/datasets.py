@@ -1,31 +1,64 @@
 """Dataset registry: names -> TFDS builders (or image folders), class counts, default splits.
 
-A registry entry carries the *static* facts (class count, default train/eval split, their sizes), so a
-config can be validated and a step count planned without touching the data. Sizes of custom split
-strings (``train[:10%]``, ``train[:-25021]``) are resolved from the prepared TFDS metadata by
+A registry entry is a `DatasetInfo` carrying the *static* facts (class count, default train/eval
+split and their sizes, the sizes of other split strings it knows, how to prepare the data), so a
+config can be validated and a step count planned without touching the data (`split_num_examples`).
+Sizes of other split strings (``train[:10%]``) are resolved from the prepared TFDS metadata by
 `split_size`, because only TFDS knows exactly how it rounds percentage slices.
 
 Names:
-  * ``imagenet2012``, ``imagenet2012_minival`` (the official code's 25,021-image holdout taken from the end
-    of train, evaluated on instead of `validation`), ``imagenet2012_subset/1pct`` and ``/10pct`` (TFDS'
-    semi-supervised subsets), ``cifar10``, ``cifar100``, ``oxford_flowers102``, ``cars196``,
-    ``fashion_mnist``;
+  * ``imagenet2012``: TFDS' ImageNet-1k. Its registry defaults are ``train`` (1,281,167) and
+    ``validation`` (50,000); the official recipe's splits are the constants below:
+    `IMAGENET_TRAIN_MINUS_MINIVAL` (1,256,144) to train on, `IMAGENET_VALIDATION` to report on and
+    `IMAGENET_MINIVAL` (25,021) for model selection (configs/imagenet.py uses them);
+  * ``imagenet2012_minival``: the same data with every other training image / minival as train / eval
+    split;
+  * ``imagenet2012_subset/1pct`` and ``/10pct`` (TFDS' semi-supervised subsets), ``cifar10``,
+    ``cifar100``, ``oxford_flowers102``, ``cars196``, ``fashion_mnist``;
   * ``imagenet21k``: TFDS has no builder for it; the name points at a TFDS dataset the user builds
     (single integer labels: the pipeline has no multi-hot labels), see ``_IMAGENET21K_HINT``;
   * ``folder:/path/to/root``: class-per-subfolder images. If ``root`` has split subdirectories
     (``train`` and one of ``val``/``validation``/``test``) those are the splits; otherwise the root itself
     holds the class folders and is the single split ``all`` (used for both train and eval).
 Any TFDS split string may be passed as ``split=`` to the input pipeline; it is handed to TFDS unchanged.
+
+Lookups are cached per process (`get_dataset_info` by (name, data_dir); a folder's directories are
+listed once): validation, the trainer and every iterator ask for the same facts. A folder changed
+on disk after its first lookup needs `clear_cache()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
-# Official code: the last 25,021 train images are held out as "minival" (reference section 2).
-IMAGENET_MINIVAL_SIZE = 25_021
 IMAGENET_TRAIN_SIZE = 1_281_167
+IMAGENET_VALIDATION_SIZE = 50_000
+# The official ImageNet splits (reference sections 2 and 10.3): the released code trains on
+# 1,256,144 training images, holds 25,021 out as "minival" for model selection and reports on the
+# 50,000 validation images. Its counts add up to 1,281,165, two fewer than the training set.
+# Which images: its TFRecord input (`datasets.py` ImageNetInput) takes minival as the first 20 of
+# the 1,024 train-* files (imagenet_to_gcs.py writes them in a random.seed(0) order) and trains on
+# files 20-1023; its TFDS input (ImageNetTfdsInput) trains on 'train[:98%]' and means the last 2% as
+# minival (written 'train[2%:]', which would overlap train). TFDS orders its examples differently
+# from those files, so no TFDS slice holds the same images. These follow the TFDS input (minival at
+# the end of train) with the TFRecord input's exact counts: train is the first 1,256,144 examples,
+# minival the last 25,021, and the 2 examples between them are in neither.
+IMAGENET_OFFICIAL_TRAIN_SIZE = 1_256_144
+IMAGENET_MINIVAL_SIZE = 25_021
+IMAGENET_TRAIN = "train"  # all 1,281,167
+IMAGENET_VALIDATION = "validation"
+IMAGENET_TRAIN_MINUS_MINIVAL = f"train[:{IMAGENET_OFFICIAL_TRAIN_SIZE}]"
+IMAGENET_MINIVAL = f"train[-{IMAGENET_MINIVAL_SIZE}:]"
+_IMAGENET_ALL_BUT_MINIVAL = f"train[:-{IMAGENET_MINIVAL_SIZE}]"  # imagenet2012_minival's train
+_IMAGENET_SPLIT_SIZES = (
+  (IMAGENET_TRAIN, IMAGENET_TRAIN_SIZE),
+  (IMAGENET_VALIDATION, IMAGENET_VALIDATION_SIZE),
+  (IMAGENET_TRAIN_MINUS_MINIVAL, IMAGENET_OFFICIAL_TRAIN_SIZE),
+  (IMAGENET_MINIVAL, IMAGENET_MINIVAL_SIZE),
+  (_IMAGENET_ALL_BUT_MINIVAL, IMAGENET_TRAIN_SIZE - IMAGENET_MINIVAL_SIZE),
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 _FOLDER_PREFIX = "folder:"
@@ -48,10 +81,20 @@ class DatasetInfo:
   folder_root: str | None = None  # only for folder: datasets
   class_names: tuple[str, ...] = ()  # folder datasets: sorted class subfolder names
   prepare_hint: str = ""  # how to make the data available; used in error messages
+  split_sizes: tuple[tuple[str, int], ...] = ()  # (split string, size) known besides train/eval
 
   @property
   def is_folder(self) -> bool:
     return self.folder_root is not None
+
+  def known_split_size(self, split: str) -> int | None:
+    """The registry's size of `split` (spaces ignored), or None when only the data can tell."""
+    split = split.replace(" ", "")
+    if split == self.train_split:
+      return self.num_train
+    if split == self.eval_split:
+      return self.num_eval
+    return dict(self.split_sizes).get(split)
 
 
 def _tfds_hint(tfds_name: str) -> str:
@@ -86,12 +129,20 @@ _IMAGENET21K_HINT = (
   'or use dataset="folder:/path/to/unpacked/fall11" (class-per-subfolder, slow to list at this size).'
 )
 
-# name -> (tfds_name, classes, train split, eval split, #train, #eval, hint)
+# name -> DatasetInfo, filled by the _register calls below.
 _REGISTRY: dict[str, DatasetInfo] = {}
 
 
 def _register(
-  name, tfds_name, num_classes, train_split, eval_split, num_train, num_eval, hint=None
+  name,
+  tfds_name,
+  num_classes,
+  train_split,
+  eval_split,
+  num_train,
+  num_eval,
+  hint=None,
+  split_sizes=(),
 ):
   _REGISTRY[name] = DatasetInfo(
     name=name,
@@ -102,6 +153,7 @@ def _register(
     num_train=num_train,
     num_eval=num_eval,
     prepare_hint=hint or _tfds_hint(tfds_name),
+    split_sizes=tuple(split_sizes),
   )
 
 
@@ -109,21 +161,25 @@ _register(
   "imagenet2012",
   "imagenet2012",
   1000,
-  "train",
-  "validation",
+  IMAGENET_TRAIN,
+  IMAGENET_VALIDATION,
   IMAGENET_TRAIN_SIZE,
-  50_000,
+  IMAGENET_VALIDATION_SIZE,
   _IMAGENET_HINT,
+  _IMAGENET_SPLIT_SIZES,
 )
+# Trains on every training image outside minival (1,256,146: two more than the official split, see
+# above) and evaluates on minival.
 _register(
   "imagenet2012_minival",
   "imagenet2012",
   1000,
-  f"train[:-{IMAGENET_MINIVAL_SIZE}]",
-  f"train[-{IMAGENET_MINIVAL_SIZE}:]",
+  _IMAGENET_ALL_BUT_MINIVAL,
+  IMAGENET_MINIVAL,
   IMAGENET_TRAIN_SIZE - IMAGENET_MINIVAL_SIZE,
   IMAGENET_MINIVAL_SIZE,
   _IMAGENET_HINT,
+  _IMAGENET_SPLIT_SIZES,
 )
 _register(
   "imagenet2012_subset/1pct",
@@ -148,7 +204,16 @@ _register(
 _register("cifar10", "cifar10", 10, "train", "test", 50_000, 10_000)
 _register("cifar100", "cifar100", 100, "train", "test", 50_000, 10_000)
 # Flowers: the usual transfer protocol trains on train+validation (1,020 each) and tests on test.
-_register("oxford_flowers102", "oxford_flowers102", 102, "train+validation", "test", 2_040, 6_149)
+_register(
+  "oxford_flowers102",
+  "oxford_flowers102",
+  102,
+  "train+validation",
+  "test",
+  2_040,
+  6_149,
+  split_sizes=(("train", 1_020), ("validation", 1_020)),
+)
 _register("cars196", "cars196", 196, "train", "test", 8_144, 8_041)
 _register(
   "imagenet21k",
@@ -167,37 +232,42 @@ def known_names() -> list[str]:
   return sorted(_REGISTRY) + ["folder:/path/to/root"]
 
 
+@functools.lru_cache(maxsize=None)
+def _class_dirs(split_dir: str) -> tuple[str, ...]:
+  """Sorted subdirectory names of `split_dir` (listed once per process; see clear_cache)."""
+  return tuple(
+    sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+  )
+
+
 def _list_class_dirs(split_dir: str) -> list[str]:
-  return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+  return list(_class_dirs(split_dir))
 
 
 def _is_image(fname: str) -> bool:
   return fname.lower().endswith(IMAGE_EXTENSIONS)
 
 
+@functools.lru_cache(maxsize=None)
+def _folder_splits(root: str) -> tuple[tuple[str, str], ...]:
+  subdirs = set(_class_dirs(root)) if os.path.isdir(root) else set()
+  if "train" in subdirs:
+    splits = [("train", os.path.join(root, "train"))]
+    splits += [(d, os.path.join(root, d)) for d in _FOLDER_EVAL_DIRS if d in subdirs]
+    return tuple(splits)
+  return (("all", root),)
+
+
 def folder_splits(root: str) -> dict[str, str]:
   """Split name -> directory holding the class folders of that split."""
-  subdirs = set(_list_class_dirs(root)) if os.path.isdir(root) else set()
-  if "train" in subdirs:
-    splits = {"train": os.path.join(root, "train")}
-    for d in _FOLDER_EVAL_DIRS:
-      if d in subdirs:
-        splits[d] = os.path.join(root, d)
-    return splits
-  return {"all": root}
+  return dict(_folder_splits(root))
 
 
-def folder_files(
-  root: str, split: str, class_names: tuple[str, ...]
-) -> tuple[list[str], list[int]]:
-  """Sorted (path, label) lists of one folder split; labels index the TRAIN split's class names."""
-  splits = folder_splits(root)
-  if split not in splits:
-    raise ValueError(f"folder dataset {root!r} has splits {sorted(splits)}, not {split!r}")
-  split_dir = splits[split]
+@functools.lru_cache(maxsize=None)
+def _split_files(split_dir: str, class_names: tuple[str, ...]) -> tuple[tuple, tuple]:
   index = {c: i for i, c in enumerate(class_names)}
   paths, labels = [], []
-  for cls in _list_class_dirs(split_dir):
+  for cls in _class_dirs(split_dir):
     if cls not in index:
       # Never guess a label: a class unseen in train would silently map to a wrong index.
       raise ValueError(
@@ -209,7 +279,18 @@ def folder_files(
       if _is_image(fname):
         paths.append(os.path.join(cls_dir, fname))
         labels.append(index[cls])
-  return paths, labels
+  return tuple(paths), tuple(labels)
+
+
+def folder_files(
+  root: str, split: str, class_names: tuple[str, ...]
+) -> tuple[list[str], list[int]]:
+  """Sorted (path, label) lists of one folder split; labels index the TRAIN split's class names."""
+  splits = folder_splits(root)
+  if split not in splits:
+    raise ValueError(f"folder dataset {root!r} has splits {sorted(splits)}, not {split!r}")
+  paths, labels = _split_files(splits[split], tuple(class_names))
+  return list(paths), list(labels)
 
 
 def _folder_info(name: str) -> DatasetInfo:
@@ -223,7 +304,7 @@ def _folder_info(name: str) -> DatasetInfo:
   splits = folder_splits(root)
   train_split = "train" if "train" in splits else "all"
   eval_split = next((s for s in _FOLDER_EVAL_DIRS if s in splits), train_split)
-  classes = tuple(_list_class_dirs(splits[train_split]))
+  classes = _class_dirs(splits[train_split])
   if not classes:
     raise DatasetNotPreparedError(
       f"Image folder {splits[train_split]!r} has no class subfolders: {hint}"
@@ -245,13 +326,26 @@ def _folder_info(name: str) -> DatasetInfo:
 
 
 def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
-  """Registry lookup. ``data_dir`` is accepted for symmetry; the registry's facts do not depend on it."""
+  """Registry lookup, cached per (name, data_dir): a folder dataset's tree is listed once per
+  process. ``data_dir`` is part of the key only; the registry's facts do not depend on it."""
+  return _cached_info(name, data_dir)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_info(name: str, data_dir: str | None) -> DatasetInfo:
   del data_dir
   if name.startswith(_FOLDER_PREFIX):
     return _folder_info(name)
   if name not in _REGISTRY:
     raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(known_names())}")
   return _REGISTRY[name]
+
+
+def clear_cache() -> None:
+  """Forget every cached lookup (dataset infos, folder listings): for tests, or after a folder
+  dataset changed on disk."""
+  for cached in (_cached_info, _class_dirs, _folder_splits, _split_files):
+    cached.cache_clear()
 
 
 def _builder(info: DatasetInfo, data_dir: str | None):
@@ -280,26 +374,45 @@ def check_prepared(name: str, data_dir: str | None = None) -> None:
       f"Dataset {name!r} is not usable in data_dir {data_dir!r} ({reason}); {info.prepare_hint}"
     ) from e
   if not prepared:
-    root = data_dir or os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+    root = data_dir or _data_dir_root(builder)
     hint = info.prepare_hint.replace("DATA_DIR", root)
     raise DatasetNotPreparedError(
       f"Dataset {name!r} (TFDS {info.tfds_name!r}) is not prepared in {root!r}: {hint}"
     )
 
 
+def _data_dir_root(builder) -> str:
+  """The TFDS data_dir a builder reads from (~/tensorflow_datasets by default): its data_dir minus
+  '<name>[/<config>]/<version>'."""
+  root = getattr(builder, "data_dir_root", None)
+  if root:
+    return os.fspath(root)
+  path = os.fspath(builder.data_dir)
+  for _ in str(builder.info.full_name).split("/"):
+    path = os.path.dirname(path)
+  return path
+
+
 def split_size(info: DatasetInfo, split: str, data_dir: str | None = None) -> int:
-  """Number of examples of `split` (any TFDS split string, or a folder split name)."""
+  """Number of examples of `split` (any TFDS split string, or a folder split name), from the
+  prepared data; the registry's size where the data is not prepared and the registry knows it."""
   if info.is_folder:
+    if split in (info.train_split, info.eval_split):  # counted when the info was built
+      return info.num_train if split == info.train_split else info.num_eval
     return len(folder_files(info.folder_root, split, info.class_names)[0])
-  if split == info.train_split:
-    static = info.num_train
-  elif split == info.eval_split:
-    static = info.num_eval
-  else:
-    static = None
+  static = info.known_split_size(split)
   try:
     return _builder(info, data_dir).info.splits[split].num_examples
   except Exception:  # pylint: disable=broad-except  (not prepared: the static count is the best we know)
     if static is None:
       raise
     return static
+
+
+def split_num_examples(name: str, split: str, data_dir: str | None = None) -> int:
+  """Size of `split` of dataset `name` without needing the data where the registry knows it (e.g.
+  `IMAGENET_TRAIN_MINUS_MINIVAL` -> 1,256,144, `IMAGENET_MINIVAL` -> 25,021, 'validation' -> 50,000),
+  so plan mode works on a machine without ImageNet; otherwise from the prepared data (`split_size`)."""
+  info = get_dataset_info(name, data_dir)
+  known = None if info.is_folder else info.known_split_size(split)
+  return known if known is not None else split_size(info, split, data_dir)

@@ -28,6 +28,9 @@ import tensorflow as tf
 
 from effnetv2_jax.data import datasets
 from effnetv2_jax.data import preprocess
+from effnetv2_jax.data.augment import Augment
+
+NO_AUGMENT = Augment()
 
 _POS = "_pos"  # position of an example in this process' stream; -1 marks eval padding
 _INF = np.iinfo(np.int64).max
@@ -167,10 +170,7 @@ def train_iterator(
   global_batch_size: int,
   image_size: int,
   family: str,
-  randaug_magnitude: float,
-  randaug_layers: int = 2,
-  autoaugment: bool = False,
-  randaug_ops=None,
+  augment: Augment = NO_AUGMENT,
   seed: int,
   start_step: int = 0,
   process_index: int = 0,
@@ -183,7 +183,13 @@ def train_iterator(
 ) -> BatchIterator:
   """Infinite iterator of this process' share of each global batch: {'image' float32 [B,H,W,3]
   normalised, 'label' int32 [B]}, B = global_batch_size // process_count. See the module docstring
-  for the determinism/resume contract. `.decode_failures` counts skipped records."""
+  for the determinism/resume contract. `.decode_failures` counts skipped records.
+
+  `augment`: the stage's augmentation (`augment.for_stage(config, stage)`; default none).
+  num_parallel_calls, private_threadpool_size, prefetch_batches: tf.data tuning only, never results.
+  """
+  if not isinstance(augment, Augment):
+    raise TypeError(f"augment must be an augment.Augment, got {type(augment).__name__}")
   b_local = _check(global_batch_size, process_index, process_count, family)
   info = datasets.get_dataset_info(dataset, data_dir)
   split = split or info.train_split
@@ -211,16 +217,8 @@ def train_iterator(
     step, slot = pos // b_local, pos % b_local
     global_pos = step * global_batch_size + process_index * b_local + slot
     ex_seed = tf.random.experimental.stateless_fold_in(base_seed, global_pos)
-    image = preprocess.decode(load(ex["raw"]))
     image = preprocess.train_image(
-      image,
-      image_size=image_size,
-      family=family,
-      seed=ex_seed,
-      randaug_layers=randaug_layers,
-      randaug_magnitude=randaug_magnitude,
-      autoaugment=autoaugment,
-      randaug_ops=randaug_ops,
+      load(ex["raw"]), image_size=image_size, family=family, seed=ex_seed, augment=augment
     )
     return {"image": image, "label": tf.cast(ex["label"], tf.int32), _POS: pos}
 
@@ -258,9 +256,7 @@ def eval_iterator(
   total = num_eval_batches(sizes, b_local) * b_local
 
   def process(pos, ex):
-    image = preprocess.eval_image(
-      preprocess.decode(load(ex["raw"])), image_size=image_size, family=family
-    )
+    image = preprocess.eval_image(load(ex["raw"]), image_size=image_size, family=family)
     return {
       "image": image,
       "label": tf.cast(ex["label"], tf.int32),

@@ -10,11 +10,17 @@ so the result is byte-for-byte what a networked `tfds build fashion_mnist` produ
 
 The builder hard-codes 60,000/10,000 examples; the counts are taken from the idx headers instead so a
 small generated idx set (tests) builds too. Debian's files give exactly 60,000/10,000.
+
+Output: one line per split and a summary line. TFDS' progress bars, its own prints and absl/TF
+logging below ERROR are silenced while the builder runs (they were ~60 lines in the first minute).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
+import logging as py_logging
 import os
 import shutil
 import struct
@@ -102,6 +108,34 @@ def _shim_importlib_resources():
     sys.modules["importlib_resources"] = importlib.resources
 
 
+@contextlib.contextmanager
+def quiet_build():
+  """While a TFDS builder runs: no progress bars, no TFDS prints (its 'Downloading and preparing'
+  and 'Dataset ... downloaded and prepared' lines go to stdout), absl and TF Python logging at ERROR.
+  Everything is restored afterwards; what TFDS printed is replayed to stderr if the build fails."""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.utils import tqdm_utils
+
+  bars = getattr(tqdm_utils, "_active", True)
+  verbosity = logging.get_verbosity()
+  tf_logger = py_logging.getLogger("tensorflow")
+  tf_level = tf_logger.level
+  printed = io.StringIO()
+  tfds.display_progress_bar(False)
+  logging.set_verbosity(logging.ERROR)
+  tf_logger.setLevel(py_logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(printed):
+      yield
+  except BaseException:
+    sys.stderr.write(printed.getvalue())
+    raise
+  finally:
+    tfds.display_progress_bar(bars)
+    logging.set_verbosity(verbosity)
+    tf_logger.setLevel(tf_level)
+
+
 def prepare_fashion_mnist(
   data_dir: str | None = None, source_dir: str = DEBIAN_FASHION_MNIST_DIR
 ) -> str:
@@ -113,7 +147,6 @@ def prepare_fashion_mnist(
   _shim_importlib_resources()
   builder = tfds.builder("fashion_mnist", data_dir=data_dir)
   if builder.is_prepared():
-    logging.info("fashion_mnist already prepared in %s", builder.data_dir)
     return builder.data_dir
 
   with tempfile.TemporaryDirectory(prefix="fashion_mnist_idx_") as tmp:
@@ -136,20 +169,31 @@ def prepare_fashion_mnist(
       ),
       mock.patch.object(tfds_mnist, "_TRAIN_EXAMPLES", counts["train"]),
       mock.patch.object(tfds_mnist, "_TEST_EXAMPLES", counts["test"]),
+      quiet_build(),
     ):
       builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
       )
-  logging.info(
-    "fashion_mnist prepared in %s (%d train / %d test)",
-    builder.data_dir,
-    counts["train"],
-    counts["test"],
-  )
   return builder.data_dir
 
 
 _PREPARERS = {"fashion_mnist": prepare_fashion_mnist}
+
+
+def prepare(name: str, data_dir: str | None = None, source_dir: str = DEBIAN_FASHION_MNIST_DIR):
+  """Prepares `name` and prints one line per split and a summary; returns the dataset directory."""
+  import tensorflow_datasets as tfds
+
+  with quiet_build():  # the builder lookups log "no dataset_info.json" warnings too
+    already = tfds.builder(name, data_dir=data_dir).is_prepared()
+    path = _PREPARERS[name](data_dir=data_dir, source_dir=source_dir)
+    splits = tfds.builder(name, data_dir=data_dir).info.splits
+  for split in splits:
+    print(f"{name} {split}: {splits[split].num_examples:,} examples", flush=True)
+  total = sum(s.num_examples for s in splits.values())
+  state = "already prepared" if already else "prepared"
+  print(f"{state} {name} in {path}: {len(splits)} splits, {total:,} examples", flush=True)
+  return path
 
 
 def main(argv):
@@ -158,8 +202,31 @@ def main(argv):
       f"usage: python -m effnetv2_jax.data.prepare {{{'|'.join(_PREPARERS)}}} "
       "[--data_dir=DIR] [--source_dir=DIR]"
     )
-  path = _PREPARERS[argv[1]](data_dir=FLAGS.data_dir, source_dir=FLAGS.source_dir)
-  print(f"prepared {argv[1]} in {path}", file=sys.stdout)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+  # TensorFlow's C++ library still prints its load-time notes (oneDNN) to stderr whatever the
+  # level: hold stderr back, at the file-descriptor level, and show it only if preparing fails.
+  with _stderr_held_back():
+    prepare(argv[1], data_dir=FLAGS.data_dir, source_dir=FLAGS.source_dir)
+
+
+@contextlib.contextmanager
+def _stderr_held_back():
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      held.seek(0)
+      os.write(2, held.read())
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ Every function is traceable (works eagerly and inside `tf.data.Dataset.map`). Ra
 when a `seed` (shape [2] integer tensor) is given, so the input pipeline can make each example's
 augmentation a pure function of (global seed, example position).
 
-Deliberate deviation: the official `contrast` averages `sum(histogram) / 256` (the pixel count / 256,
-a known bug) instead of the grey mean; this uses the true grey mean, as PIL's ImageEnhance.Contrast does.
+Official-vs-corrected switches (see `augment.py`; the default is the released code's behaviour):
+`solarize` ('official': Solarize's level threshold wraps modulo 256 as the released uint8 comparison
+does; 'unwrapped') and `enhance` ('official': Contrast blends towards pixel count / 256 and Sharpness
+truncates its smoothed image; 'corrected': the grey mean and rounding, as PIL's ImageEnhance).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import functools
 import math
 
 import tensorflow as tf
+
+from effnetv2_jax.data.augment import ENHANCE_MODES, SOLARIZE_MODES
 
 # The 16 op names and the op-set parser live in a TF-free module (config validation uses them).
 from effnetv2_jax.data.randaug_ops import OPS, parse_ops  # noqa: F401  (re-exported)
@@ -83,8 +87,28 @@ def posterize(image, bits):
 
 
 def solarize(image, threshold=128):
-  """Invert pixels >= threshold."""
+  """Invert pixels >= threshold (compared as integers: a threshold of 256 or more changes nothing)."""
   return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+
+
+def solarize_threshold(level, mode="official"):
+  """Solarize's threshold at `level`: int(level / 10 * 256), as an int32 tensor.
+
+  'official': the released op compares the uint8 image with the threshold cast to uint8, so it wraps
+  modulo 256 (level 10 -> 0, i.e. every pixel is inverted; 11.67 -> 42; 15 -> 128). 'unwrapped': the
+  integer itself, so from level 10 on Solarize leaves the image unchanged.
+  """
+  return _wrap_threshold(_int_level(level, 256), mode)
+
+
+def _wrap_threshold(threshold, mode):
+  _check_mode(mode, SOLARIZE_MODES, "solarize")
+  return tf.math.floormod(threshold, 256) if mode == "official" else threshold
+
+
+def _check_mode(mode, allowed, name):
+  if mode not in allowed:
+    raise ValueError(f"{name} mode {mode!r} is not one of {', '.join(allowed)}")
 
 
 def solarize_add(image, addition=0, threshold=128):
@@ -102,8 +126,17 @@ def color(image, factor):
   return blend(_grey(image), image, factor)
 
 
-def contrast(image, factor):
-  mean = tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(image), tf.float32))
+def contrast(image, factor, enhance="official"):
+  """Blend with a uniform grey image. 'official': its level is int(min(pixel count / 256, 255)), what
+  the released op computes as "mean" (the sum of the 256-bin grey histogram divided by 256: the
+  pixel count, whatever the image shows); 'corrected': the mean grey level, truncated (PIL's
+  ImageEnhance.Contrast uses the mean grey level too, rounded)."""
+  _check_mode(enhance, ENHANCE_MODES, "enhance")
+  if enhance == "official":
+    count = tf.cast(tf.shape(image)[0] * tf.shape(image)[1], tf.float32)
+    mean = tf.clip_by_value(count / 256.0, 0.0, 255.0)
+  else:
+    mean = tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(image), tf.float32))
   return blend(tf.fill(tf.shape(image), tf.cast(mean, tf.uint8)), image, factor)
 
 
@@ -111,8 +144,12 @@ def brightness(image, factor):
   return blend(tf.zeros_like(image), image, factor)
 
 
-def sharpness(image, factor):
-  """Blend with a 3x3 smoothed copy (PIL's SMOOTH kernel); the 1-pixel border stays unsmoothed."""
+def sharpness(image, factor, enhance="official"):
+  """Blend with a 3x3 smoothed copy (PIL's SMOOTH kernel); the 1-pixel border stays unsmoothed.
+
+  The smoothed copy is made uint8 by truncation ('official', the released op's cast) or rounding
+  ('corrected', as PIL's filter)."""
+  _check_mode(enhance, ENHANCE_MODES, "enhance")
   x = tf.cast(image, tf.float32)[None]
   kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
@@ -120,7 +157,9 @@ def sharpness(image, factor):
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   rows, cols = tf.range(h)[:, None, None], tf.range(w)[None, :, None]
   interior = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
-  smooth = tf.where(interior, tf.round(tf.clip_by_value(smooth, 0.0, 255.0)), x[0])
+  smooth = tf.clip_by_value(smooth, 0.0, 255.0)
+  smooth = tf.floor(smooth) if enhance == "official" else tf.round(smooth)
+  smooth = tf.where(interior, smooth, x[0])
   return blend(tf.cast(smooth, tf.uint8), image, factor)
 
 
@@ -204,19 +243,25 @@ def _int_level(level, const):
   return tf.cast(tf.floor(tf.cast(level, tf.float64) / MAX_LEVEL * const), tf.int32)
 
 
+def _solarize_level_threshold(image, threshold, mode):
+  """The table's Solarize: `threshold` is int(level / 10 * 256), wrapped as `solarize_threshold`."""
+  return solarize(image, _wrap_threshold(threshold, mode))
+
+
 def _enhance_factor(level):
   return _scaled(level, 1.8) + 0.1
 
 
 # name -> (op, args(level, hparams, seed) -> tuple). Levels may be tensors (AutoAugment looks them up
-# from its policy table) or Python floats (RandAugment's static per-stage magnitude).
+# from its policy table) or Python floats (RandAugment's static per-stage magnitude). The ops named in
+# _MODES also take the official-vs-corrected switch of that name, as their last positional argument.
 _OP_TABLE = {
   "AutoContrast": (autocontrast, lambda l, hp, s: ()),
   "Equalize": (equalize, lambda l, hp, s: ()),
   "Invert": (invert, lambda l, hp, s: ()),
   "Rotate": (rotate, lambda l, hp, s: (_random_sign(_scaled(l, 30.0), s),)),
   "Posterize": (posterize, lambda l, hp, s: (_int_level(l, 4),)),
-  "Solarize": (solarize, lambda l, hp, s: (_int_level(l, 256),)),
+  "Solarize": (_solarize_level_threshold, lambda l, hp, s: (_int_level(l, 256),)),
   "SolarizeAdd": (solarize_add, lambda l, hp, s: (_int_level(l, 110),)),
   "Color": (color, lambda l, hp, s: (_enhance_factor(l),)),
   "Contrast": (contrast, lambda l, hp, s: (_enhance_factor(l),)),
@@ -235,6 +280,7 @@ _OP_TABLE = {
   "Cutout": (cutout, lambda l, hp, s: (_int_level(l, hp["cutout_const"]), FILL_VALUE, s)),
 }
 assert tuple(sorted(_OP_TABLE)) == tuple(sorted(OPS))
+_MODES = {"Solarize": "solarize", "Contrast": "enhance", "Sharpness": "enhance"}
 
 
 # The ops use no Python control flow on tensors, so AutoGraph has nothing to convert; skipping it makes
@@ -243,10 +289,16 @@ _no_autograph = tf.autograph.experimental.do_not_convert
 
 
 @_no_autograph
-def apply_op(image, name, level, seed=None, hparams=None):
-  """Apply the op `name` at `level` (0..10 scale, extrapolating above 10)."""
+def apply_op(
+  image, name, level, seed=None, hparams=None, *, solarize="official", enhance="official"
+):
+  """Apply the op `name` at `level` (0..10 scale, extrapolating above 10). `solarize`/`enhance`:
+  the official-vs-corrected switches (module docstring), used by the ops they concern."""
   fn, args = _OP_TABLE[name]
-  out = fn(image, *args(level, hparams or RANDAUGMENT_HPARAMS, _seed_or_random(seed)))
+  args = args(level, hparams or RANDAUGMENT_HPARAMS, _seed_or_random(seed))
+  if name in _MODES:
+    args += ({"solarize": solarize, "enhance": enhance}[_MODES[name]],)
+  out = fn(image, *args)
   return tf.ensure_shape(out, image.shape)
 
 
@@ -262,13 +314,23 @@ def scaled_hparams(image_size: int, reference_size: int = 224) -> dict:
 
 
 @_no_autograph
-def randaugment(image_uint8_hwc, num_layers=2, magnitude=10.0, seed=None, hparams=None, ops=None):
+def randaugment(
+  image_uint8_hwc,
+  num_layers=2,
+  magnitude=10.0,
+  seed=None,
+  hparams=None,
+  ops=None,
+  *,
+  solarize="official",
+  enhance="official",
+):
   """RandAugment: `num_layers` times, apply one uniformly chosen op of `ops` at `magnitude`.
 
   `ops` (default all 16 `OPS`, as the official code) restricts the choice, e.g. to the geometric
   ops for grey-scale data where Invert/Solarize/Posterize change what the image shows. `hparams`
   overrides the pixel constants of the translate and cutout ops (default RANDAUGMENT_HPARAMS, the
-  official ImageNet values).
+  official ImageNet values). `solarize`, `enhance`: the official-vs-corrected switches.
   """
   ops = parse_ops(ops)
   image = tf.convert_to_tensor(image_uint8_hwc)
@@ -279,7 +341,10 @@ def randaugment(image_uint8_hwc, num_layers=2, magnitude=10.0, seed=None, hparam
     choice = tf.random.stateless_uniform([], seeds[2 * layer], maxval=len(ops), dtype=tf.int32)
     op_seed = seeds[2 * layer + 1]
     branches = [
-      functools.partial(apply_op, image, name, magnitude, op_seed, hparams) for name in ops
+      functools.partial(
+        apply_op, image, name, magnitude, op_seed, hparams, solarize=solarize, enhance=enhance
+      )
+      for name in ops
     ]
     image = tf.switch_case(choice, branches)
   return image
@@ -323,11 +388,12 @@ _POLICY_LEVELS = tf.constant([[l for _, _, l in sub] for sub in POLICY_V0], tf.f
 
 
 @_no_autograph
-def autoaugment(image_uint8_hwc, seed=None):
+def autoaugment(image_uint8_hwc, seed=None, *, solarize="official", enhance="official"):
   """AutoAugment v0: draw one sub-policy uniformly, apply each of its two ops with its probability.
 
   The sub-policy's (op, prob, level) are looked up as tensors, so the graph holds one 16-way switch
-  per step instead of 25 x 2 op copies (tracing is ~10x faster, same result).
+  per step instead of 25 x 2 op copies (tracing is ~10x faster, same result). `solarize` matters for
+  ('Solarize', 0.6, 10): 'official' inverts every pixel there, 'unwrapped' changes nothing.
   """
   image = tf.convert_to_tensor(image_uint8_hwc)
   seeds = tf.random.experimental.stateless_split(_seed_or_random(seed), 5)
@@ -339,7 +405,17 @@ def autoaugment(image_uint8_hwc, seed=None):
 
     def apply(img=image, op_index=op_index, level=level, op_seed=op_seed):
       branches = [
-        functools.partial(apply_op, img, name, level, op_seed, AUTOAUGMENT_HPARAMS) for name in OPS
+        functools.partial(
+          apply_op,
+          img,
+          name,
+          level,
+          op_seed,
+          AUTOAUGMENT_HPARAMS,
+          solarize=solarize,
+          enhance=enhance,
+        )
+        for name in OPS
       ]
       return tf.switch_case(op_index, branches)
 
