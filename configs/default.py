@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rmsprop_eps = 1e-3
   c.weight_decay = 1e-5  # L2 in the loss, (wd/2)*||w||^2, kernels only
   c.label_smoothing = 0.1
-  c.ema_decay = 0.9999  # 0 disables; warmup min(decay, (1+t)/(10+t))
+  c.ema_decay = 0.9999  # 0 disables; warmup min(decay, (1+n)/(10+n)), n = step + 1 as in TF
   c.grad_clip_norm = 0.0  # 0 disables
 
   # Loop, logging, checkpoints.

@@ -120,7 +120,7 @@ def make_train_step(
     new = (new_params, new_batch_stats, new_opt_state)
     old = (state.params, state.batch_stats, state.opt_state)
     if state.ema_params is not None:
-      # Decay from the pre-increment step, like TF's EMA with num_updates=global_step.
+      # TF's EMA reads global_step after the optimizer incremented it: ema_decay_at(t) uses t + 1.
       d = ema_decay_at(state.step, ema_decay)
       avg = lambda e, x: (d * e + (1.0 - d) * x).astype(e.dtype)
       new += (

@@ -67,8 +67,11 @@ def _assert_trees_equal(a, b):
 
 
 def test_ema_decay_warmup_formula():
-  assert float(state_lib.ema_decay_at(0, 0.9999)) == pytest.approx(0.1)
-  assert float(state_lib.ema_decay_at(8, 0.9999)) == pytest.approx(0.5)
+  # TF reads the post-increment global step n = step + 1: min(d, (1 + n) / (10 + n)).
+  assert float(state_lib.ema_decay_at(0, 0.9999)) == pytest.approx(2 / 11)
+  assert float(state_lib.ema_decay_at(1, 0.9999)) == pytest.approx(3 / 12)
+  assert float(state_lib.ema_decay_at(2, 0.9999)) == pytest.approx(4 / 13)
+  assert float(state_lib.ema_decay_at(8, 0.9999)) == pytest.approx(10 / 19)
   assert float(state_lib.ema_decay_at(10**7, 0.9999)) == pytest.approx(0.9999)
   assert float(state_lib.ema_decay_at(10**7, 0.0)) == 0.0
 
@@ -76,7 +79,7 @@ def test_ema_decay_warmup_formula():
 def test_ema_covers_params_and_batch_stats():
   _, s0, step = _setup()
   s1, m = step(s0, _batch(), jax.random.key(1))
-  d = 0.1  # ema_decay_at(0)
+  d = 2 / 11  # official decay at step 0: (1 + n) / (10 + n) with n = step + 1 = 1
   for ema0, new, ema1 in (
     (s0.ema_params, s1.params, s1.ema_params),
     (s0.ema_batch_stats, s1.batch_stats, s1.ema_batch_stats),
@@ -92,6 +95,20 @@ def test_ema_covers_params_and_batch_stats():
     s1.batch_stats["BatchNorm_0"]["mean"], s0.batch_stats["BatchNorm_0"]["mean"]
   )
   assert int(s1.step) == 1 and float(m["bad_step"]) == 0.0
+
+
+def test_ema_decay_through_real_steps_is_2_11_then_3_12_then_4_13():
+  _, s, step = _setup()
+  for t, d in enumerate((2 / 11, 3 / 12, 4 / 13)):
+    assert int(s.step) == t
+    new, _ = step(s, _batch(seed=t), jax.random.key(1))
+    jax.tree.map(
+      lambda e0, x, e1: np.testing.assert_allclose(e1, d * e0 + (1 - d) * x, rtol=1e-6, atol=1e-7),
+      (s.ema_params, s.ema_batch_stats),
+      (new.params, new.batch_stats),
+      (new.ema_params, new.ema_batch_stats),
+    )
+    s = new
 
 
 def test_ema_disabled_representations():
