@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.randaug_layers = 2
   c.randaug_ops = ""  # comma-separated subset of data.randaug.OPS; "" = all 16 (official)
   c.shuffle_buffer = 16384
+  # CutMix label weight of the pasted partner: 'batch_mean' (official datasets.py: one weight
+  # per (half-)batch, the mean pasted-area fraction, given to every example although each has its
+  # own box) | 'per_example' (each example's own pasted fraction, as timm). effnetv2_jax/mixing.py.
+  c.cutmix_label = "batch_mean"
   c.cache_dataset = False
 
   # Schedule length: epochs (converted with the dataset's train size), or steps when > 0.

@@ -8,6 +8,13 @@ Launch (one host or all workers of a TPU slice):
 Arguments: variant=b0|b1|b2|b3|s|m|l|xl; preset=official|paper|none (see effnetv2_jax/progressive.py
 and section 9 of the reference: BN decay, dropout schedule, RandAugment and mixup ranges differ);
 runlocal (a few steps at toy sizes on a CPU, for tests and smoke runs).
+
+Released-code behaviour (reference section 10) per preset: 'official' and 'none' (the official
+end points without progressive learning, so only the progression differs from 'official') take
+the code's behaviour; 'paper' takes the intended one where the two differ:
+  cutmix_label  official/none 'batch_mean' (one label weight per (half-)batch); paper
+                'per_example' (the paper preset schedules no CutMix, so it only matters there if
+                CutMix is switched on).
 """
 
 from configs import common, default
@@ -64,6 +71,7 @@ def get_config(arg=None):
   p.min_dropout = p.max_dropout = dropout
   if preset == "paper":
     c.model_overrides.bn_momentum = 0.99  # paper: BN decay 0.99; code: 0.9
+    c.cutmix_label = "per_example"  # labels match each example's pasted pixels
     p.min_dropout = 0.1
     if not base_family:
       p.max_image_size, p.max_randaug, p.max_mixup, p.max_dropout = PAPER[variant]

@@ -15,6 +15,7 @@ from effnetv2_jax.data import randaug_ops
 V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "efficientnetv2-xl")
 DTYPES = ("float32", "bfloat16")
 FAMILIES = ("auto", "v2", "v2-base", "small")
+CUTMIX_LABELS = ("batch_mean", "per_example")
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,7 @@ def validate_config(
   _one_of(config, "optimizer", optim.OPTIMIZERS)
   _one_of(config, "lr_schedule", optim.SCHEDULES)
   _one_of(config, "preprocess_family", FAMILIES)
+  _one_of(config, "cutmix_label", CUTMIX_LABELS)
   _validate_model(config)
   _validate_progressive(config)
 

@@ -100,6 +100,7 @@ def make_stage_step(config, run: plan_lib.RunPlan, stage: progressive.Stage, tx,
     cutmix_alpha=stage.cutmix_alpha,
     lr_fn=lr_fn,
     freeze_bn_stats=config.freeze_bn_stats,
+    cutmix_label=config.cutmix_label,
   )
 
 

@@ -51,6 +51,7 @@ def _error(config, **kw):
     ({"label_smoothing": 1.5}, "label_smoothing"),
     ({"init_from": "/no/such/checkpoint"}, "init_from"),
     ({"randaug_ops": "Rotate,Flip"}, "randaug_ops"),
+    ({"cutmix_label": "per_batch"}, "cutmix_label"),
   ],
 )
 def test_bad_field_is_named(change, field):

@@ -104,6 +104,15 @@ def test_imagenet21k_recipe_is_the_reference_one():
 
 
 @pytest.mark.parametrize(
+  "preset,cutmix_label",
+  [("official", "batch_mean"), ("none", "batch_mean"), ("paper", "per_example")],
+)
+def test_imagenet_presets_pick_the_released_code_or_the_intended_behaviour(preset, cutmix_label):
+  c = _load("imagenet", f"variant=l,preset={preset}")
+  assert c.cutmix_label == cutmix_label
+
+
+@pytest.mark.parametrize(
   "preset,schedule,wd", [("paper", "cosine", 0.0), ("official", "constant", 1e-5)]
 )
 def test_finetune_recipe_per_preset(preset, schedule, wd):

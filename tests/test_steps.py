@@ -156,8 +156,9 @@ def test_label_smoothing_targets_and_loss():
 def test_smoothing_applies_after_mixing(monkeypatch):
   seen = {}
 
-  def fake_mix(rng, images, onehot, *, mixup_alpha, cutmix_alpha):
+  def fake_mix(rng, images, onehot, *, mixup_alpha, cutmix_alpha, cutmix_label):
     seen["alphas"] = (mixup_alpha, cutmix_alpha)
+    seen["cutmix_label"] = cutmix_label
     half = jnp.full_like(onehot, 0.0).at[:, :2].set(0.5)  # every example half class 0, half 1
     return images, half
 
@@ -168,7 +169,7 @@ def test_smoothing_applies_after_mixing(monkeypatch):
   model, s0, step = _setup(dropout=0.0, mixup_alpha=0.2)
   b = _batch()
   _, m = step(s0, b, jax.random.key(1))
-  assert seen["alphas"] == (0.2, 0.0)
+  assert seen["alphas"] == (0.2, 0.0) and seen["cutmix_label"] == "batch_mean"
   logits, _ = model.apply(
     {"params": s0.params, "batch_stats": s0.batch_stats},
     b["image"],
@@ -179,6 +180,26 @@ def test_smoothing_applies_after_mixing(monkeypatch):
   np.testing.assert_allclose(
     m["ce_loss"], jnp.mean(optax.softmax_cross_entropy(logits, targets)), rtol=1e-5
   )
+
+
+def test_cutmix_label_option_reaches_the_mixing(monkeypatch):
+  seen = {}
+
+  def fake_mix(rng, images, onehot, *, mixup_alpha, cutmix_alpha, cutmix_label):
+    seen["cutmix_label"] = cutmix_label
+    return images, onehot
+
+  fake = types.ModuleType("effnetv2_jax.mixing")
+  fake.mix = fake_mix
+  monkeypatch.setitem(sys.modules, "effnetv2_jax.mixing", fake)
+  monkeypatch.setattr(effnetv2_jax, "mixing", fake, raising=False)
+  _, tx, s0 = _init_state()
+  kw = dict(num_classes=K, label_smoothing=0.0, weight_decay=0.0, ema_decay=0.0, cutmix_alpha=1.0)
+  step = steps.make_train_step(TinyNet(num_classes=K), tx, cutmix_label="per_example", **kw)
+  jax.eval_shape(step, s0, _batch(), jax.random.key(0))  # traces the step, compiles nothing
+  assert seen["cutmix_label"] == "per_example"
+  with pytest.raises(ValueError, match="cutmix_label"):
+    steps.make_train_step(TinyNet(num_classes=K), tx, cutmix_label="per_batch", **kw)
 
 
 def test_divergence_guard_skips_update_but_advances_step():
