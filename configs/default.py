@@ -19,7 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   # variant is a config change, not a code change. The per-stage dropout comes from the stage table.
   c.model_name = "efficientnetv2-s"
   c.model_overrides = ml_collections.ConfigDict()
-  c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params and BN stats stay fp32)
+  # Compute dtype: 'float32' | 'bfloat16' | 'auto' (bfloat16 on TPU and GPU, float32 on CPU,
+  # resolved at run time by effnetv2_jax.precision.resolve_dtype; the official runs compute in
+  # bfloat16 on TPU). Params, BN statistics, loss and optimizer state stay float32 either way.
+  c.dtype = "float32"
 
   # Data: a registered dataset name (effnetv2_jax.data.datasets) or 'folder:/path'.
   c.dataset = "imagenet2012"

@@ -57,6 +57,7 @@ def get_config(arg=None):
 
   c = default.get_config()
   c.model_name = f"efficientnetv2-{variant}"
+  c.dtype = "auto"  # bfloat16 compute on TPU/GPU as the official mixed_precision, fp32 on CPU
   c.dataset = "imagenet2012"
   c.batch_size = 4096
   c.num_epochs = 350.0

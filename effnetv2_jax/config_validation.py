@@ -9,11 +9,12 @@ import os
 
 from effnetv2_jax import optim
 from effnetv2_jax import paths
+from effnetv2_jax import precision
 from effnetv2_jax import progressive
 from effnetv2_jax.data import randaug_ops
 
 V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "efficientnetv2-xl")
-DTYPES = ("float32", "bfloat16")
+DTYPES = precision.DTYPE_NAMES  # 'auto' is resolved at run time (effnetv2_jax/precision.py)
 FAMILIES = ("auto", "v2", "v2-base", "small")
 CUTMIX_LABELS = ("batch_mean", "per_example")
 

@@ -74,12 +74,15 @@ def setup_compilation_cache(config) -> str | None:
 
 
 def build_model(config, num_classes: int, dropout_rate: float):
-  from effnetv2_jax import models
+  from effnetv2_jax import models, precision
 
   overrides = dict(config.model_overrides)
   overrides["dropout_rate"] = float(dropout_rate)
   return models.create_model(
-    config.model_name, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides
+    config.model_name,
+    num_classes=num_classes,
+    dtype=DTYPES[precision.resolve_dtype(config.dtype)],
+    **overrides,
   )
 
 

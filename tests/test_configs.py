@@ -103,6 +103,13 @@ def test_imagenet21k_recipe_is_the_reference_one():
   assert datasets.get_dataset_info("imagenet21k").num_classes == 21_843
 
 
+@pytest.mark.parametrize("name", ["imagenet", "imagenet21k", "finetune"])
+def test_imagenet_configs_compute_in_the_machines_precision(name):
+  # 'auto': bfloat16 on TPU/GPU like the official mixed_precision=True, float32 on CPU.
+  for arg in VARIANTS[name]:
+    assert _load(name, arg).dtype == "auto"
+
+
 @pytest.mark.parametrize(
   "preset,cutmix_label",
   [("official", "batch_mean"), ("none", "batch_mean"), ("paper", "per_example")],
