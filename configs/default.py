@@ -19,6 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   # variant is a config change, not a code change. The per-stage dropout comes from the stage table.
   c.model_name = "efficientnetv2-s"
   c.model_overrides = ml_collections.ConfigDict()
+  # Images each BatchNorm statistic is computed over in training: 0 = the whole global batch;
+  # G > 0 = groups of G consecutive images of the global batch (the official TPU BatchNorm uses
+  # per-replica batch x min(8, replicas)). Independent of the device count; must divide the batch
+  # (of every stage). Passed to create_model as the `bn_group_size` override, so set it here, not
+  # in model_overrides. Eval always uses the running statistics. See models/layers.py.
+  c.bn_group_size = 0
   # Compute dtype: 'float32' | 'bfloat16' | 'auto' (bfloat16 on TPU and GPU, float32 on CPU,
   # resolved at run time by effnetv2_jax.precision.resolve_dtype; the official runs compute in
   # bfloat16 on TPU). Params, BN statistics, loss and optimizer state stay float32 either way.

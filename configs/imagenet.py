@@ -15,6 +15,14 @@ the code's behaviour; 'paper' takes the intended one where the two differ:
   cutmix_label  official/none 'batch_mean' (one label weight per (half-)batch); paper
                 'per_example' (the paper preset schedules no CutMix, so it only matters there if
                 CutMix is switched on).
+  bn_group_size official/none 1024; paper 0 (BatchNorm over the whole batch of 4096). The
+                official TPU BatchNorm computes statistics over min(8, replicas) replicas, i.e.
+                per-replica batch x min(8, replicas) images, which depends on the slice: 1024 at
+                batch 4096 on 32 replicas (a v3-32 slice, 128 images per replica), 512 on 64
+                replicas, 128 on 256. We fix the 32-replica value, 1024, whatever hardware runs
+                it (see BN_GROUP_SIZE below).
+  dtype         'auto' for every preset: bfloat16 compute on TPU/GPU (the official
+                mixed_precision=True), float32 on CPU.
 """
 
 from configs import common, default
@@ -43,6 +51,9 @@ PAPER = {
 }
 MIN_IMAGE_SIZE = 128
 MIN_RANDAUG = 5.0
+# Official TpuBatchNormalization groups, per-replica batch x min(8, replicas), taken at batch 4096
+# on 32 replicas (v3-32): 128 x 8 = 1024 images per BN statistic, on any number of devices.
+BN_GROUP_SIZE = 1024
 
 
 def get_config(arg=None):
@@ -63,6 +74,7 @@ def get_config(arg=None):
   c.num_epochs = 350.0
   c.eval_image_size = eval_size
   c.autoaugment = base_family  # B0-B3 train with AutoAugment v0 in the released code
+  c.bn_group_size = BN_GROUP_SIZE
   p = c.progressive
   p.preset = preset
   p.min_image_size, p.max_image_size = MIN_IMAGE_SIZE, train_size
@@ -73,6 +85,7 @@ def get_config(arg=None):
   if preset == "paper":
     c.model_overrides.bn_momentum = 0.99  # paper: BN decay 0.99; code: 0.9
     c.cutmix_label = "per_example"  # labels match each example's pasted pixels
+    c.bn_group_size = 0  # BatchNorm over the whole batch: the paper states no grouping
     p.min_dropout = 0.1
     if not base_family:
       p.max_image_size, p.max_randaug, p.max_mixup, p.max_dropout = PAPER[variant]

@@ -92,6 +92,25 @@ def _validate_progressive(config) -> None:
   _require(p.max_dropout < 1.0, "progressive.max_dropout", f"must be < 1, got {p.max_dropout}")
 
 
+def check_bn_group_size(group_size, batch_size: int, field: str = "batch_size") -> None:
+  """ConfigError unless `group_size` (config.bn_group_size) is 0 or divides `batch_size`.
+
+  The trainer can call it for each stage's batch (`field` names where that batch comes from).
+  """
+  _require(
+    isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 0,
+    "bn_group_size",
+    f"must be an integer >= 0 (0 = BatchNorm over the whole batch), got {group_size!r}",
+  )
+  if group_size:
+    _require(
+      batch_size % group_size == 0,
+      "bn_group_size",
+      f"{group_size} does not divide {field} {batch_size}: BatchNorm groups must tile the batch; "
+      f"use a divisor of {batch_size} (or 0 for the whole batch)",
+    )
+
+
 def validate_config(
   config,
   *,
@@ -111,6 +130,11 @@ def validate_config(
   _one_of(config, "cutmix_label", CUTMIX_LABELS)
   _validate_model(config)
   _validate_progressive(config)
+  _require(
+    "bn_group_size" not in config.model_overrides,
+    "model_overrides",
+    "bn_group_size is a top-level field: set config.bn_group_size instead",
+  )
 
   if num_devices is None:
     import jax
@@ -124,6 +148,7 @@ def validate_config(
       field,
       f"{v} is not divisible by the {num_devices} devices; use a multiple of {num_devices}",
     )
+  check_bn_group_size(config.bn_group_size, config.batch_size)
   ev = config.eval_image_size
   _require(
     isinstance(ev, int) and ev > 0,
@@ -180,3 +205,8 @@ def validate_config(
     f"{stages} stages need at least {stages} train steps, the run has {n}; "
     "lower num_stages or train longer",
   )
+  # Stages that carry their own batch size must be tiled by the BN groups too.
+  for stage in progressive.stages(config, num_train_examples):
+    stage_batch = getattr(stage, "batch_size", None)
+    if stage_batch is not None:
+      check_bn_group_size(config.bn_group_size, int(stage_batch), f"stage {stage.index}'s batch")

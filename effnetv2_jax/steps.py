@@ -2,7 +2,8 @@
 
 No TensorFlow here. Both steps are written for the *global* batch: under `jax.jit` with a batch
 sharded over the mesh's 'data' axis, the means inside BatchNorm and the loss are global reductions,
-so 1 device and N devices compute the same numbers.
+so 1 device and N devices compute the same numbers. (BatchNorm over groups, the model's
+`bn_group_size`, reduces over fixed groups of consecutive images: also device-independent.)
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ def build_model(config, num_classes: int, dropout_rate: float):
     config.model_name,
     num_classes=num_classes,
     dtype=DTYPES[precision.resolve_dtype(config.dtype)],
+    bn_group_size=int(config.bn_group_size),
     **overrides,
   )
 
