@@ -36,6 +36,8 @@ def shrink_for_local_run(config, *, image_size: int = 32, steps: int = 4, batch_
   config.progressive.min_image_size = image_size // 2
   config.progressive.max_image_size = image_size
   config.eval_image_size = image_size
+  if config.get("bn_group_size"):  # keep grouped BatchNorm on, with groups that tile the batch
+    config.bn_group_size = batch_size // 2
   config.warmup_epochs = 0.0
   config.log_every_steps = 1
   config.checkpoint_every_steps = steps

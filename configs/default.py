@@ -19,7 +19,16 @@ def get_config() -> ml_collections.ConfigDict:
   # variant is a config change, not a code change. The per-stage dropout comes from the stage table.
   c.model_name = "efficientnetv2-s"
   c.model_overrides = ml_collections.ConfigDict()
-  c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (params and BN stats stay fp32)
+  # Images each BatchNorm statistic is computed over in training: 0 = the whole global batch;
+  # G > 0 = groups of G consecutive images of the global batch (the official TPU BatchNorm uses
+  # per-replica batch x min(8, replicas)). Independent of the device count; must divide the batch
+  # (of every stage). Passed to create_model as the `bn_group_size` override, so set it here, not
+  # in model_overrides. Eval always uses the running statistics. See models/layers.py.
+  c.bn_group_size = 0
+  # Compute dtype: 'float32' | 'bfloat16' | 'auto' (bfloat16 on TPU and GPU, float32 on CPU,
+  # resolved at run time by effnetv2_jax.precision.resolve_dtype; the official runs compute in
+  # bfloat16 on TPU). Params, BN statistics, loss and optimizer state stay float32 either way.
+  c.dtype = "float32"
 
   # Data: a registered dataset name (effnetv2_jax.data.datasets) or 'folder:/path'.
   c.dataset = "imagenet2012"
@@ -40,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   # truncates its smoothed image) | "corrected" (the grey mean, rounded smoothing: as PIL).
   c.randaug_enhance = "official"
   c.shuffle_buffer = 16384
+  # CutMix label weight of the pasted partner: 'batch_mean' (official datasets.py: one weight
+  # per (half-)batch, the mean pasted-area fraction, given to every example although each has its
+  # own box) | 'per_example' (each example's own pasted fraction, as timm). effnetv2_jax/mixing.py.
+  c.cutmix_label = "batch_mean"
   c.cache_dataset = False
 
   # Schedule length: epochs (converted with the dataset's train size), or steps when > 0.
@@ -82,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rmsprop_eps = 1e-3
   c.weight_decay = 1e-5  # L2 in the loss, (wd/2)*||w||^2, kernels only
   c.label_smoothing = 0.1
-  c.ema_decay = 0.9999  # 0 disables; warmup min(decay, (1+t)/(10+t))
+  c.ema_decay = 0.9999  # 0 disables; warmup min(decay, (1+n)/(10+n)), n = step + 1 as in TF
   c.grad_clip_norm = 0.0  # 0 disables
 
   # Loop, logging, checkpoints.

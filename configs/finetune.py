@@ -64,6 +64,7 @@ def get_config(arg=None):
 
   c = default.get_config()
   c.model_name = f"efficientnetv2-{variant}"
+  c.dtype = "auto"  # bfloat16 compute on TPU/GPU as the official mixed_precision, fp32 on CPU
   c.model_overrides.bn_momentum = bn_decay
   c.dataset = dataset
   c.preprocess_family = "small"

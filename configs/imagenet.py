@@ -9,20 +9,32 @@ Arguments: variant=b0|b1|b2|b3|s|m|l|xl; preset=official|paper|none (see effnetv
 and section 9 of the reference: BN decay, dropout schedule, RandAugment and mixup ranges differ);
 runlocal (a few steps at toy sizes on a CPU, for tests and smoke runs).
 
-Splits (effnetv2_jax/data/datasets.py): every preset trains on the official train split, ImageNet's
-training set minus the 25,021-image minival (datasets.IMAGENET_TRAIN_MINUS_MINIVAL, 1,256,144
-images), and evaluates on the 50,000-image validation split; minival (datasets.IMAGENET_MINIVAL)
-stays free for model selection (set eval_split to it while tuning). The paper says only that it
-trains on ImageNet's training set, but its numbers come from the released code, which holds minival
-out; using the same training set in all three presets also keeps their comparison about the recipe
-alone. Set train_split="train" for all 1,281,167 images.
-
-RandAugment/AutoAugment op semantics (configs/default.py, reference section 10 items 1 and 8):
-'official' and 'none' use the released code's ops (randaug_solarize="official": the Solarize
-threshold wraps at magnitude >= 10; randaug_enhance="official": Contrast's pixel-count "mean",
-Sharpness truncation); 'paper' uses the ops as RandAugment defines them ("unwrapped", "corrected"),
-since the paper specifies RandAugment, not the released code's bugs. Preprocessing (B0-B3's TF1
-bicubic resize after decode_and_crop_jpeg, the centre-crop offsets) is the official one in all.
+Released-code behaviour per preset (reference sections 9 and 10; README "Paper vs released code"):
+'official' and 'none' (the official end points without progression) take the code's behaviour,
+'paper' the intended one where the two differ:
+  splits        all presets: train on ImageNet's training set minus the 25,021-image minival
+                (datasets.IMAGENET_TRAIN_MINUS_MINIVAL, 1,256,144 images: 107,336 steps for S),
+                evaluate on the 50,000-image validation split; minival (datasets.IMAGENET_MINIVAL)
+                stays free for model selection. The paper's numbers come from this code, and one
+                training set keeps the presets' comparison about the recipe alone. Set
+                train_split="train" for all 1,281,167 images.
+  RandAugment   official/none: the code's ops (randaug_solarize="official": the threshold wraps
+                at magnitude >= 10; randaug_enhance="official": Contrast's pixel-count "mean",
+                Sharpness truncation); paper: the ops as RandAugment defines them ("unwrapped",
+                "corrected"). B0-B3's TF1 bicubic resize after decode_and_crop_jpeg and the
+                centre-crop offsets are the official ones in all presets.
+  cutmix_label  official/none 'batch_mean' (one label weight per (half-)batch); paper
+                'per_example' (the paper preset schedules no CutMix, so it only matters there if
+                CutMix is switched on).
+  bn_group_size official/none 1024; paper 0 (BatchNorm over the whole batch of 4096). The
+                official TPU BatchNorm computes statistics over min(8, replicas) replicas, i.e.
+                per-replica batch x min(8, replicas) images, which depends on the slice: 1024 at
+                batch 4096 on 32 replicas (a v3-32 slice, 128 images per replica), 512 on 64
+                replicas, 128 on 256. We fix the 32-replica value, 1024, whatever hardware runs
+                it (see BN_GROUP_SIZE below).
+  dtype         'auto' for every preset: bfloat16 compute on TPU/GPU (the official
+                mixed_precision=True), float32 on CPU; resolved at run time, in results.json.
+  EMA warmup, warmup rounding: the official formulas in every preset (no option).
 """
 
 from configs import common, default
@@ -52,6 +64,9 @@ PAPER = {
 }
 MIN_IMAGE_SIZE = 128
 MIN_RANDAUG = 5.0
+# Official TpuBatchNormalization groups, per-replica batch x min(8, replicas), taken at batch 4096
+# on 32 replicas (v3-32): 128 x 8 = 1024 images per BN statistic, on any number of devices.
+BN_GROUP_SIZE = 1024
 
 
 def get_config(arg=None):
@@ -66,6 +81,7 @@ def get_config(arg=None):
 
   c = default.get_config()
   c.model_name = f"efficientnetv2-{variant}"
+  c.dtype = "auto"  # bfloat16 compute on TPU/GPU as the official mixed_precision, fp32 on CPU
   c.dataset = "imagenet2012"
   c.train_split = datasets.IMAGENET_TRAIN_MINUS_MINIVAL
   c.eval_split = datasets.IMAGENET_VALIDATION
@@ -73,6 +89,7 @@ def get_config(arg=None):
   c.num_epochs = 350.0
   c.eval_image_size = eval_size
   c.autoaugment = base_family  # B0-B3 train with AutoAugment v0 in the released code
+  c.bn_group_size = BN_GROUP_SIZE
   p = c.progressive
   p.preset = preset
   p.min_image_size, p.max_image_size = MIN_IMAGE_SIZE, train_size
@@ -83,6 +100,8 @@ def get_config(arg=None):
   if preset == "paper":
     c.model_overrides.bn_momentum = 0.99  # paper: BN decay 0.99; code: 0.9
     c.randaug_solarize, c.randaug_enhance = "unwrapped", "corrected"  # RandAugment's ops as defined
+    c.cutmix_label = "per_example"  # labels match each example's pasted pixels
+    c.bn_group_size = 0  # BatchNorm over the whole batch: the paper states no grouping
     p.min_dropout = 0.1
     if not base_family:
       p.max_image_size, p.max_randaug, p.max_mixup, p.max_dropout = PAPER[variant]

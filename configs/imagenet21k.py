@@ -41,6 +41,7 @@ def get_config(arg=None):
 
   c = default.get_config()
   c.model_name = f"efficientnetv2-{variant}"
+  c.dtype = "auto"  # bfloat16 compute on TPU/GPU as the official mixed_precision, fp32 on CPU
   c.dataset = "imagenet21k"  # num_classes (21,843, the code's count) comes from the registry
   c.batch_size = BATCH_SIZE
   c.num_epochs = NUM_EPOCHS

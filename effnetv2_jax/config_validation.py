@@ -9,12 +9,14 @@ import os
 
 from effnetv2_jax import optim
 from effnetv2_jax import paths
+from effnetv2_jax import precision
 from effnetv2_jax import progressive
 from effnetv2_jax.data import augment
 
 V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "efficientnetv2-xl")
-DTYPES = ("float32", "bfloat16")
+DTYPES = precision.DTYPE_NAMES  # 'auto' is resolved at run time (effnetv2_jax/precision.py)
 FAMILIES = ("auto", "v2", "v2-base", "small")
+CUTMIX_LABELS = ("batch_mean", "per_example")
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,25 @@ def _validate_progressive(config) -> None:
   _require(p.max_dropout < 1.0, "progressive.max_dropout", f"must be < 1, got {p.max_dropout}")
 
 
+def check_bn_group_size(group_size, batch_size: int, field: str = "batch_size") -> None:
+  """ConfigError unless `group_size` (config.bn_group_size) is 0 or divides `batch_size`.
+
+  The trainer can call it for each stage's batch (`field` names where that batch comes from).
+  """
+  _require(
+    isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 0,
+    "bn_group_size",
+    f"must be an integer >= 0 (0 = BatchNorm over the whole batch), got {group_size!r}",
+  )
+  if group_size:
+    _require(
+      batch_size % group_size == 0,
+      "bn_group_size",
+      f"{group_size} does not divide {field} {batch_size}: BatchNorm groups must tile the batch; "
+      f"use a divisor of {batch_size} (or 0 for the whole batch)",
+    )
+
+
 def validate_config(
   config,
   *,
@@ -106,8 +127,14 @@ def validate_config(
   _one_of(config, "optimizer", optim.OPTIMIZERS)
   _one_of(config, "lr_schedule", optim.SCHEDULES)
   _one_of(config, "preprocess_family", FAMILIES)
+  _one_of(config, "cutmix_label", CUTMIX_LABELS)
   _validate_model(config)
   _validate_progressive(config)
+  _require(
+    "bn_group_size" not in config.model_overrides,
+    "model_overrides",
+    "bn_group_size is a top-level field: set config.bn_group_size instead",
+  )
 
   if num_devices is None:
     import jax
@@ -121,6 +148,7 @@ def validate_config(
       field,
       f"{v} is not divisible by the {num_devices} devices; use a multiple of {num_devices}",
     )
+  check_bn_group_size(config.bn_group_size, config.batch_size)
   ev = config.eval_image_size
   _require(
     isinstance(ev, int) and ev > 0,
@@ -174,3 +202,8 @@ def validate_config(
     f"{stages} stages need at least {stages} train steps, the run has {n}; "
     "lower num_stages or train longer",
   )
+  # Stages that carry their own batch size must be tiled by the BN groups too.
+  for stage in progressive.stages(config, num_train_examples):
+    stage_batch = getattr(stage, "batch_size", None)
+    if stage_batch is not None:
+      check_bn_group_size(config.bn_group_size, int(stage_batch), f"stage {stage.index}'s batch")

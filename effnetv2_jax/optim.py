@@ -32,7 +32,9 @@ def base_learning_rate(config) -> float:
 def lr_schedule(config, steps_per_epoch: float, total_steps: int | None = None) -> optax.Schedule:
   """Warmup + decay as in the official `WarmupLearningRateSchedule`.
 
-  - warmup: `base * step / warmup_steps` for `step < warmup_steps` (starts at exactly 0);
+  - warmup: `base * step / warmup_steps` for `step < warmup_steps` (starts at exactly 0), with
+    `warmup_steps = int(warmup_epochs * steps_per_epoch)`, an integer as in the official code
+    (e.g. 5 epochs of 1,256,144 / 4096 = 306.68 steps -> 1533 warmup steps, not 1533.38);
   - 'exponential': `base * rate ** floor(step / (decay_epochs * steps_per_epoch))`, counted from step
     0 (not from the end of warmup), floored at `min_lr`;
   - 'cosine': from `base` at step 0 to `min_lr` at `total_steps`, also counted from step 0;
@@ -45,7 +47,8 @@ def lr_schedule(config, steps_per_epoch: float, total_steps: int | None = None) 
     raise ValueError(f"lr_schedule: steps_per_epoch must be > 0, got {steps_per_epoch}")
   base = base_learning_rate(config)
   min_lr = float(config.min_lr)
-  warmup_steps = float(config.warmup_epochs) * float(steps_per_epoch)
+  # Truncated to an integer like the official schedule (the LR divides by that integer too).
+  warmup_steps = int(float(config.warmup_epochs) * float(steps_per_epoch))
   decay_steps = float(config.lr_decay_epochs) * float(steps_per_epoch)
   decay_rate = float(config.lr_decay_rate)
   if kind == "cosine":
@@ -66,7 +69,7 @@ def lr_schedule(config, steps_per_epoch: float, total_steps: int | None = None) 
     else:
       lr = jnp.full((), base, jnp.float32)
     if warmup_steps > 0:
-      lr = jnp.where(t < warmup_steps, base * t / warmup_steps, lr)
+      lr = jnp.where(t < warmup_steps, base * t / float(warmup_steps), lr)
     return lr.astype(jnp.float32)
 
   return schedule

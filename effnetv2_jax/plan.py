@@ -30,7 +30,7 @@ class RunPlan:
   stages: tuple[progressive.Stage, ...]
   family: str  # preprocessing family ('v2', 'v2-base', 'small')
   base_lr: float  # after the batch scaling rule (lr_per_256 * batch / 256)
-  dtype: str  # compute dtype name
+  dtype: str  # compute dtype name, 'auto' resolved for this machine
 
   def stage_at(self, step: int) -> progressive.Stage:
     return progressive.stage_at(self.stages, step)
@@ -61,6 +61,7 @@ def resolve(config, *, num_train: int | None = None, num_classes: int | None = N
   no dataset is consulted; otherwise they come from the dataset and the configured split."""
   from effnetv2_jax import config_validation
   from effnetv2_jax import optim
+  from effnetv2_jax import precision
 
   train_split, eval_split = config.train_split or "", config.eval_split or ""
   if num_train is None or num_classes is None:
@@ -80,7 +81,7 @@ def resolve(config, *, num_train: int | None = None, num_classes: int | None = N
     stages=tuple(table),
     family=config_validation.preprocess_family(config),
     base_lr=optim.base_learning_rate(config),
-    dtype=config.dtype,
+    dtype=precision.resolve_dtype(config.dtype),
   )
 
 
@@ -99,7 +100,7 @@ def format_plan(config, run: RunPlan) -> str:
   lines = [
     f"model {config.model_name}, preset {config.progressive.preset}, {run.total_steps} steps at "
     f"batch {run.batch_size} ({run.num_train} examples in {run.train_split!r}, "
-    f"{run.steps_per_epoch:.2f} steps/epoch), base lr {run.base_lr:.4g}, "
+    f"{run.steps_per_epoch:.2f} steps/epoch), base lr {run.base_lr:.4g}, {run.dtype}, "
     f"eval on {run.eval_split!r} at {config.eval_image_size}px",
     "",
     "| stage | size | randaug | mixup | cutmix | dropout | steps | epochs | GMACs/img | compute |",

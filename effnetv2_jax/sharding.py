@@ -3,6 +3,9 @@
 The state is replicated, the batch is split along its first axis over every device of every
 process, and XLA inserts the collectives: BatchNorm's batch mean and the loss mean become global
 reductions with no `axis_name` plumbing, so the step computes the same numbers on 1 or N devices.
+With `config.bn_group_size = G` BatchNorm reduces over groups of G consecutive images instead; the
+batch axis is split in contiguous blocks, so a group lies on one device when G divides the
+per-device batch (no communication for it) and spans devices otherwise (XLA reduces within it).
 Output shardings are pinned and the state is donated, so each stage's step compiles exactly once
 and does not hold two copies of the state.
 """

@@ -63,13 +63,16 @@ def create_train_state(
 
 
 def ema_decay_at(step, decay: float) -> jax.Array:
-  """TF `ExponentialMovingAverage(decay, num_updates=step)`: `min(decay, (1 + t) / (10 + t))`.
+  """The EMA decay the train step applies when `state.step == step` (before the increment).
 
-  Early on the average follows the weights closely (0.1 at t=0, 0.5 at t=8); `decay=0` makes the
-  "EMA" an exact copy of the weights.
+  TF's `ExponentialMovingAverage(decay, num_updates=global_step)` uses
+  `min(decay, (1 + n) / (10 + n))`, and the official main.py runs `ema.apply` after the optimizer
+  has incremented `global_step`, so `n = step + 1`: 2/11 = 0.182 at step 0, 3/12 = 0.25 at step
+  1, 4/13 = 0.308 at step 2 (reference section 10, item 6). `decay=0` makes the "EMA" an exact
+  copy of the weights.
   """
-  t = jnp.asarray(step, jnp.float32)
-  return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+  n = jnp.asarray(step, jnp.float32) + 1.0  # the post-increment global step TF reads
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
 
 
 def eval_variables(state: TrainState, use_ema: bool = True) -> dict:

@@ -2,7 +2,8 @@
 
 No TensorFlow here. Both steps are written for the *global* batch: under `jax.jit` with a batch
 sharded over the mesh's 'data' axis, the means inside BatchNorm and the loss are global reductions,
-so 1 device and N devices compute the same numbers.
+so 1 device and N devices compute the same numbers. (BatchNorm over groups, the model's
+`bn_group_size`, reduces over fixed groups of consecutive images: also device-independent.)
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def make_train_step(
   cutmix_alpha: float = 0.0,
   lr_fn: Callable[[jax.Array], jax.Array] | None = None,
   freeze_bn_stats: bool = False,
+  cutmix_label: str = "batch_mean",
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """Build `train_step(state, batch, rng) -> (state, metrics)` for one progressive stage.
 
@@ -62,13 +64,17 @@ def make_train_step(
   and mixing as an uninterrupted one. The model's dtype decides compute; params, optimizer state,
   EMA and BN statistics stay fp32.
   `weight_decay` is the L2 coefficient in the loss (`optim.loss_weight_decay(config)`).
-  `freeze_bn_stats` keeps the BN running statistics fixed (fine-tuning).
+  `freeze_bn_stats` keeps the BN running statistics fixed (fine-tuning). `cutmix_label` is
+  `config.cutmix_label`: 'batch_mean' (official: one CutMix label weight per (half-)batch) or
+  'per_example' (each example's own pasted fraction); see effnetv2_jax/mixing.py.
 
   Divergence guard: when the loss or any gradient is non-finite the update is dropped (params, BN
   stats, optimizer state and EMA keep their old values), the step still advances and
   `metrics['bad_step'] == 1`; the trainer stops after `config.max_bad_steps` in a row.
   """
   mixing = mixup_alpha > 0 or cutmix_alpha > 0
+  if cutmix_label not in ("batch_mean", "per_example"):
+    raise ValueError(f"cutmix_label must be 'batch_mean' or 'per_example', got {cutmix_label!r}")
   if mixing:
     # Imported lazily: only stages that mix need the module.
     from effnetv2_jax import mixing as mixing_lib  # pylint: disable=g-import-not-at-top
@@ -81,7 +87,12 @@ def make_train_step(
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if mixing:
       images, targets = mixing_lib.mix(
-        mix_key, images, targets, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha
+        mix_key,
+        images,
+        targets,
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        cutmix_label=cutmix_label,
       )
     targets = smooth_labels(targets.astype(jnp.float32), label_smoothing)
 
@@ -120,7 +131,7 @@ def make_train_step(
     new = (new_params, new_batch_stats, new_opt_state)
     old = (state.params, state.batch_stats, state.opt_state)
     if state.ema_params is not None:
-      # Decay from the pre-increment step, like TF's EMA with num_updates=global_step.
+      # TF's EMA reads global_step after the optimizer incremented it: ema_decay_at(t) uses t + 1.
       d = ema_decay_at(state.step, ema_decay)
       avg = lambda e, x: (d * e + (1.0 - d) * x).astype(e.dtype)
       new += (

@@ -79,12 +79,16 @@ def setup_compilation_cache(config) -> str | None:
 
 
 def build_model(config, num_classes: int, dropout_rate: float):
-  from effnetv2_jax import models
+  from effnetv2_jax import models, precision
 
   overrides = dict(config.model_overrides)
   overrides["dropout_rate"] = float(dropout_rate)
   return models.create_model(
-    config.model_name, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides
+    config.model_name,
+    num_classes=num_classes,
+    dtype=DTYPES[precision.resolve_dtype(config.dtype)],
+    bn_group_size=int(config.bn_group_size),
+    **overrides,
   )
 
 
@@ -105,6 +109,7 @@ def make_stage_step(config, run: plan_lib.RunPlan, stage: progressive.Stage, tx,
     cutmix_alpha=stage.cutmix_alpha,
     lr_fn=lr_fn,
     freeze_bn_stats=config.freeze_bn_stats,
+    cutmix_label=config.cutmix_label,
   )
 
 
@@ -570,6 +575,7 @@ def _report(ctx: RunContext, state, step: int, log: StageLog, evaluator) -> dict
     "total_wall_s": log.total_wall_s(),
     "config": ctx.config.to_dict(),
     "params_checksum": reporting.params_checksum(state.params),
+    "dtype": ctx.run.dtype,  # the compute dtype that ran ('auto' resolved)
     "decode_failures": input_pipeline.decode_failures(),
   }
   out = paths.join(ctx.workdir, paths.RESULTS_NAME)

@@ -54,6 +54,7 @@ def _error(config, **kw):
     ({"randaug_layers": -1}, "randaug_layers"),
     ({"randaug_solarize": "wrap"}, "randaug_solarize"),
     ({"randaug_enhance": "pil"}, "randaug_enhance"),
+    ({"cutmix_label": "per_batch"}, "cutmix_label"),
   ],
 )
 def test_bad_field_is_named(change, field):

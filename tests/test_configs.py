@@ -116,6 +116,28 @@ def test_imagenet_presets_train_on_the_official_split(preset):
   assert (c.randaug_solarize, c.randaug_enhance) == ops
 
 
+@pytest.mark.parametrize("name", ["imagenet", "imagenet21k", "finetune"])
+def test_imagenet_configs_compute_in_the_machines_precision(name):
+  # 'auto': bfloat16 on TPU/GPU like the official mixed_precision=True, float32 on CPU.
+  for arg in VARIANTS[name]:
+    assert _load(name, arg).dtype == "auto"
+
+
+@pytest.mark.parametrize(
+  "preset,cutmix_label,bn_group_size",
+  [("official", "batch_mean", 1024), ("none", "batch_mean", 1024), ("paper", "per_example", 0)],
+)
+def test_imagenet_presets_pick_the_released_code_or_the_intended_behaviour(
+  preset, cutmix_label, bn_group_size
+):
+  c = _load("imagenet", f"variant=l,preset={preset}")
+  assert (c.cutmix_label, c.bn_group_size) == (cutmix_label, bn_group_size)
+  # 1024 = the official per-replica batch x min(8, replicas) at batch 4096 on 32 replicas.
+  assert bn_group_size in (0, 4096 // 32 * min(8, 32))
+  local = _load("imagenet", f"variant=l,preset={preset},runlocal")
+  assert local.bn_group_size == (local.batch_size // 2 if bn_group_size else 0)
+
+
 @pytest.mark.parametrize(
   "preset,schedule,wd", [("paper", "cosine", 0.0), ("official", "constant", 1e-5)]
 )

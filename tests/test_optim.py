@@ -134,6 +134,25 @@ def test_schedule_warmup_staircase_and_batch_scaling():
   assert float(s512(10_000)) == pytest.approx(float(s(10_000)) / 8, rel=1e-6)
 
 
+def test_warmup_steps_are_truncated_to_an_integer_as_in_the_official_schedule():
+  # 1.5 epochs of 3 steps: int(4.5) = 4 warmup steps (official), not 4.5. Constant decay, batch
+  # 256, lr 0.016: base = 0.016.
+  c = _config(lr_schedule="constant", warmup_epochs=1.5, batch_size=256)
+  s = optim.lr_schedule(c, 3.0)
+  base = 0.016
+  assert float(s(0)) == 0.0
+  assert float(s(2)) == pytest.approx(base * 2 / 4, rel=1e-6)  # a float warmup gives 2 / 4.5
+  assert float(s(3)) == pytest.approx(base * 3 / 4, rel=1e-6)
+  assert float(s(4)) == pytest.approx(base, rel=1e-6)  # warmup is over at step 4 (4 < 4.5 was not)
+  # The ImageNet numbers: 5 epochs of 1,256,144 / 4096 images -> int(1533.38) = 1533 steps.
+  s = optim.lr_schedule(_config(), 1256144 / 4096)
+  assert float(s(1000)) == pytest.approx(0.256 * 1000 / 1533, rel=1e-6)
+  assert float(s(1533)) == pytest.approx(0.256 * 0.97 ** (1533 // (2.4 * 1256144 / 4096)), rel=1e-6)
+  # Under one warmup step after truncation: no warmup at all (the official `step < 0` never holds).
+  s = optim.lr_schedule(_config(lr_schedule="constant", warmup_epochs=0.1, batch_size=256), 5.0)
+  assert float(s(0)) == pytest.approx(base, rel=1e-6)
+
+
 def test_schedule_cosine_and_constant():
   c = _config(lr_schedule="cosine", min_lr=1e-4, warmup_epochs=1.0, batch_size=256)
   s = optim.lr_schedule(c, 10.0, total_steps=1000)

@@ -22,12 +22,22 @@ BN = "tpu_batch_normalization"
 SMALL_S = dict(stage_repeats=(2, 2, 1, 2, 1, 1))  # every S block layout, 9 blocks instead of 40
 
 
-def write_official_checkpoint(prefix, model_name, seed=0, **overrides):
+def _rename_classifier(tensors, model_name, layer):
+  """The classifier under `layer` (e.g. 'head_1/dense', as the current main.py writes it)."""
+  old = f"{model_name}/head/dense/"
+  return {
+    (f"{model_name}/{layer}/" + n[len(old) :]) if n.startswith(old) else n: v
+    for n, v in tensors.items()
+  }
+
+
+def write_official_checkpoint(prefix, model_name, seed=0, classifier="head/dense", **overrides):
   """A checkpoint as official training leaves it; returns (raw variables, EMA variables)."""
   raw, specs, _ = random_variables(model_name, seed=seed, **overrides)
   ema, _, _ = random_variables(model_name, seed=seed + 100, **overrides)
-  tensors = dict(to_tf_names(raw, model_name, **overrides))
-  for name, value in to_tf_names(ema, model_name, **overrides).items():
+  tensors = _rename_classifier(to_tf_names(raw, model_name, **overrides), model_name, classifier)
+  ema_names = _rename_classifier(to_tf_names(ema, model_name, **overrides), model_name, classifier)
+  for name, value in ema_names.items():
     tensors[name + "/ExponentialMovingAverage"] = value
     if not name.endswith(("moving_mean", "moving_variance")):
       tensors[name + "/RMSProp"] = np.ones_like(value)
@@ -143,6 +153,42 @@ def test_official_names_of_every_s_block_layout():
     leaf_value(v, "params", "blocks_10/dw/conv/kernel")[:, :, 0],
     ema("blocks_10/depthwise_conv2d/depthwise_kernel")[..., 0],
   )
+
+
+def test_checkpoint_of_the_current_main_py_with_head_1_classifier_converts(tmp_path):
+  # TF1 name scoping: the classifier's second `name_scope('head')` becomes `head_1`.
+  raw, ema, _ = write_official_checkpoint(
+    tmp_path / "ckpt", "efficientnetv2-b0", seed=8, classifier="head_1/dense"
+  )
+  reader = tf.train.load_checkpoint(str(tmp_path / "ckpt"))
+  stored = reader.get_variable_to_shape_map()
+  assert "efficientnetv2-b0/head_1/dense/kernel/ExponentialMovingAverage" in stored
+  assert not any("/head/dense/" in n for n in stored)
+  converted = from_tf_checkpoint(str(tmp_path / "ckpt"), "efficientnetv2-b0")
+  assert_same_tree(converted, ema)
+  # The class count is read from head_1/dense/kernel too (10 here, not the default 1000).
+  assert leaf_value(converted, "params", "classifier/kernel").shape == (1280, 10)
+  assert_same_tree(
+    from_tf_checkpoint(str(tmp_path / "ckpt"), "efficientnetv2-b0", use_ema=False), raw
+  )
+  # And through the converter that writes a checkpoint of this package.
+  from effnetv2_jax.porting import convert
+
+  summary = convert.convert(
+    str(tmp_path / "ckpt"), "tf", "efficientnetv2-b0", str(tmp_path / "out")
+  )
+  assert summary["num_classes"] == 10 and summary["weights"] == "ema"
+
+
+def test_missing_classifier_error_names_both_tried_names():
+  raw, _, _ = random_variables("efficientnetv2-b0", seed=9)
+  w = {n: v for n, v in to_tf_names(raw, "efficientnetv2-b0").items() if "/head/dense/" not in n}
+  with pytest.raises(ValueError) as err:
+    from_tf_variables(w, "efficientnetv2-b0", use_ema=False, num_classes=10)
+  p = "efficientnetv2-b0/"
+  for leaf in ("kernel", "bias"):
+    needle = f"params/classifier/{leaf} <- none of {p}head/dense/{leaf}, {p}head_1/dense/{leaf}"
+    assert needle in str(err.value), str(err.value)
 
 
 def test_problems_are_reported_together():

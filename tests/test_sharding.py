@@ -18,12 +18,13 @@ K = 10
 GLOBAL_BATCH = 16
 
 
-def _run(devices, num_steps=3):
+def _run(devices, num_steps=3, bn_group_size=0):
   """Train a few steps on a mesh over `devices`; return (metrics per step, final state, jitted)."""
   c = default.get_config()
   c.batch_size, c.warmup_epochs = GLOBAL_BATCH, 1.0  # warmup: a changing LR inside the run
   tx = optim.make_optimizer(c, 2.0, 100)
-  model = TinyNet(num_classes=K, dropout_rate=0.5)  # dropout on: masks must not depend on sharding
+  # dropout on: masks must not depend on sharding
+  model = TinyNet(num_classes=K, dropout_rate=0.5, bn_group_size=bn_group_size)
   mesh = sharding.make_mesh(devices)
   state = state_lib.create_train_state(jax.random.key(0), model, tx, 8)
   state = sharding.put_replicated(state, mesh)
@@ -81,6 +82,25 @@ def test_one_and_eight_devices_agree(runs):
       getattr(s1, field),
       getattr(s8, field),
     )
+
+
+# 16 images on 8 devices, 2 per device: groups of 2 sit on one device each, groups of 4 span two.
+@pytest.mark.parametrize("bn_group_size", [2, 4])
+def test_grouped_batchnorm_is_the_same_on_one_and_eight_devices(runs, bn_group_size):
+  (m1, s1, _, _), _ = runs
+  g1 = _run(jax.devices()[:1], num_steps=2, bn_group_size=bn_group_size)
+  g8 = _run(jax.devices(), num_steps=2, bn_group_size=bn_group_size)
+  for a, b in zip(g1[0], g8[0]):
+    np.testing.assert_allclose(a["loss"], b["loss"], atol=1e-5)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+  for field in ("params", "batch_stats", "ema_params", "ema_batch_stats", "opt_state"):
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5),
+      getattr(g1[1], field),
+      getattr(g8[1], field),
+    )
+  # Grouped statistics really differ from whole-batch ones (the same first batch and keys).
+  assert abs(float(g1[0][0]["loss"]) - float(m1[0]["loss"])) > 1e-4
 
 
 def test_step_compiles_once_and_survives_donation(runs):

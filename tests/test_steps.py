@@ -67,8 +67,11 @@ def _assert_trees_equal(a, b):
 
 
 def test_ema_decay_warmup_formula():
-  assert float(state_lib.ema_decay_at(0, 0.9999)) == pytest.approx(0.1)
-  assert float(state_lib.ema_decay_at(8, 0.9999)) == pytest.approx(0.5)
+  # TF reads the post-increment global step n = step + 1: min(d, (1 + n) / (10 + n)).
+  assert float(state_lib.ema_decay_at(0, 0.9999)) == pytest.approx(2 / 11)
+  assert float(state_lib.ema_decay_at(1, 0.9999)) == pytest.approx(3 / 12)
+  assert float(state_lib.ema_decay_at(2, 0.9999)) == pytest.approx(4 / 13)
+  assert float(state_lib.ema_decay_at(8, 0.9999)) == pytest.approx(10 / 19)
   assert float(state_lib.ema_decay_at(10**7, 0.9999)) == pytest.approx(0.9999)
   assert float(state_lib.ema_decay_at(10**7, 0.0)) == 0.0
 
@@ -76,7 +79,7 @@ def test_ema_decay_warmup_formula():
 def test_ema_covers_params_and_batch_stats():
   _, s0, step = _setup()
   s1, m = step(s0, _batch(), jax.random.key(1))
-  d = 0.1  # ema_decay_at(0)
+  d = 2 / 11  # official decay at step 0: (1 + n) / (10 + n) with n = step + 1 = 1
   for ema0, new, ema1 in (
     (s0.ema_params, s1.params, s1.ema_params),
     (s0.ema_batch_stats, s1.batch_stats, s1.ema_batch_stats),
@@ -92,6 +95,20 @@ def test_ema_covers_params_and_batch_stats():
     s1.batch_stats["BatchNorm_0"]["mean"], s0.batch_stats["BatchNorm_0"]["mean"]
   )
   assert int(s1.step) == 1 and float(m["bad_step"]) == 0.0
+
+
+def test_ema_decay_through_real_steps_is_2_11_then_3_12_then_4_13():
+  _, s, step = _setup()
+  for t, d in enumerate((2 / 11, 3 / 12, 4 / 13)):
+    assert int(s.step) == t
+    new, _ = step(s, _batch(seed=t), jax.random.key(1))
+    jax.tree.map(
+      lambda e0, x, e1: np.testing.assert_allclose(e1, d * e0 + (1 - d) * x, rtol=1e-6, atol=1e-7),
+      (s.ema_params, s.ema_batch_stats),
+      (new.params, new.batch_stats),
+      (new.ema_params, new.ema_batch_stats),
+    )
+    s = new
 
 
 def test_ema_disabled_representations():
@@ -139,8 +156,9 @@ def test_label_smoothing_targets_and_loss():
 def test_smoothing_applies_after_mixing(monkeypatch):
   seen = {}
 
-  def fake_mix(rng, images, onehot, *, mixup_alpha, cutmix_alpha):
+  def fake_mix(rng, images, onehot, *, mixup_alpha, cutmix_alpha, cutmix_label):
     seen["alphas"] = (mixup_alpha, cutmix_alpha)
+    seen["cutmix_label"] = cutmix_label
     half = jnp.full_like(onehot, 0.0).at[:, :2].set(0.5)  # every example half class 0, half 1
     return images, half
 
@@ -151,7 +169,7 @@ def test_smoothing_applies_after_mixing(monkeypatch):
   model, s0, step = _setup(dropout=0.0, mixup_alpha=0.2)
   b = _batch()
   _, m = step(s0, b, jax.random.key(1))
-  assert seen["alphas"] == (0.2, 0.0)
+  assert seen["alphas"] == (0.2, 0.0) and seen["cutmix_label"] == "batch_mean"
   logits, _ = model.apply(
     {"params": s0.params, "batch_stats": s0.batch_stats},
     b["image"],
@@ -162,6 +180,26 @@ def test_smoothing_applies_after_mixing(monkeypatch):
   np.testing.assert_allclose(
     m["ce_loss"], jnp.mean(optax.softmax_cross_entropy(logits, targets)), rtol=1e-5
   )
+
+
+def test_cutmix_label_option_reaches_the_mixing(monkeypatch):
+  seen = {}
+
+  def fake_mix(rng, images, onehot, *, mixup_alpha, cutmix_alpha, cutmix_label):
+    seen["cutmix_label"] = cutmix_label
+    return images, onehot
+
+  fake = types.ModuleType("effnetv2_jax.mixing")
+  fake.mix = fake_mix
+  monkeypatch.setitem(sys.modules, "effnetv2_jax.mixing", fake)
+  monkeypatch.setattr(effnetv2_jax, "mixing", fake, raising=False)
+  _, tx, s0 = _init_state()
+  kw = dict(num_classes=K, label_smoothing=0.0, weight_decay=0.0, ema_decay=0.0, cutmix_alpha=1.0)
+  step = steps.make_train_step(TinyNet(num_classes=K), tx, cutmix_label="per_example", **kw)
+  jax.eval_shape(step, s0, _batch(), jax.random.key(0))  # traces the step, compiles nothing
+  assert seen["cutmix_label"] == "per_example"
+  with pytest.raises(ValueError, match="cutmix_label"):
+    steps.make_train_step(TinyNet(num_classes=K), tx, cutmix_label="per_batch", **kw)
 
 
 def test_divergence_guard_skips_update_but_advances_step():

@@ -7,7 +7,9 @@
                             mutable=['batch_stats'])
 
 Overrides (plain python values from configs are fine; lists become tuples):
-  all families:  dropout_rate, drop_path_rate, bn_momentum, bn_epsilon, depthwise_impl
+  all families:  dropout_rate, drop_path_rate, bn_momentum, bn_epsilon, depthwise_impl,
+                 bn_group_size (images per BatchNorm statistic in training, 0 = the whole batch;
+                 the trainer passes `config.bn_group_size`, see layers.GroupedBatchNorm)
   EfficientNets: blocks (block strings), width_mult, depth_mult, stage_repeats (exact block count per
                  stage), stem_filters, stem_stride, head_filters, remat (rematerialize blocks: less memory, more
                  compute; set `model_overrides.remat=True` in a config)
@@ -39,7 +41,14 @@ __all__ = [
   "DEPTHWISE_IMPLS",
 ]
 
-_COMMON = ("dropout_rate", "drop_path_rate", "bn_momentum", "bn_epsilon", "depthwise_impl")
+_COMMON = (
+  "dropout_rate",
+  "drop_path_rate",
+  "bn_momentum",
+  "bn_epsilon",
+  "depthwise_impl",
+  "bn_group_size",
+)
 _EFFNET = _COMMON + (
   "blocks",
   "width_mult",
@@ -111,6 +120,10 @@ def create_model(
       raise ValueError(f"{key} must be a list or tuple, got {kw[key]!r}")
   if "blocks" in kw and (not kw["blocks"] or not all(isinstance(b, str) for b in kw["blocks"])):
     raise ValueError(f"blocks must be a non-empty list of block strings, got {kw['blocks']!r}")
+  if "bn_group_size" in kw:
+    g = kw["bn_group_size"]
+    if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+      raise ValueError(f"bn_group_size must be an integer >= 0 (0 = whole batch), got {g!r}")
   if "depthwise_impl" in kw and kw["depthwise_impl"] not in DEPTHWISE_IMPLS:
     raise ValueError(
       f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {kw['depthwise_impl']!r}"

@@ -29,6 +29,7 @@ class _BlockBase(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-3
   depthwise_impl: str = "auto"
+  bn_group_size: int = 0  # images per BN statistic in training; 0 = the whole batch
   dtype: Dtype = jnp.float32
 
   def conv(self, features, kernel_size=1, strides=1, act=True, depthwise=False, name=None):
@@ -41,6 +42,7 @@ class _BlockBase(nn.Module):
       bn_momentum=self.bn_momentum,
       bn_epsilon=self.bn_epsilon,
       depthwise_impl=self.depthwise_impl,
+      bn_group_size=self.bn_group_size,
       dtype=self.dtype,
       name=name,
     )

@@ -243,6 +243,8 @@ class EfficientNet(nn.Module):
   bn_epsilon: float = 1e-3
   depthwise_impl: str = "auto"
   remat: bool = False  # recompute each block's activations in the backward
+  # Images per BatchNorm statistic in training (layers.GroupedBatchNorm); 0 = the whole batch.
+  bn_group_size: int = 0
   dtype: Dtype = jnp.float32
 
   def architecture(self) -> Tuple[int, List[BlockSpec], int]:
@@ -264,7 +266,12 @@ class EfficientNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     stem, specs, head = self.architecture()
-    norm = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+    norm = dict(
+      bn_momentum=self.bn_momentum,
+      bn_epsilon=self.bn_epsilon,
+      bn_group_size=self.bn_group_size,
+      dtype=self.dtype,
+    )
     x = images.astype(self.dtype)
     x = ConvBNAct(stem, 3, self.stem_stride, name="stem", **norm)(x, train)
     for k, spec in enumerate(specs):

@@ -7,6 +7,13 @@ Parameter names produced here (weight converters are table lookups over them):
 
 Precision: parameters and BN statistics are float32 whatever the compute dtype; BatchNorm normalizes in
 float32 and casts back, so bf16 training does not drift the running statistics.
+
+BatchNorm groups (`bn_group_size`, `config.bn_group_size`): 0 normalizes over the whole (global)
+batch with Flax's `nn.BatchNorm`, as always; G > 0 computes each statistic over groups of G
+consecutive images (`GroupedBatchNorm`), the official TPU BatchNorm's groups of per-replica batch
+x min(8, replicas) images (reference section 10, item 9) without depending on the device count.
+Either way the variables are the same (`bn/{scale,bias}`, batch_stats `bn/{mean,var}`) and eval
+mode is the same `nn.BatchNorm` over the running statistics.
 """
 
 from functools import partial
@@ -213,6 +220,76 @@ class PointwiseConv(nn.Module):
     raise ValueError(f"PointwiseConv impl must be 'auto', 'dot' or 'conv', got {self.impl!r}")
 
 
+class GroupedBatchNorm(nn.Module):
+  """Train-mode BatchNorm with statistics per group of `group_size` consecutive images.
+
+  [B, H, W, C] is viewed as [B / G, G, H, W, C]; each group is normalized with its own mean and
+  (biased) variance over (G, H, W), computed as Flax does (float32, E[x^2] - E[x]^2 clipped at
+  0), then scale and bias. The running statistics move towards the MEAN over groups of the group
+  means and variances: `ra = momentum * ra + (1 - momentum) * mean_g(stat_g)`. The official
+  TpuBatchNormalization keeps one set of running statistics per replica (each from its own
+  group) and checkpoints replica 0's; averaging over the groups is the device-independent
+  equivalent (the same expectation, lower variance) and leaves one set of statistics to save.
+
+  Sharding: the batch axis is split over the mesh's 'data' axis in contiguous blocks, so when G
+  divides the per-device batch every group lives on one device and the normalization needs no
+  communication (only the C-sized running-statistics mean is reduced); larger G spans devices and
+  XLA reduces within each group. Variables are created exactly as `nn.BatchNorm` creates them, so
+  the two are interchangeable under one name (`bn_module` picks one per call).
+  """
+
+  group_size: int
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Union[Dtype, None] = None
+  param_dtype: Dtype = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    g = int(self.group_size)
+    batch, features = x.shape[0], x.shape[-1]
+    if g <= 0 or batch % g:
+      raise ValueError(
+        f"bn_group_size={g} must be positive and divide the batch of {batch} images "
+        "(config.bn_group_size: 0 = the whole batch)"
+      )
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (features,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (features,))
+    scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    xg = x.astype(stat_dtype).reshape((batch // g, g) + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))  # within a group: its images and their pixels
+    mean = jnp.mean(xg, axes, keepdims=True)
+    mean2 = jnp.mean(jnp.square(xg), axes, keepdims=True)
+    var = jnp.maximum(0.0, mean2 - jnp.square(mean))
+    y = xg - mean
+    y = y * (lax.rsqrt(var + self.epsilon) * scale.astype(stat_dtype))
+    y = y + bias.astype(stat_dtype)
+    if not self.is_initializing():
+      flat = (-1, features)
+      ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * jnp.mean(
+        mean.reshape(flat), axis=0
+      )
+      ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * jnp.mean(
+        var.reshape(flat), axis=0
+      )
+    out_dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, scale.dtype)
+    return y.reshape(x.shape).astype(out_dtype)
+
+
+def bn_module(train: bool, group_size: int = 0, **kwargs) -> nn.Module:
+  """The BatchNorm for one call: `GroupedBatchNorm` in training with group_size > 0, else
+  `nn.BatchNorm` (whole-batch statistics in training, running statistics in eval). `kwargs`:
+  momentum, epsilon, dtype, param_dtype, scale_init, name. Call the result with `(x)`."""
+  if train and group_size:
+    return GroupedBatchNorm(int(group_size), **kwargs)
+  return nn.BatchNorm(use_running_average=not train, **kwargs)
+
+
 class ConvBNAct(nn.Module):
   """Conv (no bias) -> BatchNorm -> optional activation. Children are named `conv` and `bn`."""
 
@@ -226,6 +303,7 @@ class ConvBNAct(nn.Module):
   bn_epsilon: float = 1e-3
   bn_scale_init: Callable = nn.initializers.ones
   depthwise_impl: str = "auto"
+  bn_group_size: int = 0  # images per BN statistic in training; 0 = the whole batch
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -248,8 +326,9 @@ class ConvBNAct(nn.Module):
         name="conv",
       )(x)
     # Normalize in float32 (statistics and affine), then cast back to the compute dtype.
-    x = nn.BatchNorm(
-      use_running_average=not train,
+    x = bn_module(
+      train,
+      self.bn_group_size,
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,
       dtype=jnp.float32,

@@ -39,6 +39,7 @@ class Bottleneck(nn.Module):
   zero_init_residual: bool = False
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  bn_group_size: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -51,6 +52,7 @@ class Bottleneck(nn.Module):
       padding=_pad(k),
       bn_momentum=self.bn_momentum,
       bn_epsilon=self.bn_epsilon,
+      bn_group_size=self.bn_group_size,
       dtype=self.dtype,
       name=name,
       **kw,
@@ -77,11 +79,17 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   depthwise_impl: str = "auto"  # accepted for a uniform create_model interface; ResNet has none
+  bn_group_size: int = 0  # images per BatchNorm statistic in training; 0 = the whole batch
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    norm = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype)
+    norm = dict(
+      bn_momentum=self.bn_momentum,
+      bn_epsilon=self.bn_epsilon,
+      bn_group_size=self.bn_group_size,
+      dtype=self.dtype,
+    )
     x = images.astype(self.dtype)
     x = ConvBNAct(64, 7, 2, act=nn.relu, padding=_pad(7), name="stem", **norm)(x, train)
     x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))

@@ -1,7 +1,9 @@
 """What every name-table converter shares: walk our variables, look each array up, report at once.
 
 A converter is (1) a table from our module paths to the source format's names, per block layout,
-and (2) a `lookup(leaf) -> (source name, transform)` built from it. `fill_variables` asks the
+and (2) a `lookup(leaf) -> (source name, transform)` built from it. The source name may be a tuple
+of alternatives (one file format, two naming generations): the first one present is used, and
+when none is, the report names every one tried. `fill_variables` asks the
 lookup for every array of the model, checks shapes, and raises ONE ValueError naming every
 missing, unexpected and mis-shaped array, so a wrong model name or a truncated file never yields
 a half-loaded model. `to_source` runs the same lookup backwards (our variables -> the source's
@@ -112,7 +114,7 @@ def fill_variables(
   """Variables {'params', 'batch_stats'} with every leaf taken from `source` via `lookup`.
 
   `lookup(leaf)` returns (source name, transform key) or None when the table has no entry for
-  that module. `ignore(name)` marks source names that are legitimately unused (optimizer slots,
+  that module; the name may be a tuple of alternatives, tried in order. `ignore(name)` marks source names that are legitimately unused (optimizer slots,
   BN counters). Raises ValueError naming every problem; `what` says which file/model in it.
   """
   items, used, missing, mismatched = [], set(), [], []
@@ -121,9 +123,12 @@ def fill_variables(
     if entry is None:
       missing.append(f"{leaf.name} (no table entry for {leaf.module!r})")
       continue
-    name, transform = entry
-    if name not in source:
-      missing.append(f"{leaf.name} <- {name}")
+    candidates, transform = entry
+    candidates = (candidates,) if isinstance(candidates, str) else tuple(candidates)
+    name = next((n for n in candidates if n in source), None)
+    if name is None:
+      tried = candidates[0] if len(candidates) == 1 else "none of " + ", ".join(candidates)
+      missing.append(f"{leaf.name} <- {tried}")
       continue
     used.add(name)
     value = TRANSFORMS[transform][0](np.asarray(source[name]))
@@ -161,10 +166,17 @@ def to_source(
     node = variables[leaf.collection]
     for k in leaf.path:
       node = node[k]
-    out[entry[0]] = TRANSFORMS[entry[1]][1](np.asarray(node))
+    name = entry[0] if isinstance(entry[0], str) else entry[0][0]  # the first alternative
+    out[name] = TRANSFORMS[entry[1]][1](np.asarray(node))
   return out
 
 
-def classifier_classes(source: Mapping[str, np.ndarray], name: str, axis: int) -> Optional[int]:
-  """The class count from the source's classifier array, if it has one."""
-  return int(np.shape(source[name])[axis]) if name in source else None
+def classifier_classes(
+  source: Mapping[str, np.ndarray], name: "str | Sequence[str]", axis: int
+) -> Optional[int]:
+  """The class count from the source's classifier array (the first of `name`'s alternatives
+  present), if it has one."""
+  for n in (name,) if isinstance(name, str) else name:
+    if n in source:
+      return int(np.shape(source[n])[axis])
+  return None

@@ -7,6 +7,12 @@ Which conv is `conv2d` therefore depends on which children the block creates, he
 block layout (names.block_layout). Example, S block 3 (Fused e4): `blocks_3/conv2d` is the kxk
 expand and `blocks_3/conv2d_1` the 1x1 project; in a Fused e1 block `conv2d` is the only conv.
 
+The classifier: released checkpoints (and `get_model`'s loader) name it `head/dense`; checkpoints
+written by the current official main.py name it `head_1/dense`, because the model calls the
+classifier inside a second `tf.name_scope('head')`, which TF1 graph mode uniquifies (reference
+section 10, item 11). Both are accepted (`CLASSIFIER_LAYERS`, tried in that order); when neither
+is there the error names both. Exporting (`to_tf_names`) writes the released `head/dense`.
+
 Exponential moving averages are stored as `<variable>/ExponentialMovingAverage` and are what the
 published accuracy was measured with (the raw weights lose several points), so they are taken by
 default; optimizer slots (`<variable>/RMSProp`, ...) and `global_step` are skipped.
@@ -23,13 +29,15 @@ from effnetv2_jax.porting import names
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 BN = "tpu_batch_normalization"
-# Our module path -> official name, outside the blocks (all under the model's scope).
+# The classifier's layer, released name first (see the module docstring).
+CLASSIFIER_LAYERS = ("head/dense", "head_1/dense")
+# Our module path -> official name (or alternatives), outside the blocks (under the model's scope).
 TF_FIXED = {
   "stem/conv": "stem/conv2d",
   "stem/bn": f"stem/{BN}",
   "head/conv": "head/conv2d",
   "head/bn": f"head/{BN}",
-  "classifier": "head/dense",
+  "classifier": CLASSIFIER_LAYERS,
 }
 _SE = {"se/reduce": "se/conv2d", "se/expand": "se/conv2d_1"}
 # Per block layout: our child module -> official layer name inside `blocks_k/`.
@@ -86,6 +94,8 @@ def tf_lookup(specs, prefix: str):
       return None
     weight = TF_LEAVES[(leaf.collection, leaf.path[-1])]
     transform = None
+    if isinstance(layer, tuple):  # alternatives (the classifier): same weight name in each
+      return tuple(f"{prefix}/{one}/{weight}" for one in layer), transform
     if leaf.path[-2] == "bn" and weight == "bias":
       weight = TF_BN_BIAS
     elif layer.endswith("depthwise_conv2d"):
@@ -155,7 +165,8 @@ def from_tf_checkpoint(
 ) -> Dict[str, dict]:
   """Variables {'params', 'batch_stats'} for `create_model(model_name)` from an official checkpoint.
 
-  The class count is read from `head/dense/kernel` unless `num_classes` is given. Raises
+  The class count is read from `head/dense/kernel` (or `head_1/dense/kernel`) unless
+  `num_classes` is given. Raises
   ValueError naming every missing, unexpected and mis-shaped variable.
   """
   return from_tf_variables(read_tf_checkpoint(path), model_name, use_ema, where=path, **overrides)
@@ -171,7 +182,9 @@ def from_tf_variables(
   """from_tf_checkpoint on an already-read name -> array mapping."""
   scope = _model_scope(variables, model_name)
   weights = select_weights(variables, use_ema)
-  classes = names.classifier_classes(weights, f"{scope}/head/dense/kernel", axis=1)
+  classes = names.classifier_classes(
+    weights, [f"{scope}/{layer}/kernel" for layer in CLASSIFIER_LAYERS], axis=1
+  )
   num_classes = overrides.pop("num_classes", None) or classes or 1000
   _, specs, leaves = names.build(model_name, num_classes, **overrides)
   # Names outside the network's scope (global_step, learning-rate counters) are not weights.
