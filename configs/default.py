@@ -105,6 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_stage = True
   c.max_bad_steps = 10  # consecutive non-finite steps before the run stops
   c.compilation_cache_dir = "~/.cache/effnetv2_jax/xla"  # '' disables
+  # Compile the next stage's train step (and the eval step) on a background thread while this
+  # stage trains, so a stage switch waits only for what is left (effnetv2_jax/compile_ahead.py).
+  c.compile_ahead = True
   c.init_from = ""  # an orbax checkpoint dir of this package to start from (fine-tuning)
   c.freeze_bn_stats = False  # fine-tuning: keep BN running statistics at their loaded values
   c.runlocal = False

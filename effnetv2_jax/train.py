@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from effnetv2_jax import checkpoint as ckpt_lib
+from effnetv2_jax import compile_ahead as compile_ahead_lib
 from effnetv2_jax import config_validation
 from effnetv2_jax import optim
 from effnetv2_jax import paths
@@ -153,13 +155,40 @@ def init_state(config, model, tx, image_size: int, mesh):
 # --- evaluation ------------------------------------------------------------------------------
 
 
-def make_evaluator(config, run: plan_lib.RunPlan, mesh):
-  """A function variables -> eval dict, compiled once and reused at every stage end."""
-  model = build_model(config, run.num_classes, run.stages[-1].dropout_rate)  # train=False
-  eval_step = sharding.jit_eval_step(
-    steps_lib.make_eval_step(model, num_classes=run.num_classes), mesh
-  )
-  return lambda variables: run_eval(config, run, eval_step, variables, mesh)
+class Evaluator:
+  """Evaluates variables on the eval split at the eval size. Its step compiles once for the whole
+  run: ahead, on the background compiler, when `compile_ahead` is called, else at the first call."""
+
+  KEY = "the eval step"
+
+  def __init__(self, config, run: plan_lib.RunPlan, mesh):
+    self.config, self.run, self.mesh = config, run, mesh
+    model = build_model(config, run.num_classes, run.stages[-1].dropout_rate)  # train=False
+    self._jitted = sharding.jit_eval_step(
+      steps_lib.make_eval_step(model, num_classes=run.num_classes), mesh
+    )
+    self._compiler = None
+    self._compile_fn = None
+    self._step = None
+
+  def compile_ahead(self, compiler: compile_ahead_lib.BackgroundCompiler, state_spec) -> None:
+    """Queue the eval step's compile on `compiler` (once per run; later calls do nothing)."""
+    if self._compiler is not None or self._step is not None:
+      return
+    size, batch = self.config.eval_image_size, self.config.eval_batch_size
+    batch_spec = _batch_spec(self.mesh, batch, size, mask=True)
+    variables_spec = state_lib.eval_variables(state_spec)
+    self._compiler = compiler
+    self._compile_fn = lambda: self._jitted.lower(variables_spec, batch_spec).compile()
+    compiler.submit(self.KEY, self._compile_fn)
+
+  def __call__(self, variables) -> dict:
+    if self._step is None:
+      if self._compiler is None:
+        self._step = self._jitted
+      else:
+        self._step, _, _ = self._compiler.get(self.KEY, self._compile_fn)
+    return run_eval(self.config, self.run, self._step, variables, self.mesh)
 
 
 def run_eval(config, run: plan_lib.RunPlan, eval_step, variables, mesh) -> dict:
@@ -189,6 +218,25 @@ def run_eval(config, run: plan_lib.RunPlan, eval_step, variables, mesh) -> dict:
     "loss": t["loss_sum"] / n,
     "num_examples": int(round(t["count"])),
   }
+
+
+def _batch_spec(mesh, batch_size: int, image_size: int, *, mask: bool = False) -> dict:
+  """The global batch the input pipeline delivers (after sharding.shard_batch), as abstract
+  arrays: what a step is compiled for before its first batch exists."""
+  sh = sharding.batch_sharding(mesh)
+  spec = {
+    "image": jax.ShapeDtypeStruct(
+      (batch_size, image_size, image_size, 3), jnp.float32, sharding=sh
+    ),
+    "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sh),
+  }
+  if mask:
+    spec["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sh)
+  return spec
+
+
+def _spec_of(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 # --- what carries state between steps ----------------------------------------------------------
@@ -250,9 +298,11 @@ def _stage_record(stage: progressive.Stage, prev: dict | None) -> dict:
     "steps": stage.num_steps,
     "wall_s": 0.0,
     "compile_s": 0.0,
+    "compile_wait_s": 0.0,
   }
   if prev:  # accumulated by earlier (interrupted) runs of this workdir
-    rec.update({k: prev[k] for k in ("wall_s", "compile_s", "eval_top1", "eval_top5") if k in prev})
+    kept = ("wall_s", "compile_s", "compile_wait_s", "eval_top1", "eval_top5")
+    rec.update({k: prev[k] for k in kept if k in prev})
   return rec
 
 
@@ -268,10 +318,12 @@ class StageLog:
     self.prior_wall_s = float(meta.get("total_wall_s", 0.0))
     self.t0 = time.perf_counter()
 
-  def add_time(self, stage_index: int, *, wall_s: float = 0.0, compile_s: float = 0.0) -> None:
+  def add_time(self, stage_index: int, **seconds: float) -> None:
+    """Add to the stage's 'wall_s', 'compile_s' (the compile's own duration, wherever it ran)
+    or 'compile_wait_s' (what the loop waited for it)."""
     rec = self.records[stage_index]
-    rec["wall_s"] += wall_s
-    rec["compile_s"] += compile_s
+    for key, value in seconds.items():
+      rec[key] += value
 
   def set_eval(self, stage_index: int, ev: dict) -> None:
     self.records[stage_index].update(eval_top1=ev["top1"], eval_top5=ev["top5"])
@@ -307,6 +359,8 @@ class RunContext:
   ckpt: ckpt_lib.Checkpointer
   preemption: workdir_lib.PreemptionFlag
   stop_at_step: int | None
+  compiler: compile_ahead_lib.BackgroundCompiler  # the next stage's step compiles meanwhile
+  evaluator: Evaluator
 
 
 def _print(msg: str):
@@ -358,14 +412,13 @@ def train_and_evaluate(
     ctx = _open_run(config, run, workdir, stack, devices, preemption, stop_at_step)
     state, step, log = _restore_or_init(ctx)
     guard = DivergenceGuard(config.max_bad_steps, ctx.ckpt.directory)
-    evaluator = make_evaluator(config, run, ctx.mesh)
     eta = reporting.EtaClock()
     for stage in run.remaining_stages(step):
       state, step, status = _run_stage(ctx, stage, state, step, guard, log, eta)
       if status:
         return {"status": status, "step": step}
-      _end_stage(ctx, stage, state, step, guard, log, evaluator)
-    return _report(ctx, state, step, log, evaluator)
+      _end_stage(ctx, stage, state, step, guard, log)
+    return _report(ctx, state, step, log)
 
 
 def _open_run(config, run, workdir, stack, devices, preemption, stop_at_step) -> RunContext:
@@ -376,6 +429,8 @@ def _open_run(config, run, workdir, stack, devices, preemption, stop_at_step) ->
   stack.callback(writer.close)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   stack.callback(ckpt.close)
+  compiler = compile_ahead_lib.BackgroundCompiler(enabled=config.compile_ahead)
+  stack.callback(compiler.close)  # first: nothing waits for a compile nobody will use
   return RunContext(
     config=config,
     run=run,
@@ -388,6 +443,8 @@ def _open_run(config, run, workdir, stack, devices, preemption, stop_at_step) ->
     ckpt=ckpt,
     preemption=preemption,
     stop_at_step=stop_at_step,
+    compiler=compiler,
+    evaluator=Evaluator(config, run, mesh),
   )
 
 
@@ -429,12 +486,24 @@ def _save(ctx: RunContext, guard: DivergenceGuard, log: StageLog, step: int, sta
     logging.info("checkpoint at step %d", step)
 
 
-def _compile_stage(ctx: RunContext, stage, state, step: int):
-  """-> (compiled step, data iterator, first batch, compile seconds) for `stage` from `step` on."""
+def _stage_key(ctx: RunContext, stage) -> str:
+  return f"stage {stage.index + 1}/{len(ctx.run.stages)} ({stage.image_size}px)"
+
+
+def _compile_train_step(ctx: RunContext, stage, state_spec):
+  """Lower and compile `stage`'s train step for abstract inputs (runs on the compile thread)."""
+  train_step = make_stage_step(ctx.config, ctx.run, stage, ctx.tx, ctx.lr_fn)
+  jitted = sharding.jit_train_step(train_step, ctx.mesh, state_spec)
+  batch_spec = _batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
+  return jitted.lower(state_spec, batch_spec, ctx.rng).compile()
+
+
+def _start_stage(ctx: RunContext, stage, state, step: int):
+  """-> (compiled step, data iterator, first batch, compile s, compile wait s) for `stage` from
+  `step` on; then queues what the run needs next (the eval step, the next stage's step)."""
   from effnetv2_jax.data import augment, input_pipeline
 
   config = ctx.config
-  train_step = make_stage_step(config, ctx.run, stage, ctx.tx, ctx.lr_fn)
   data = input_pipeline.train_iterator(
     dataset=config.dataset,
     data_dir=config.data_dir,
@@ -451,10 +520,22 @@ def _compile_stage(ctx: RunContext, stage, state, step: int):
     cache=config.cache_dataset,
   )
   batch = sharding.shard_batch(next(data), ctx.mesh)
-  t0 = time.perf_counter()
-  jitted = sharding.jit_train_step(train_step, ctx.mesh, state)
-  compiled = jitted.lower(state, batch, ctx.rng).compile()
-  return compiled, data, batch, time.perf_counter() - t0
+  expected = _batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
+  got = {k: (v.shape, v.dtype) for k, v in batch.items()}
+  if got != {k: (v.shape, v.dtype) for k, v in expected.items()}:
+    raise RuntimeError(
+      f"{_stage_key(ctx, stage)}: the input pipeline delivered {got}, not {expected}"
+    )
+  state_spec = _spec_of(state)
+  compile_fn = functools.partial(_compile_train_step, ctx, stage, state_spec)
+  compiled, compile_s, wait_s = ctx.compiler.get(_stage_key(ctx, stage), compile_fn)
+  ctx.evaluator.compile_ahead(ctx.compiler, state_spec)  # once: later calls find it queued
+  if stage.index + 1 < len(ctx.run.stages):
+    nxt = ctx.run.stages[stage.index + 1]
+    ctx.compiler.submit(
+      _stage_key(ctx, nxt), functools.partial(_compile_train_step, ctx, nxt, state_spec)
+    )
+  return compiled, data, batch, compile_s, wait_s
 
 
 def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, eta):
@@ -462,16 +543,17 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
   the stage finished and 'preempted'/'stopped' when the run stopped inside it (checkpointed)."""
   num_stages = len(ctx.run.stages)
   stage_t0 = time.perf_counter()
-  compiled, data, batch, compile_s = _compile_stage(ctx, stage, state, step)
-  log.add_time(stage.index, compile_s=compile_s)
-  eta.add_compile(compile_s)
+  compiled, data, batch, compile_s, wait_s = _start_stage(ctx, stage, state, step)
+  log.add_time(stage.index, compile_s=compile_s, compile_wait_s=wait_s)
+  eta.add_compile(wait_s)
+  ahead = f" (waited {wait_s:.1f}s)" if wait_s < 0.95 * compile_s else ""
   _print(
     f"stage {stage.index + 1}/{num_stages}: {stage.image_size}px, randaug "
     f"{stage.randaug_magnitude:g}, mixup {stage.mixup_alpha:g}, cutmix "
     f"{stage.cutmix_alpha:g}, dropout {stage.dropout_rate:g}, steps {step}-"
-    f"{stage.last_step}; train step compiled in {compile_s:.1f}s"
+    f"{stage.last_step}; train step compiled in {compile_s:.1f}s{ahead}"
   )
-  ctx.writer.write_scalars(step, {"compile_s": compile_s})
+  ctx.writer.write_scalars(step, {"compile_s": compile_s, "compile_wait_s": wait_s})
   meter = reporting.IntervalMeter()
   while True:
     state, metrics = compiled(state, batch, ctx.rng)
@@ -541,12 +623,12 @@ def _write_eval(ctx: RunContext, step: int, ev: dict) -> None:
   )
 
 
-def _end_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, evaluator) -> None:
+def _end_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog) -> None:
   """A stage-end evaluation (all but the last stage, when configured), then a checkpoint."""
   num_stages = len(ctx.run.stages)
   if ctx.config.eval_every_stage and stage.index < num_stages - 1:
     t0 = time.perf_counter()
-    ev = evaluator(state_lib.eval_variables(state))
+    ev = ctx.evaluator(state_lib.eval_variables(state))
     log.set_eval(stage.index, ev)
     log.add_time(stage.index, wall_s=time.perf_counter() - t0)
     _write_eval(ctx, step, ev)
@@ -558,11 +640,11 @@ def _end_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
   _save(ctx, guard, log, step, state, stage.index)
 
 
-def _report(ctx: RunContext, state, step: int, log: StageLog, evaluator) -> dict:
+def _report(ctx: RunContext, state, step: int, log: StageLog) -> dict:
   """The final evaluation, results.json and the closing line."""
   from effnetv2_jax.data import input_pipeline
 
-  final = evaluator(state_lib.eval_variables(state))
+  final = ctx.evaluator(state_lib.eval_variables(state))
   log.set_eval(len(ctx.run.stages) - 1, final)
   _write_eval(ctx, step, final)
   ctx.writer.flush()
@@ -623,7 +705,7 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
   mesh = sharding.make_mesh(devices)
   variables = sharding.put_replicated({"params": params, "batch_stats": batch_stats}, mesh)
   t0 = time.perf_counter()
-  final = make_evaluator(config, run, mesh)(variables)
+  final = Evaluator(config, run, mesh)(variables)
   results = {
     "status": "evaluated",
     "source": paths.normalize(source),

@@ -76,10 +76,16 @@ def reference(env):
   counter = _CompileCounter()
   logger = logging.getLogger("jax._src.interpreters.pxla")
   logger.addHandler(counter)
+  # Globally, not `with jax.log_compiles()`: that is thread-local, and the next stage's step
+  # compiles on the compile-ahead thread.
+  before = jax.config.jax_log_compiles
+  jax.config.update("jax_log_compiles", True)
   try:
-    with jax.log_compiles(True):
-      results = train.train_and_evaluate(_config(env), wd, devices=ONE)
+    cfg = _config(env)
+    cfg.compile_ahead = False  # every compile inside its own stage; the other runs compile ahead
+    results = train.train_and_evaluate(cfg, wd, devices=ONE)
   finally:
+    jax.config.update("jax_log_compiles", before)
     logger.removeHandler(counter)
   return wd, results, counter.names
 
@@ -139,6 +145,42 @@ def test_train_step_compiles_exactly_once_per_stage(reference):
   _, _, compiled = reference
   assert compiled.count("train_step") == 2, compiled
   assert compiled.count("eval_step") == 1, compiled  # one evaluator for every stage end
+
+
+def test_compile_ahead_changes_no_number_and_waits_less_than_it_compiles(env, reference):
+  """The next stage's step compiles on a background thread (config.compile_ahead, the default):
+  the same params bit for bit as compiling at the switch; each stage records the compile's own
+  seconds and the seconds the loop waited for it, which are part of its wall time."""
+  _, ref, _ = reference
+  ahead = train.train_and_evaluate(_config(env), str(env["base"] / "ahead"), devices=ONE)
+  assert ahead["params_checksum"] == ref["params_checksum"]
+  assert ahead["final_eval"] == ref["final_eval"]
+  for s in ahead["stages"]:
+    assert s["compile_s"] > 0 and s["wall_s"] >= s["compile_wait_s"] >= 0
+  assert all(s["compile_wait_s"] == pytest.approx(s["compile_s"], abs=0.5) for s in ref["stages"])
+
+
+def test_a_background_compile_error_surfaces_at_the_switch_naming_the_stage(env, monkeypatch):
+  from effnetv2_jax import compile_ahead
+
+  real = train.make_stage_step
+
+  def broken(config, run, stage, tx, lr_fn):
+    if stage.index == 1:
+      raise ValueError("no such op")
+    return real(config, run, stage, tx, lr_fn)
+
+  monkeypatch.setattr(train, "make_stage_step", broken)
+  wd = str(env["base"] / "broken_compile")
+  with pytest.raises(
+    compile_ahead.StageCompileError,
+    match=r"compiling stage 2/2 \(24px\) failed: "
+    "ValueError: no such op",
+  ):
+    train.train_and_evaluate(_config(env), wd, devices=ONE)
+  ck = ckpt_lib.Checkpointer(wd, read_only=True)
+  assert ck.latest_step() == 4 and ck.read_meta(4)["stage"] == 0  # stage 1's end, nothing later
+  ck.close()
 
 
 def test_interrupted_runs_resume_bitwise(env, reference):
