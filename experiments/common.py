@@ -27,16 +27,21 @@ table2_size_batch, v1_vs_v2 and the compile report time):
 The timm train step: timm_train_step(model, batch, size, bf16=, device=, channels_last=,
 compile_model=, phase=) -> run(n), with TIMM_NAMES and stub_torchvision().
 
+Training runs: train(runs) trains each `Run` (config, workdir, overrides, flags) that has no
+results.json yet through the sweep runner (effnetv2_jax.sweep.trial_command and run_trials).
+
 Worker processes report on stdout with say(obj); tagged(stdout) reads the reports back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import shlex
 import sys
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -396,3 +401,86 @@ def timm_train_step(
       torch.cuda.synchronize()
 
   return run
+
+
+# --- training runs ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run: `python -m effnetv2_jax.main --config=CONFIG --workdir=WORKDIR` with
+  `--config.k=v` for each override (formatted by the sweep runner) and further main.py flags."""
+
+  name: str
+  config: str  # 'configs/demo.py[:args]', relative to the repository root
+  workdir: str
+  overrides: dict = dataclasses.field(default_factory=dict)
+  flags: tuple = ()
+
+  def argv(self, python: str = sys.executable) -> list[str]:
+    from effnetv2_jax import sweep
+
+    config = os.path.join(ROOT, self.config)
+    return sweep.trial_command(config, self.workdir, self.overrides, python) + list(self.flags)
+
+  def results(self) -> dict | None:
+    """Its results.json, or None while it has none (not run, failed, preempted)."""
+    from effnetv2_jax import paths
+
+    path = os.path.join(self.workdir, paths.RESULTS_NAME)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+
+def train(runs: Sequence[Run], *, follow: bool = False) -> tuple[dict, dict]:
+  """Trains each run that has no results.json yet, one after another (timings need the cores to
+  themselves), through the sweep runner: its trial command and `run_trials`, each run's output in
+  WORKDIR/sweep.log (`follow`: echoed as it is written). Every override is checked against its
+  config before anything starts (sweep.SweepError names the first bad one).
+
+  -> ({name: results.json or None}, {name: exit code of the runs started now}).
+  """
+  from effnetv2_jax import sweep
+
+  for r in runs:
+    sweep.check_overrides(sweep.load_config(os.path.join(ROOT, r.config)), [r.overrides])
+  jobs = [(r.name, r.argv(), r.workdir) for r in runs if r.results() is None]
+  for _, argv, _ in jobs:
+    print("$ " + shlex.join(argv), flush=True)
+  # This checkout's package for every run, wherever the working directory is.
+  env = dict(
+    os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+  )
+  stop = threading.Event()
+  followers = [
+    threading.Thread(target=_follow, args=(os.path.join(wd, "sweep.log"), stop), daemon=True)
+    for _, _, wd in (jobs if follow else [])
+  ]
+  for t in followers:
+    t.start()
+  try:
+    codes = sweep.run_trials(jobs, parallel=1, env=env, log=lambda m: print(m, flush=True))
+  finally:
+    stop.set()
+    for t in followers:
+      t.join()
+  return {r.name: r.results() for r in runs}, codes
+
+
+def _follow(path: str, stop: threading.Event) -> None:
+  """Echoes what is appended to `path` from now on, until `stop` is set and all of it is read."""
+  offset = os.path.getsize(path) if os.path.exists(path) else 0
+  while not os.path.exists(path):
+    if stop.wait(0.2) and not os.path.exists(path):
+      return
+  with open(path, errors="replace") as f:
+    f.seek(offset)
+    while True:
+      line = f.readline()
+      if line:
+        print(line, end="", flush=True)
+      elif stop.wait(0.2):
+        print(f.read(), end="", flush=True)
+        return

@@ -7,16 +7,15 @@ Each probe is configs/demo.py with one network from `configs.demo.NETWORKS` (and
 optimizer or learning rate), trained for the same epochs at a fixed 28 px with the demo's final
 regularization (progressive.preset=none), then evaluated on the 10,000 test images. It is a cheap
 proxy for the 15-minute progressive demo: one epoch is 3-9 minutes here instead of 15. Probes run
-one after another (timings need the two cores to themselves); a finished probe is skipped on a
-re-run. Writes experiments/results/demo_networks.md.
+one after another through the sweep runner (common.train; timings need the two cores to
+themselves), each in WORKDIR/<epochs>ep/<probe> with its output in sweep.log there; a finished
+probe is skipped on a re-run. Writes experiments/results/demo_networks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 from configs import demo
@@ -46,29 +45,20 @@ def run_probe(name, workdir, epochs):
   network, overrides = PROBES[name]
   # One folder per epoch count, so a run with other --epochs never reuses these results.
   wd = os.path.join(workdir, f"{epochs:g}ep", name.replace(", ", "_").replace(" ", ""))
-  results = os.path.join(wd, "results.json")
-  if not os.path.exists(results):
-    cmd = [
-      sys.executable,
-      "-m",
-      "effnetv2_jax.main",
-      f"--config=configs/demo.py:model={network}",
-      f"--workdir={wd}",
-      "--config.progressive.preset=none",
-      f"--config.num_epochs={epochs}",
-      "--config.ema_decay=0.999",
-    ]  # the EMA the probes were recorded with (the demo's is now 0.998)
-    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
-    print("running:", " ".join(cmd[1:]), flush=True)
+  # The demo's final size and regularization, and the EMA the probes were recorded with (the
+  # demo's is now 0.998).
+  fixed = {"progressive.preset": "none", "num_epochs": epochs, "ema_decay": 0.999}
+  run = common.Run(name, f"configs/demo.py:model={network}", wd, {**fixed, **overrides})
+  if run.results() is None:
     os.makedirs(wd, exist_ok=True)
     if os.path.exists(os.path.join(wd, "caveat.txt")):  # it described the results being replaced
       os.remove(os.path.join(wd, "caveat.txt"))
     with open(os.path.join(wd, "load_at_start.txt"), "w") as f:
       f.write(common.load_average(1) + "\n")
-    with open(os.path.join(wd, "probe.log"), "w") as log:
-      subprocess.run(cmd, cwd=common.ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-  with open(results) as f:
-    out = json.load(f)
+    _, codes = common.train([run])
+    if run.results() is None:
+      raise RuntimeError(f"probe {name!r} failed (exit {codes.get(name)}); see {wd}/sweep.log")
+  out = run.results()
   # The load when it started, and a note left beside its results by hand (caveat.txt), if any.
   read = lambda n: open(os.path.join(wd, n)).read().strip()
   out["notes"] = (

@@ -5,7 +5,8 @@ r"""Progressive-learning ablation on Fashion-MNIST: the paper's Tables 12/13 in 
   python -m experiments.progressive_vs_baseline --quick               # 0.5 epochs, plumbing check
 
 Every trial is configs/demo.py with one of its networks (MODELS below: the demo's `v2`, the earlier
-`v2-stem2`, a small ResNet) run through the sweep runner (effnetv2_jax.sweep), with the same
+`v2-stem2`, a small ResNet) run through the sweep runner (common.train: effnetv2_jax.sweep's trial
+command and runner; one workdir per trial named by the sweep, DIR/sweep_results.md), with the same
 epochs, batch, LR schedule and eval size; only the schedule differs between the arms:
 
   fixed                       progressive.preset=none: every step at the final size with the final
@@ -30,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 from experiments import common, plotting
@@ -100,29 +100,18 @@ def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | No
     for seed in seeds:
       trials.append(dict(overrides, seed=seed))
       keys.append((arm, seed))
-  os.makedirs(workdir, exist_ok=True)
-  spec = os.path.join(workdir, "spec.py")
-  with open(spec, "w") as f:
-    f.write(f"def get_sweep():\n  return {trials!r}\n")
-  argv = [
-    sys.executable,
-    "-m",
-    "effnetv2_jax.sweep",
-    f"--config={config_arg}",
-    f"--sweep={spec}",
-    f"--workdir={workdir}",
-    f"--config.num_epochs={epochs}",
+  # Every trial of the model: its workdir is named by its own overrides (as the sweep CLI names
+  # it, so an interrupted ablation finds its trials again); length, data and `fixed` are common.
+  base = dict(fixed, num_epochs=epochs, **({"data_dir": data_dir} if data_dir else {}))
+  names = sweep.trial_names(trials)
+  runs = [
+    common.Run(name, config_arg, os.path.join(workdir, name), {**base, **t})
+    for name, t in zip(names, trials)
   ]
-  argv += [f"--config.{k}={v}" for k, v in fixed.items()]
-  if data_dir:
-    argv.append(f"--config.data_dir={data_dir}")
-  print("$ " + " ".join(argv), flush=True)
-  subprocess.run(argv, cwd=common.ROOT, check=False)  # failures show up as missing results below
-  out = {}
-  for key, name in zip(keys, sweep.trial_names(trials)):
-    path = os.path.join(workdir, name, "results.json")
-    out[key] = json.load(open(path)) if os.path.exists(path) else None
-  return out, config
+  results, codes = common.train(runs)
+  header, rows = sweep.gather(workdir, trials, names, codes)
+  sweep.write_tables(workdir, header, rows, f"Sweep of `{config_arg}` ({model} arms x seeds)")
+  return {key: results[name] for key, name in zip(keys, names)}, config
 
 
 def _curve(r):

@@ -2,12 +2,13 @@
 
   python -m experiments.run_demo [--workdir=workdirs/demo-record] [extra main.py flags]
 
-Writes experiments/results/demo.md: the command, the machine's load, the stage plan, every progress
-line the run printed, and the summary from its results.json (per-stage sizes, steps, wall and
-compile seconds, eval top-1), so the recorded numbers are exactly what the run saw.
+The run goes through the sweep runner (common.train: effnetv2_jax.sweep's trial command and
+runner), its output echoed as it comes and kept in WORKDIR/sweep.log. Writes
+experiments/results/demo.md: the command, the machine's load, the stage plan, every progress line
+the run printed, and the summary from its results.json (per-stage sizes, steps, wall and compile
+seconds, eval top-1), so the recorded numbers are exactly what the run saw.
 """
 
-import json
 import os
 import platform
 import shutil
@@ -29,32 +30,20 @@ def main(argv):
     else:
       extra.append(a)
   shutil.rmtree(workdir, ignore_errors=True)
-  base = [
-    sys.executable,
-    "-m",
-    "effnetv2_jax.main",
-    "--config=configs/demo.py",
-    f"--workdir={workdir}",
-  ] + extra
+  run = common.Run("demo", "configs/demo.py", workdir, flags=tuple(extra))
+  # The plan as main.py prints it for the same flags (nothing trains in --mode=plan).
   plan = subprocess.run(
-    base + ["--mode=plan"], cwd=common.ROOT, capture_output=True, text=True, check=True
+    run.argv() + ["--mode=plan"], cwd=common.ROOT, capture_output=True, text=True, check=True
   ).stdout
   load_before = common.load_average(1)
   t0 = time.time()
-  proc = subprocess.Popen(
-    base, cwd=common.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-  )
-  lines = []
-  for line in proc.stdout:
-    print(line, end="", flush=True)
-    if line.startswith(("stage ", "done:", "resumed", "error:")):
-      lines.append(line.rstrip())
-  code = proc.wait()
+  results, codes = common.train([run], follow=True)
   wall = time.time() - t0
-  if code != 0:
-    sys.exit(f"demo failed with exit code {code}")
-  with open(os.path.join(workdir, "results.json")) as f:
-    res = json.load(f)
+  res = results["demo"]
+  if res is None:
+    sys.exit(f"demo failed with exit code {codes.get('demo')}")
+  with open(os.path.join(workdir, "sweep.log"), errors="replace") as f:
+    lines = [l.rstrip() for l in f if l.startswith(("stage ", "done:", "resumed", "error:"))]
 
   cmd = common.command(MODULE, argv)
   rows = [

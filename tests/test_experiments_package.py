@@ -1,5 +1,6 @@
 """experiments/ is a package: every script imports as `experiments.NAME` with sys.path untouched,
-and the shared module (experiments/common.py) builds the trainer's step."""
+and the shared module (experiments/common.py) builds the trainer's step and launches runs through
+the sweep runner."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from effnetv2_jax import models, plan
+from effnetv2_jax import models, plan, sweep
 from experiments import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,3 +110,25 @@ def test_step_builder_loads_the_other_checkouts_own_builder(tmp_path):
   assert common.step_builder(REPO) is common.build_jax_step
   with pytest.raises(FileNotFoundError, match="src="):
     common.step_builder(str(tmp_path))
+
+
+def test_train_launches_through_the_sweep_runner_and_skips_finished_runs(tmp_path, monkeypatch):
+  launched = []
+  monkeypatch.setattr(
+    sweep, "run_trials", lambda jobs, **kw: launched.extend(jobs) or {j[0]: 0 for j in jobs}
+  )
+  done = tmp_path / "done"
+  done.mkdir()
+  (done / "results.json").write_text(json.dumps({"status": "completed"}))
+  runs = [
+    common.Run("done", "configs/demo.py", str(done), {"seed": 1}),
+    common.Run("new", "configs/demo.py:model=resnet", str(tmp_path / "new"), {"seed": 2}, ("--x",)),
+  ]
+  results, codes = common.train(runs)
+  assert results == {"done": {"status": "completed"}, "new": None} and codes == {"new": 0}
+  config = os.path.join(REPO, "configs/demo.py:model=resnet")
+  expected = sweep.trial_command(config, str(tmp_path / "new"), {"seed": 2}) + ["--x"]
+  assert launched == [("new", expected, str(tmp_path / "new"))]
+  with pytest.raises(sweep.SweepError, match="batch_sise"):  # checked before anything starts
+    common.train([common.Run("bad", "configs/demo.py", str(tmp_path / "b"), {"batch_sise": 1})])
+  assert len(launched) == 1
