@@ -4,12 +4,13 @@ without block rematerialisation (`model_overrides.remat=True`).
   python -m experiments.bench_memory [--model efficientnetv2-s] [--batch 8] [--sizes 171,214,257,300]
 
 Nothing big is allocated: each train step (common.build_jax_step: train.make_stage_step +
-sharding.jit_train_step, exactly the trainer's) is lowered and compiled for the shape, and XLA's buffer assignment reports what the
-program needs (`compiled.memory_analysis()`): temp (activations kept for the backward and scratch),
-arguments (state + batch), outputs (aliased to the donated state). Per image = temp / batch; the
-state is a fixed cost independent of the batch. Writes experiments/results/bench_memory.md.
-The numbers are XLA:CPU's buffer assignment; a GPU/TPU compile lays buffers out differently but
-the activation volume (and remat's effect on it) carries over roughly.
+sharding.jit_train_step, exactly the trainer's) is lowered and compiled for the shape, and XLA's
+buffer assignment reports what the program needs (`compiled.memory_analysis()`): temp (activations
+kept for the backward and scratch), arguments (state + batch), outputs (aliased to the donated
+state). Per image = temp / batch; the state is a fixed cost independent of the batch. Writes
+experiments/results/bench_memory.md. The numbers are XLA:CPU's buffer assignment; a GPU/TPU compile
+lays buffers out differently but the activation volume (and remat's effect on it) carries over
+roughly.
 
 XLA:CPU's default concurrency-optimized scheduler keeps many buffers alive at once to run
 independent ops in parallel: it about doubles the peak and hides what remat saves (B0 b16@192:

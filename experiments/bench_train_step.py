@@ -1,10 +1,11 @@
 r"""Train-step throughput: this codebase vs timm (PyTorch) vs Keras applications, in one run.
 
   python -m experiments.bench_train_step --model efficientnetv2-s --batch 16 --image-size 128
-  python -m experiments.bench_train_step --model efficientnetv2-b0 --batch 32 --image-size 128 --dtype bf16
-  python -m experiments.bench_train_step --compile-report      # cold vs warm persistent-cache compiles
   python -m experiments.bench_train_step --model efficientnetv2-b0 --batch 32 --image-size 128 \
-      --frameworks none --jax-variant jax: --jax-variant before:src=/tmp/before   # vs another commit
+      --dtype bf16
+  python -m experiments.bench_train_step --compile-report   # cold vs warm persistent-cache compiles
+  python -m experiments.bench_train_step --model efficientnetv2-b0 --batch 32 --image-size 128 \
+      --frameworks none --jax-variant jax: --jax-variant before:src=/tmp/before  # vs another commit
 
 Every contender runs in its own worker process (no TF/torch/JAX thread pools fighting in one
 process, no import clashes), built and warmed up first. The parent then runs ROUNDS rounds; in each
@@ -30,8 +31,9 @@ such as depthwise_impl=xla or dropout_rate=0.3, or of `prng=rbg`, `xla_flags=A+B
 `src=DIR`: another checkout, e.g. `git worktree add /tmp/before HEAD~1`, whose worker imports that
 checkout's effnetv2_jax and configs and builds the step with that checkout's own build_jax_step,
 from its experiments/common.py or, in the older layout, its experiments/bench_train_step.py;
-its 'version' cell names the checkout). By default one 'jax' worker with the defaults. `env_EFFNETV2_JAX_XLA_DEFAULTS=0` measures without the XLA:CPU flags the
-package adds on import (effnetv2_jax/xla_defaults.py). Results are appended to
+its 'version' cell names the checkout). By default one 'jax' worker with the defaults.
+`env_EFFNETV2_JAX_XLA_DEFAULTS=0` measures without the XLA:CPU flags the package adds on import
+(effnetv2_jax/xla_defaults.py). Results are appended to
 experiments/results/bench_train_step.md.
 """
 
@@ -104,7 +106,8 @@ def worker_jax(args, opts):
   for k in [k for k in opts if k.startswith("env_")]:
     os.environ[k[4:]] = opts.pop(k)
   prng = opts.pop("prng", None)
-  build = common.step_builder(opts.pop("src", None))
+  src = opts.pop("src", None)
+  build = common.step_builder(src)
   import jax
 
   if prng:
@@ -115,9 +118,8 @@ def worker_jax(args, opts):
   import effnetv2_jax
 
   version = f"jax {jax.__version__}"
-  where = os.path.dirname(os.path.dirname(os.path.realpath(effnetv2_jax.__file__)))
-  if where != os.path.realpath(common.ROOT):  # which checkout a src=DIR worker really imported
-    version += f", effnetv2_jax of {where}"
+  if src:  # the checkout this worker really imported
+    version += f", effnetv2_jax of {os.path.dirname(os.path.dirname(effnetv2_jax.__file__))}"
   _serve(common.jax_runner(compiled, state, data, rng), version, **times)
 
 

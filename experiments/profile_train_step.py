@@ -3,18 +3,18 @@ r"""Where a train step's time goes: this codebase (jax.profiler) beside timm (to
   python -m experiments.profile_train_step --model efficientnetv2-b0 --batch 32 --image-size 128
   python -m experiments.profile_train_step ... --no-timm --no-record
 
-jax: builds the same full train step as bench_train_step (common.build_jax_step), warms it up, traces `--steps` steps
-with `jax.profiler.trace`, and reads the Perfetto trace. Every XLA:CPU thunk event names the HLO
-instruction it ran (`args.hlo_op`); the compiled module's text maps that instruction to the JAX
-source path in its metadata (`op_name`, which carries the Flax module path, e.g.
-`.../blocks_3/dw/conv/...`) and to forward (`jvp(`), backward (`transpose(`) or the update
-(optimizer, EMA, BN statistics, divergence guard). Thunk times are summed per (component, phase)
-and divided by the number of steps.
+jax: builds the same full train step as bench_train_step (common.build_jax_step), warms it up,
+traces `--steps` steps with `jax.profiler.trace`, and reads the Perfetto trace. Every XLA:CPU thunk
+event names the HLO instruction it ran (`args.hlo_op`); the compiled module's text maps that
+instruction to the JAX source path in its metadata (`op_name`, which carries the Flax module path,
+e.g. `.../blocks_3/dw/conv/...`) and to forward (`jvp(`), backward (`transpose(`) or the update
+(optimizer, EMA, BN statistics, divergence guard). Thunk times are summed per (component, phase) and
+divided by the number of steps.
 
-timm: the same model and batch in PyTorch (bench_train_step's timm contender, common.timm_train_step:
-RMSprop, label-smoothed CE, channels-last off, autocast under bf16), `torch.profiler` self CPU
-time per aten op, with convolutions
-split into depthwise (weight [C, 1, k, k]) and dense by their recorded input shapes.
+timm: the same model and batch in PyTorch (bench_train_step's timm contender,
+common.timm_train_step: RMSprop, label-smoothed CE, channels-last off, autocast under bf16),
+`torch.profiler` self CPU time per aten op, with convolutions split into depthwise (weight
+[C, 1, k, k]) and dense by their recorded input shapes.
 
 Thunks can overlap on the two cores, so the summed times can exceed the wall time per step; both
 are shown. Appends to experiments/results/profile_train_step.md unless --no-record.
