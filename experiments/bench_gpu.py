@@ -1,20 +1,21 @@
 r"""GPU training throughput and MFU: this codebase vs timm, EfficientNetV2-S at 300 and 384, bf16.
 
-  python experiments/bench_gpu.py                      # one H100/H200, < 8 minutes, synthetic data
-  python experiments/bench_gpu.py --torch-compile      # timm also under torch.compile
-  python experiments/bench_gpu.py --dry-run-cpu        # tiny sizes on the CPU: proves the script
+  python -m experiments.bench_gpu                      # one H100/H200, < 8 minutes, synthetic data
+  python -m experiments.bench_gpu --torch-compile      # timm also under torch.compile
+  python -m experiments.bench_gpu --dry-run-cpu        # tiny sizes on the CPU: proves the script
 
 No TensorFlow is imported (the train step and models never import it). Each contender runs in its
 own subprocess, one after the other, so neither holds GPU memory while the other measures.
 
-  jax   the trainer's full step (bench_train_step.build_jax_step: forward, backward, L2, label
+  jax   the trainer's full step (common.build_jax_step: forward, backward, L2, label
         smoothing, TF1-RMSProp, BN statistics, EMA, divergence guard), compute dtype bf16 (params,
         optimizer, EMA and BN statistics fp32). Batch: compile once at a probe batch, read XLA's
         buffer assignment (`memory_analysis()`), take the largest power of two whose temp + state
         fits 90% of the device; halve on an out-of-memory at run time.
-  timm  tf_efficientnetv2_s (same TF-SAME architecture), channels_last, torch.autocast bf16,
-        RMSprop(alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5), CE with label smoothing, no
-        EMA; batch by doubling until out of memory. `--torch-compile` compiles the model.
+  timm  common.timm_train_step: tf_efficientnetv2_s (same TF-SAME architecture), channels_last,
+        torch.autocast bf16, RMSprop(alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5), CE with
+        label smoothing, no EMA; batch by doubling until out of memory. `--torch-compile` compiles
+        the model. Both use the model's published dropout (models.model_defaults).
 
 Diagnostics for a worker that does not finish in its budget (both off by default):
   --xla-pass-times   XLA logs each HLO pass's time (TF_CPP_VMODULE=hlo_pass_pipeline=1); the
@@ -32,7 +33,6 @@ experiments/results/bench_gpu.md (`--dry-run-cpu` prints only, unless `--record`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -40,9 +40,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments")
-TAG = "@@"
+from experiments import common
+
+MODULE = "experiments.bench_gpu"
 PEAK_BF16 = (
   ("H200", 989e12),
   ("H100 PCIe", 756e12),
@@ -50,16 +50,6 @@ PEAK_BF16 = (
   ("A100", 312e12),
   ("L4", 121e12),
 )
-
-
-def _say(obj):
-  print(TAG, json.dumps(obj), flush=True)
-
-
-def _time_steps(fn, n):
-  t0 = time.perf_counter()
-  fn(n)
-  return time.perf_counter() - t0
 
 
 def _print_stack_every(seconds, log):
@@ -82,8 +72,15 @@ def _print_stack_every(seconds, log):
 
 
 # ------------------------------------------------------------------------------------------------
+def _row(args, size, batch, images_per_s, compile_s):
+  """One measured size of a worker's report, with the model's forward MACs for the MFU."""
+  from effnetv2_jax import models
+
+  macs = models.count_macs(args.model, size)
+  return dict(size=size, batch=batch, images_per_s=images_per_s, compile_s=compile_s, macs=macs)
+
+
 def jax_worker(args):
-  sys.path[:0] = [ROOT, EXP]
   t_start = time.perf_counter()
 
   def log(msg):  # stderr, timestamped: the parent shows the tail when a worker is cut off
@@ -96,9 +93,6 @@ def jax_worker(args):
   if args.compile_cache:
     jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  from bench_train_step import build_jax_step, jax_runner
-  from effnetv2_jax import models
-
   assert "tensorflow" not in sys.modules, "the GPU benchmark must not import TensorFlow"
   dev = jax.devices()[0]
   stats = dev.memory_stats() or {}
@@ -107,7 +101,7 @@ def jax_worker(args):
   for size in args.sizes:
     probe = args.probe_batch
     log(f"{size}px: building the step at batch {probe}")
-    compiled, state, data, rng, t = build_jax_step(args.model, probe, size, "bf16", log=log)
+    compiled, state, data, rng, t = common.build_jax_step(args.model, probe, size, "bf16", log=log)
     mem = compiled.memory_analysis()
     per_image = mem.temp_size_in_bytes / probe
     fixed = mem.argument_size_in_bytes
@@ -118,8 +112,10 @@ def jax_worker(args):
       try:
         if batch != probe:
           del compiled, state, data
-          compiled, state, data, rng, t = build_jax_step(args.model, batch, size, "bf16", log=log)
-        run = jax_runner(compiled, state, data, rng)
+          compiled, state, data, rng, t = common.build_jax_step(
+            args.model, batch, size, "bf16", log=log
+          )
+        run = common.jax_runner(compiled, state, data, rng)
         run(args.warmup)
         log(f"{size}px batch {batch}: {args.warmup} warm-up steps done")
         break
@@ -130,40 +126,28 @@ def jax_worker(args):
           raise
         batch //= 2
         probe = -1  # force a fresh compile at the smaller batch
-    secs = _time_steps(run, args.steps)
-    ips = batch * args.steps / secs
-    out["rows"].append(
-      dict(
-        size=size,
-        batch=batch,
-        images_per_s=ips,
-        compile_s=t["compile_s"],
-        per_image_mib=per_image / 2**20,
-        macs=models.count_macs(args.model, size),
-      )
-    )
+    ips = common.throughput(run, batch, args.steps, warmup=0)
+    row = _row(args, size, batch, ips, t["compile_s"])
+    out["rows"].append(dict(row, per_image_mib=per_image / 2**20))
     print(
       f"jax {size}px batch {batch}: {ips:.1f} img/s (compile {t['compile_s']:.0f}s)",
       file=sys.stderr,
       flush=True,
     )
-    _say(out)  # after every size: a worker cut off by the budget still reports what it measured
+    common.say(out)  # after every size: a worker cut off by the budget still reports it
     del compiled, run, data, state
-  _say(out)
+  common.say(out)
 
 
 def timm_worker(args):
-  sys.path[:0] = [ROOT, EXP]
   import torch
-  from bench_train_step import TIMM_NAMES, _stub_torchvision
 
-  _stub_torchvision()
+  common.stub_torchvision()
   import timm
-  from effnetv2_jax import models
 
   assert "tensorflow" not in sys.modules
   cuda = torch.cuda.is_available() and not args.dry_run_cpu
-  dev = torch.device("cuda" if cuda else "cpu")
+  dev = "cuda" if cuda else "cpu"
   torch.backends.cudnn.benchmark = True
   torch.backends.cuda.matmul.allow_tf32 = True
   torch.backends.cudnn.allow_tf32 = True
@@ -173,33 +157,17 @@ def timm_worker(args):
     "timm": timm.__version__,
     "rows": [],
   }
-  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
   def make(batch, size, compile_model):
-    model = (
-      timm.create_model(TIMM_NAMES[args.model], num_classes=1000, drop_rate=0.2, drop_path_rate=0.2)
-      .to(dev)
-      .to(memory_format=torch.channels_last)
+    return common.timm_train_step(
+      args.model,
+      batch,
+      size,
+      bf16=True,
+      device=dev,
+      channels_last=True,
+      compile_model=compile_model,
     )
-    model.train()
-    opt = torch.optim.RMSprop(
-      model.parameters(), lr=1e-3, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5
-    )
-    fwd = torch.compile(model) if compile_model else model
-    x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=dev)
-
-    def run(n):
-      for _ in range(n):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-          loss = loss_fn(fwd(x), y)
-        loss.backward()
-        opt.step()
-      if cuda:
-        torch.cuda.synchronize()
-
-    return run
 
   def fits(batch, size):
     try:
@@ -221,23 +189,14 @@ def timm_worker(args):
     run = make(batch, size, args.torch_compile)
     run(args.warmup)
     setup = time.perf_counter() - t0
-    secs = _time_steps(run, args.steps)
-    ips = batch * args.steps / secs
-    out["rows"].append(
-      dict(
-        size=size,
-        batch=batch,
-        images_per_s=ips,
-        compile_s=setup,
-        macs=models.count_macs(args.model, size),
-      )
-    )
+    ips = common.throughput(run, batch, args.steps, warmup=0)
+    out["rows"].append(_row(args, size, batch, ips, setup))
     print(f"timm {size}px batch {batch}: {ips:.1f} img/s", file=sys.stderr, flush=True)
-    _say(out)
+    common.say(out)
     del run
     if cuda:
       torch.cuda.empty_cache()
-  _say(out)
+  common.say(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,8 +224,8 @@ def summarize_pass_times(log_text, top=8):
 
 
 def _run_worker(kind, argv, timeout, log_dir, pass_times=False):
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind] + argv
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  cmd = [sys.executable, "-m", MODULE, "--worker", kind] + argv
+  env = dict(os.environ, PYTHONPATH=common.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   if "--dry-run-cpu" in argv:
     env["JAX_PLATFORMS"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -278,7 +237,13 @@ def _run_worker(kind, argv, timeout, log_dir, pass_times=False):
   with open(log_path, "w") as err:
     try:
       p = subprocess.run(
-        cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, timeout=timeout, cwd=ROOT
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=common.ROOT,
       )
       stdout, failed = p.stdout, p.returncode and f"exit {p.returncode}"
     except subprocess.TimeoutExpired as e:
@@ -288,7 +253,7 @@ def _run_worker(kind, argv, timeout, log_dir, pass_times=False):
       failed = f"timed out after {timeout:.0f}s"
   with open(log_path, errors="replace") as f:
     stderr = f.read()
-  lines = [l for l in stdout.splitlines() if l.startswith(TAG)]
+  reports = common.tagged(stdout)
   ours = [l for l in stderr.splitlines() if "hlo_pass_pipeline" not in l]  # XLA's pass log out
   if failed:
     sys.stderr.write("\n".join(ours[-40:]) + "\n")
@@ -305,11 +270,11 @@ def _run_worker(kind, argv, timeout, log_dir, pass_times=False):
   last = (phases or ours or [""])[-1]
   if failed:
     failed += f" (last: {last!r})"
-  if not lines:
+  if not reports:
     return None, "; ".join([f"{kind} failed ({failed})"] + notes)
   # The worker reports after every size, so a cut-off run keeps the sizes it finished.
   head = f"{kind}: {failed}; sizes it finished are shown" if failed else None
-  return json.loads(lines[-1][len(TAG) :]), "; ".join(filter(None, [head] + notes)) or None
+  return reports[-1], "; ".join(filter(None, [head] + notes)) or None
 
 
 def main():
@@ -407,18 +372,18 @@ def main():
 
   device = (results.get("jax") or results.get("timm") or {}).get("device", "?")
   peak = _peak(device, args.peak_tflops)
-  lines = [
-    f"### {args.model}, bf16, {device}"
-    + (" (CPU dry run, tiny sizes)" if args.dry_run_cpu else ""),
-    "",
-    f"`python experiments/bench_gpu.py {' '.join(sys.argv[1:])}`  ",
-    f"{time.strftime('%Y-%m-%d %H:%M')}, wall {wall:.0f}s; "
-    + ", ".join(
-      f"{k}: " + ", ".join(f"{a} {b}" for a, b in v.items() if a not in ("rows", "device"))
-      for k, v in results.items()
-      if v
-    )
+  versions = ", ".join(
+    f"{k}: " + ", ".join(f"{a} {b}" for a, b in v.items() if a not in ("rows", "device"))
+    for k, v in results.items()
+    if v
+  )
+  lines = common.heading(
+    f"{args.model}, bf16, {device}" + (" (CPU dry run, tiny sizes)" if args.dry_run_cpu else ""),
+    common.command(MODULE),
+    f"wall {wall:.0f}s; {versions}"
     + (f"; peak bf16 {peak / 1e12:.0f} TFLOP/s" if peak else "; peak unknown (no MFU)"),
+  )
+  lines += [
     "",
     "| size | contender | batch | images/s | MFU | jax / timm | compile or warm-up s |",
     "|---|---|---|---|---|---|---|",
@@ -441,14 +406,8 @@ def main():
   text = "\n".join(lines) + "\n"
   print(text)
   if not args.dry_run_cpu or args.record:
-    sys.path.insert(0, EXP)
-    import plotting
-
-    plotting.append_record(
-      "bench_gpu.md",
-      "# GPU training throughput and MFU: effnetv2_jax vs timm\n\n"
-      "Written by `experiments/bench_gpu.py` (see its docstring).",
-      text,
+    common.append_result(
+      "bench_gpu.md", "GPU training throughput and MFU: effnetv2_jax vs timm", MODULE, text
     )
 
 

@@ -1,6 +1,6 @@
 """Train input pipeline throughput: images/s per host core vs image size and RandAugment magnitude.
 
-  python experiments/bench_input_pipeline.py [--sizes=128,192,256,300] [--magnitudes=0,5,10,15]
+  python -m experiments.bench_input_pipeline [--sizes=128,192,256,300] [--magnitudes=0,5,10,15]
       [--seconds=4] [--num_images=256] [--out=experiments/results/bench_input_pipeline.md]
 
 Data: a temporary image folder of synthetic ~224-px JPEGs (sizes 180-300 px, smooth gradients plus
@@ -18,15 +18,15 @@ import gc
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(_HERE))  # run from a checkout without installing
+from experiments import common
+
+MODULE = "experiments.bench_input_pipeline"
 
 
 def make_folder(root: str, num_images: int, seed: int = 0) -> str:
@@ -102,7 +102,7 @@ def main():
   parser.add_argument("--seconds", type=float, default=4.0)
   parser.add_argument("--num_images", type=int, default=256)
   parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--out", default=os.path.join(_HERE, "results", "bench_input_pipeline.md"))
+  parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "bench_input_pipeline.md"))
   args = parser.parse_args()
   sizes = [int(s) for s in args.sizes.split(",")]
   mags = [float(m) for m in args.magnitudes.split(",")]
@@ -138,11 +138,10 @@ def main():
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
-  cmd = "python experiments/bench_input_pipeline.py " + " ".join(sys.argv[1:])
   lines = [
     "# Input pipeline throughput (train, family v2)",
     "",
-    f"Command: `{cmd.strip()}`",
+    f"Command: `{common.command(MODULE)}`",
     "",
     f"Host: {cores} cores ({platform.processor() or platform.machine()}), TensorFlow {tf.__version__}, "
     f"batch {args.batch}, {args.num_images} synthetic JPEGs of 180-300 px, {args.seconds:g} s per row "
@@ -170,10 +169,8 @@ def main():
       "timm not installed: the PIL RandAugment comparison was skipped "
       "(`pip install -e .[bench]` to add it).",
     ]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print(f"wrote {args.out}")
+  path = common.write_result(os.path.abspath(args.out), "\n".join(lines) + "\n")
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 r"""Peak memory per training image of the full train step at each progressive stage size, with and
 without block rematerialisation (`model_overrides.remat=True`).
 
-  python experiments/bench_memory.py [--model efficientnetv2-s] [--batch 8] [--sizes 171,214,257,300]
+  python -m experiments.bench_memory [--model efficientnetv2-s] [--batch 8] [--sizes 171,214,257,300]
 
-Nothing big is allocated: each train step (steps.make_train_step + sharding.jit_train_step, exactly
-the trainer's) is lowered and compiled for the shape, and XLA's buffer assignment reports what the
-program needs (`compiled.memory_analysis()`): temp (activations kept for the backward and scratch),
-arguments (state + batch), outputs (aliased to the donated state). Per image = temp / batch; the
-state is a fixed cost independent of the batch. Writes experiments/results/bench_memory.md.
-The numbers are XLA:CPU's buffer assignment; a GPU/TPU compile lays buffers out differently but
-the activation volume (and remat's effect on it) carries over roughly.
+Nothing big is allocated: each train step (common.build_jax_step: train.make_stage_step +
+sharding.jit_train_step, exactly the trainer's) is lowered and compiled for the shape, and XLA's
+buffer assignment reports what the program needs (`compiled.memory_analysis()`): temp (activations
+kept for the backward and scratch), arguments (state + batch), outputs (aliased to the donated
+state). Per image = temp / batch; the state is a fixed cost independent of the batch. Writes
+experiments/results/bench_memory.md. The numbers are XLA:CPU's buffer assignment; a GPU/TPU compile
+lays buffers out differently but the activation volume (and remat's effect on it) carries over
+roughly.
 
 XLA:CPU's default concurrency-optimized scheduler keeps many buffers alive at once to run
 independent ops in parallel: it about doubles the peak and hides what remat saves (B0 b16@192:
@@ -22,17 +23,11 @@ already.
 
 import argparse
 import os
-import sys
-import time
 
+from experiments import common
+
+MODULE = "experiments.bench_memory"
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-
-from bench_train_step import build_jax_step  # noqa: E402
-
 MiB = 2.0**20
 
 
@@ -60,7 +55,7 @@ def main():
   for size in [int(s) for s in args.sizes.split(",")]:
     row = {"size": size}
     for remat in (False, True):
-      compiled, *_, times = build_jax_step(
+      compiled, *_, times = common.build_jax_step(
         args.model, args.batch, size, args.dtype, {"remat": str(remat)}
       )
       m = compiled.memory_analysis()
@@ -73,15 +68,15 @@ def main():
       )
       print(size, "remat" if remat else "plain", row[remat], flush=True)
     rows.append(row)
-  lines = [
-    f"### {args.model}, batch {args.batch}, {args.dtype}: train-step memory from XLA buffer "
-    "assignment",
-    "",
-    f"`python experiments/bench_memory.py --model {args.model} --batch {args.batch} "
-    f"--sizes {args.sizes} --dtype {args.dtype} --cpu-scheduler {args.cpu_scheduler}`  ",
-    f"{time.strftime('%Y-%m-%d %H:%M')}, jax CPU backend, {args.cpu_scheduler} scheduler. temp = activations + scratch of "
-    "one step; state = arguments (params, RMSProp slots, EMA, BN stats, batch). Per image = "
-    "temp / batch.",
+  argv = ["--model", args.model, "--batch", args.batch, "--sizes", args.sizes, "--dtype"]
+  argv += [args.dtype, "--cpu-scheduler", args.cpu_scheduler]
+  lines = common.heading(
+    f"{args.model}, batch {args.batch}, {args.dtype}: train-step memory from XLA buffer assignment",
+    common.command(MODULE, argv),
+    f"jax CPU backend, {args.cpu_scheduler} scheduler. temp = activations + scratch of one step; "
+    "state = arguments (params, RMSProp slots, EMA, BN stats, batch). Per image = temp / batch.",
+  )
+  lines += [
     "",
     "| image size | temp MiB | per image MiB | temp MiB, remat | per image MiB, remat | remat saves | "
     "state+batch MiB | compile s (plain / remat) |",
@@ -98,12 +93,10 @@ def main():
   text = "\n".join(lines) + "\n"
   print(text)
   if not args.no_record:
-    import plotting
-
-    plotting.append_record(
+    common.append_result(
       "bench_memory.md",
-      "# Peak train-step memory per image, with and without rematerialisation\n\n"
-      "Written by `experiments/bench_memory.py` (see its docstring).",
+      "Peak train-step memory per image, with and without rematerialisation",
+      MODULE,
       text,
     )
 

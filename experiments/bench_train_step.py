@@ -1,8 +1,11 @@
 r"""Train-step throughput: this codebase vs timm (PyTorch) vs Keras applications, in one run.
 
-  python experiments/bench_train_step.py --model efficientnetv2-s --batch 16 --image-size 128
-  python experiments/bench_train_step.py --model efficientnetv2-b0 --batch 32 --image-size 128 --dtype bf16
-  python experiments/bench_train_step.py --compile-report      # cold vs warm persistent-cache compiles
+  python -m experiments.bench_train_step --model efficientnetv2-s --batch 16 --image-size 128
+  python -m experiments.bench_train_step --model efficientnetv2-b0 --batch 32 --image-size 128 \
+      --dtype bf16
+  python -m experiments.bench_train_step --compile-report   # cold vs warm persistent-cache compiles
+  python -m experiments.bench_train_step --model efficientnetv2-b0 --batch 32 --image-size 128 \
+      --frameworks none --jax-variant jax: --jax-variant before:src=/tmp/before  # vs another commit
 
 Every contender runs in its own worker process (no TF/torch/JAX thread pools fighting in one
 process, no import clashes), built and warmed up first. The parent then runs ROUNDS rounds; in each
@@ -11,51 +14,46 @@ figure is the median over rounds, so a neighbour's load that comes and goes hits
 alike; the ratios are computed from those medians.
 
 What each contender times (synthetic data already in memory, labels random, 1000 classes):
-  jax    steps.make_train_step + sharding.jit_train_step: forward, backward, L2 in the loss, label
-         smoothing, TF1-RMSProp with the global-step LR, BN statistics, EMA of params and BN stats,
-         the divergence guard. Exactly the trainer's step.
-  timm   tf_efficientnetv2_<v> (TF-SAME padding, as ours), train mode, drop_rate/drop_path_rate as
-         ours, CE with label smoothing 0.1, torch.optim.RMSprop(alpha=0.9, eps=1e-3, momentum=0.9,
-         weight_decay=1e-5). NO EMA (timm keeps EMA outside the step), so it does slightly less
-         work than ours. bf16: torch.autocast('cpu', bfloat16).
+  jax    common.build_jax_step: the trainer's own step (train.make_stage_step, train.init_state,
+         sharding.jit_train_step) for a one-stage run of configs/default.py: forward, backward, L2
+         in the loss, label smoothing, TF1-RMSProp with the global-step LR, BN statistics, EMA of
+         params and BN stats, the divergence guard; dropout the model's published rate.
+  timm   common.timm_train_step: tf_efficientnetv2_<v> (TF-SAME padding, as ours), train mode,
+         drop_rate/drop_path_rate as ours, CE with label smoothing 0.1, torch.optim.RMSprop(
+         alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5). NO EMA (timm keeps EMA outside the
+         step), so it does slightly less work than ours. bf16: torch.autocast('cpu', bfloat16).
   keras  keras.applications.EfficientNetV2<V>(weights=None), a tf.function step with GradientTape
          (no model.fit), RMSprop(rho=0.9, momentum=0.9, epsilon=1e-3), CE with label smoothing,
          no EMA. bf16: the 'mixed_bfloat16' policy.
 
 `--jax-variant LABEL:key=val,...` adds further JAX workers to the same run (A/B of a model override
-such as depthwise_impl=xla, or of `prng=rbg`, `xla_flags=...`, `remat=1`, or `src=DIR`: another
-checkout's effnetv2_jax, e.g. a git worktree of the commit before a change); by default one 'jax'
-worker with the defaults. `env_EFFNETV2_JAX_XLA_DEFAULTS=0` measures without the XLA:CPU flags the
-package adds on import (effnetv2_jax/xla_defaults.py). Results are appended to
+such as depthwise_impl=xla or dropout_rate=0.3, or of `prng=rbg`, `xla_flags=A+B`, `remat=1`, or
+`src=DIR`: another checkout, e.g. `git worktree add /tmp/before HEAD~1`, whose worker imports that
+checkout's effnetv2_jax and configs and builds the step with that checkout's own build_jax_step,
+from its experiments/common.py or, in the older layout, its experiments/bench_train_step.py;
+its 'version' cell names the checkout). By default one 'jax' worker with the defaults.
+`env_EFFNETV2_JAX_XLA_DEFAULTS=0` measures without the XLA:CPU flags the package adds on import
+(effnetv2_jax/xla_defaults.py). Results are appended to
 experiments/results/bench_train_step.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "experiments", "results", "bench_train_step.md")
-TAG = "@@"  # worker result lines start with this; everything else a library prints is ignored
+from experiments import common
 
-TIMM_NAMES = {
-  "efficientnetv2-s": "tf_efficientnetv2_s",
-  "efficientnetv2-m": "tf_efficientnetv2_m",
-  "efficientnetv2-l": "tf_efficientnetv2_l",
-  "efficientnetv2-b0": "tf_efficientnetv2_b0",
-  "efficientnetv2-b1": "tf_efficientnetv2_b1",
-  "efficientnetv2-b2": "tf_efficientnetv2_b2",
-  "efficientnetv2-b3": "tf_efficientnetv2_b3",
-}
+MODULE = "experiments.bench_train_step"
+RESULTS = "bench_train_step.md"
+TITLE = "Train-step throughput: effnetv2_jax vs timm vs Keras (same machine, same run)"
+
 KERAS_NAMES = {
   "efficientnetv2-s": "EfficientNetV2S",
   "efficientnetv2-m": "EfficientNetV2M",
@@ -65,38 +63,27 @@ KERAS_NAMES = {
   "efficientnetv2-b2": "EfficientNetV2B2",
   "efficientnetv2-b3": "EfficientNetV2B3",
 }
-DROPOUT = {
-  "efficientnetv2-b0": 0.2,
-  "efficientnetv2-b1": 0.2,
-  "efficientnetv2-b2": 0.3,
-  "efficientnetv2-b3": 0.3,
-  "efficientnetv2-s": 0.2,
-  "efficientnetv2-m": 0.3,
-  "efficientnetv2-l": 0.4,
-}
-DROP_PATH = 0.2
-NUM_CLASSES = 1000
 
 
-def _say(**kw):
-  print(TAG, json.dumps(kw), flush=True)
-
-
-def _serve(run_steps):
-  """Worker loop: 'run N' -> time N steps; 'quit' -> exit."""
+def _serve(run, version, **info):
+  """Worker loop, after two warm-up steps (first calls allocate and touch every buffer) and the
+  'ready' report: 'run N' -> time N steps; 'quit' -> exit."""
+  t0 = time.perf_counter()
+  run(2)
+  common.say(dict(ready=True, version=version, **(info or {"warmup_s": time.perf_counter() - t0})))
   for line in sys.stdin:
     cmd = line.split()
     if not cmd or cmd[0] == "quit":
       return
     n = int(cmd[1])
     t0 = time.perf_counter()
-    run_steps(n)
-    _say(seconds=time.perf_counter() - t0, steps=n)
+    run(n)
+    common.say(dict(seconds=time.perf_counter() - t0, steps=n))
 
 
 # ------------------------------------------------------------------------------------------------
 # Workers
-def _parse_variant(spec):
+def parse_variant(spec):
   """'a=1,b=x,y' -> {'a': '1', 'b': 'x,y'}: a piece without '=' continues the previous value, so
   a value may hold commas (XLA list flags)."""
   opts, key = {}, None
@@ -109,90 +96,9 @@ def _parse_variant(spec):
   return opts
 
 
-def _coerce(v):
-  if not isinstance(v, str):
-    return v
-  for cast in (int, float):
-    try:
-      return cast(v)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(v.lower(), v)
-
-
-def build_jax_step(model_name, batch, size, dtype_name, opts=None, log=None):
-  """-> (jitted step, state, batch, rng, compile seconds). Shared with bench_memory.py.
-
-  `log(message)`, when given, hears each phase as it ends (state built, lowered, compiled), so a
-  run cut off by a time limit still tells where its time went.
-  """
-  log = log or (lambda _: None)
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from configs import default
-  from effnetv2_jax import models, optim, sharding, state as state_lib, steps
-
-  opts = dict(opts or {})
-  dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
-  c = default.get_config()
-  c.batch_size = batch
-  overrides = {k: _coerce(v) for k, v in opts.items()}
-  overrides.setdefault("dropout_rate", DROPOUT.get(model_name, 0.2))
-  model = models.create_model(model_name, num_classes=NUM_CLASSES, dtype=dtype, **overrides)
-  tx = optim.make_optimizer(c, steps_per_epoch=1000.0, total_steps=100000)
-  lr_fn = optim.lr_schedule(c, 1000.0, 100000)
-  step = steps.make_train_step(
-    model,
-    tx,
-    num_classes=NUM_CLASSES,
-    label_smoothing=c.label_smoothing,
-    weight_decay=optim.loss_weight_decay(c),
-    ema_decay=c.ema_decay,
-    lr_fn=lr_fn,
-  )
-  mesh = sharding.make_mesh()
-  state = sharding.put_replicated(
-    state_lib.create_train_state(jax.random.PRNGKey(0), model, tx, size), mesh
-  )
-  r = np.random.default_rng(0)
-  host = {
-    "image": r.normal(size=(batch, size, size, 3)).astype(np.float32),
-    "label": r.integers(0, NUM_CLASSES, size=batch).astype(np.int32),
-  }
-  data = sharding.shard_batch(host, mesh)
-  rng = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(mesh))
-  jax.block_until_ready((state, data))
-  log("state and batch on the device")
-  jitted = sharding.jit_train_step(step, mesh, state)
-  t0 = time.perf_counter()
-  lowered = jitted.lower(state, data, rng)
-  t1 = time.perf_counter()
-  log(f"lowered in {t1 - t0:.1f}s")
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  log(f"compiled in {t2 - t1:.1f}s")
-  return compiled, state, data, rng, {"trace_s": t1 - t0, "compile_s": t2 - t1}
-
-
-def jax_runner(compiled, state, data, rng):
-  """-> run(n): `n` more train steps of `compiled` on the fixed batch, blocking until they are
-  done. The state carries over between calls (it is donated, so the caller's copy is consumed)."""
-  import jax
-
-  holder = [state]
-
-  def run(n):
-    s = holder[0]
-    for _ in range(n):
-      s, metrics = compiled(s, data, rng)
-    jax.block_until_ready((s, metrics))
-    holder[0] = s
-
-  return run
-
-
 def worker_jax(args, opts):
+  """The process-wide options first (before JAX starts), then the step: this checkout's, or with
+  `src=DIR` that checkout's own step builder (common.step_builder)."""
   if "xla_flags" in opts:
     # Several flags in one variant: join them with '+' (commas separate variant options).
     flags = opts.pop("xla_flags").replace("+", " ")
@@ -200,115 +106,37 @@ def worker_jax(args, opts):
   for k in [k for k in opts if k.startswith("env_")]:
     os.environ[k[4:]] = opts.pop(k)
   prng = opts.pop("prng", None)
-  opts.pop("src", None)
+  src = opts.pop("src", None)
+  build = common.step_builder(src)
   import jax
 
   if prng:
     jax.config.update("jax_default_prng_impl", prng)
-  compiled, state, data, rng, times = build_jax_step(
+  compiled, state, data, rng, times = build(
     args.model, args.batch, args.image_size, args.dtype, opts
   )
-  run = jax_runner(compiled, state, data, rng)
-  run(2)  # warm-up: first calls allocate and touch every buffer
-  _say(ready=True, version=f"jax {jax.__version__}", **times)
-  _serve(run)
+  import effnetv2_jax
 
-
-def _stub_torchvision():
-  """timm imports torchvision (datasets, transforms, FrozenBatchNorm2d) at import time, for its data
-  pipeline and BN-freezing helpers. PyPI's torchvision wheels link against CUDA torch, so with the
-  CPU torch wheel an empty stand-in answers those imports (in the benchmark process only): every
-  name it hands out is a placeholder class that a create_model + train step never touches."""
-  import importlib.abc
-  import importlib.machinery
-  import importlib.util
-  import types
-
-  try:
-    import torchvision  # noqa: F401  a working install wins
-
-    return
-  except Exception:  # pylint: disable=broad-except
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-      del sys.modules[name]
-
-  class _Meta(type):
-    def __getattr__(cls, attr):  # InterpolationMode.NEAREST and the like: more placeholders
-      if attr.startswith("__"):
-        raise AttributeError(attr)
-      return _Meta(attr, (_Placeholder,), {})
-
-  class _Placeholder(metaclass=_Meta):
-    def __init__(self, *a, **k):
-      raise RuntimeError("torchvision is stubbed out in this benchmark")
-
-  class _Stub(types.ModuleType):
-    def __getattr__(self, attr):
-      if attr.startswith("__"):
-        raise AttributeError(attr)
-      return _Meta(attr, (_Placeholder,), {})
-
-  class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path=None, target=None):
-      if name == "torchvision" or name.startswith("torchvision."):
-        return importlib.machinery.ModuleSpec(name, self, is_package=True)
-      return None
-
-    def create_module(self, spec):
-      m = _Stub(spec.name)
-      m.__path__ = []
-      m.__version__ = "0.0+stub"
-      return m
-
-    def exec_module(self, module):
-      pass
-
-  sys.meta_path.insert(0, _Finder())
+  version = f"jax {jax.__version__}"
+  if src:  # the checkout this worker really imported
+    version += f", effnetv2_jax of {os.path.dirname(os.path.dirname(effnetv2_jax.__file__))}"
+  _serve(common.jax_runner(compiled, state, data, rng), version, **times)
 
 
 def worker_timm(args, opts):
   import torch
 
-  _stub_torchvision()
+  torch.set_num_threads(os.cpu_count())
+  run = common.timm_train_step(
+    args.model,
+    args.batch,
+    args.image_size,
+    bf16=args.dtype == "bf16",
+    channels_last=opts.get("channels_last", "0") == "1",
+  )
   import timm
 
-  torch.set_num_threads(os.cpu_count())
-  torch.manual_seed(0)
-  model = timm.create_model(
-    TIMM_NAMES[args.model],
-    pretrained=False,
-    num_classes=NUM_CLASSES,
-    drop_rate=DROPOUT.get(args.model, 0.2),
-    drop_path_rate=DROP_PATH,
-  )
-  model.train()
-  channels_last = opts.get("channels_last", "0") == "1"
-  fmt = torch.channels_last if channels_last else torch.contiguous_format
-  model = model.to(memory_format=fmt)
-  opt = torch.optim.RMSprop(
-    model.parameters(), lr=1e-3, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5
-  )
-  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-  x = torch.randn(args.batch, 3, args.image_size, args.image_size).contiguous(memory_format=fmt)
-  y = torch.randint(0, NUM_CLASSES, (args.batch,))
-  bf16 = args.dtype == "bf16"
-
-  def run(n):
-    for _ in range(n):
-      opt.zero_grad(set_to_none=True)
-      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = loss_fn(model(x), y)
-      loss.backward()
-      opt.step()
-
-  t0 = time.perf_counter()
-  run(2)
-  _say(
-    ready=True,
-    version=f"torch {torch.__version__}, timm {timm.__version__}",
-    warmup_s=time.perf_counter() - t0,
-  )
-  _serve(run)
+  _serve(run, f"torch {torch.__version__}, timm {timm.__version__}")
 
 
 def worker_keras(args, opts):
@@ -324,13 +152,14 @@ def worker_keras(args, opts):
   model = ctor(
     weights=None,
     input_shape=(args.image_size, args.image_size, 3),
-    classes=NUM_CLASSES,
+    classes=common.NUM_CLASSES,
     include_top=True,
   )
   opt = keras.optimizers.RMSprop(learning_rate=1e-3, rho=0.9, momentum=0.9, epsilon=1e-3)
   loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)
   x = tf.random.normal((args.batch, args.image_size, args.image_size, 3))
-  y = tf.one_hot(tf.random.uniform((args.batch,), 0, NUM_CLASSES, tf.int32), NUM_CLASSES)
+  n = common.NUM_CLASSES
+  y = tf.one_hot(tf.random.uniform((args.batch,), 0, n, tf.int32), n)
 
   @tf.function(jit_compile=opts.get("xla", "0") == "1")
   def step(x, y):
@@ -345,14 +174,7 @@ def worker_keras(args, opts):
       loss = step(x, y)
     loss.numpy()
 
-  t0 = time.perf_counter()
-  run(2)
-  _say(
-    ready=True,
-    version=f"tensorflow {tf.__version__}, keras {keras.__version__}",
-    warmup_s=time.perf_counter() - t0,
-  )
-  _serve(run)
+  _serve(run, f"tensorflow {tf.__version__}, keras {keras.__version__}")
 
 
 WORKERS = {"jax": worker_jax, "timm": worker_timm, "keras": worker_keras}
@@ -363,44 +185,35 @@ WORKERS = {"jax": worker_jax, "timm": worker_timm, "keras": worker_keras}
 class Worker:
   def __init__(self, label, kind, args, variant=""):
     self.label, self.kind = label, kind
-    cmd = [
-      sys.executable,
-      os.path.abspath(__file__),
-      "--worker",
-      kind,
-      "--variant",
-      variant,
-      "--model",
-      args.model,
-      "--batch",
-      str(args.batch),
-      "--image-size",
-      str(args.image_size),
-      "--dtype",
-      args.dtype,
-    ]
+    cmd = [sys.executable, "-m", MODULE, "--worker", kind, "--variant", variant]
+    cmd += ["--model", args.model, "--batch", str(args.batch), "--image-size", str(args.image_size)]
+    cmd += ["--dtype", args.dtype]
     self.log = tempfile.NamedTemporaryFile(
       "w+", prefix=f"bench_{label}_", suffix=".log", delete=False
     )
-    # `src=DIR` (a variant option) imports effnetv2_jax from another checkout, e.g. a
-    # `git worktree` of the commit before a change: before/after in one interleaved run.
-    src = _parse_variant(variant).get("src", ROOT)
-    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # `src=DIR` (a variant option) benchmarks another checkout, e.g. a `git worktree` of the
+    # commit before a change: before/after in one interleaved run. Its worker starts in DIR, so
+    # `python -m` puts DIR first on sys.path and `effnetv2_jax` and `configs` are DIR's; the
+    # `experiments` package is DIR's too when DIR has one (this layout: its own worker and step),
+    # else this checkout's (on PYTHONPATH: a regular package wins over a folder without
+    # __init__.py), which then runs DIR's experiments/bench_train_step.py build_jax_step.
+    src = parse_variant(variant).get("src")
+    path = os.pathsep.join(filter(None, [common.ROOT, os.environ.get("PYTHONPATH")]))
     self.proc = subprocess.Popen(
       cmd,
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
       stderr=self.log,
       text=True,
-      env=env,
-      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=path),
+      cwd=os.path.abspath(src) if src else common.ROOT,
     )
     self.info, self.rates = None, []
 
   def read(self):
     for line in self.proc.stdout:
-      if line.startswith(TAG):
-        return json.loads(line[len(TAG) :])
+      if line.startswith(common.TAG):
+        return common.tagged(line)[0]
     self.log.flush()
     with open(self.log.name) as f:
       tail = f.read()[-3000:]
@@ -430,13 +243,6 @@ def _available(module):
   return importlib.util.find_spec(module) is not None
 
 
-def _loadavg():
-  try:
-    return "%.2f %.2f %.2f" % os.getloadavg()
-  except OSError:
-    return "n/a"
-
-
 def bench(args):
   contenders = []
   variants = args.jax_variant or ["jax:"]
@@ -446,7 +252,7 @@ def bench(args):
   skipped = []
   for kind, module in (("timm", "timm"), ("keras", "keras")):
     if kind in args.frameworks.split(","):
-      if kind == "timm" and args.model not in TIMM_NAMES or not _available(module):
+      if kind == "timm" and args.model not in common.TIMM_NAMES or not _available(module):
         skipped.append(
           f"{kind} (not installed: pip install -e .[bench])"
           if not _available(module)
@@ -454,7 +260,7 @@ def bench(args):
         )
       else:
         contenders.append((kind, kind, args.timm_variant if kind == "timm" else ""))
-  load_before = _loadavg()
+  load_before = common.load_average()
   workers = []
   for label, kind, opts in contenders:  # build one at a time: compiles must not overlap timings
     w = Worker(label, kind, args, opts)
@@ -470,18 +276,14 @@ def bench(args):
   finally:
     for w in workers:
       w.close()
-  load_after = _loadavg()
   med = {w.label: statistics.median(w.rates) for w in workers}
   ours = med[workers[0].label]
-  lines = []
-  cmd = "python experiments/bench_train_step.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  lines.append(f"### {args.model}, batch {args.batch} at {args.image_size}px, {args.dtype}")
-  lines.append("")
-  lines.append(f"`{cmd}`  ")
-  lines.append(
-    f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, "
-    f"load average {load_before} before / {load_after} after; {args.rounds} rounds x "
-    f"{args.steps} steps, interleaved, median"
+  lines = common.heading(
+    f"{args.model}, batch {args.batch} at {args.image_size}px, {args.dtype}",
+    common.command(MODULE),
+    f"{platform.machine()}, {os.cpu_count()} cores, load average {load_before} before / "
+    f"{common.load_average()} after; {args.rounds} rounds x {args.steps} steps, interleaved, "
+    "median",
   )
   lines.append("")
   lines.append(
@@ -498,66 +300,38 @@ def bench(args):
     lines.append("")
     lines.append("Skipped: " + ", ".join(skipped))
   lines.append("")
-  text = "\n".join(lines)
+  _report(args, "\n".join(lines))
+
+
+def _report(args, text):
   print()
   print(text)
   if not args.no_record:
-    _record(text)
-
-
-def _record(text):
-  import plotting
-
-  plotting.append_record(
-    os.path.basename(RESULTS),
-    "# Train-step throughput: effnetv2_jax vs timm vs Keras (same machine, same run)\n\n"
-    "Written by `experiments/bench_train_step.py`; see its docstring for what each contender times.",
-    text,
-  )
+    common.append_result(RESULTS, TITLE, MODULE, text)
 
 
 # ------------------------------------------------------------------------------------------------
 # Compile-time report: cold vs warm persistent cache, two processes.
-REPORT_SCRIPT = r"""
-import json, sys, time
-sys.path.insert(0, {root!r})
-import jax
-from configs import demo
-from effnetv2_jax import progressive, train
-c = demo.get_config()
-c.compilation_cache_dir = {cache!r}
-train.setup_compilation_cache(c)
-sys.path.insert(0, {root!r} + '/experiments')
-from bench_train_step import build_jax_step
-out = []
-for st in progressive.stages(c, 60000):
-    opts = dict(c.model_overrides.to_dict(), dropout_rate=st.dropout_rate)
-    t0 = time.perf_counter()
-    _, _, _, _, t = build_jax_step(c.model_name, c.batch_size, st.image_size, 'fp32', opts)
-    out.append(dict(size=st.image_size, total_s=time.perf_counter() - t0, **t))
-print('@@', json.dumps(out))
-"""
-
-
 def compile_report(args):
   cache = tempfile.mkdtemp(prefix="effnetv2_cache_")
-  script = REPORT_SCRIPT.format(root=ROOT, cache=cache)
+  cmd = [sys.executable, "-m", "experiments.compile_report_worker", "--cache", cache]
   runs = {}
   for name in ("cold", "warm"):
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
-    line = [l for l in p.stdout.splitlines() if l.startswith(TAG)]
-    if not line:
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
+    reports = common.tagged(p.stdout)
+    if not reports:
       raise RuntimeError(p.stderr[-3000:])
-    runs[name] = json.loads(line[0][len(TAG) :])
+    runs[name] = reports[0]
   n_files = sum(len(f) for _, _, f in os.walk(cache))
-  lines = [
-    "### Train-step compile time per demo stage: cold vs warm persistent cache",
-    "",
-    "`python experiments/bench_train_step.py --compile-report`  ",
-    f"{time.strftime('%Y-%m-%d %H:%M')}, load average {_loadavg()}; configs/demo.py "
+  lines = common.heading(
+    "Train-step compile time per demo stage: cold vs warm persistent cache",
+    common.command(MODULE),
+    f"load average {common.load_average()}; configs/demo.py "
     f"(batch 128), two fresh processes sharing one cache dir ({n_files} cache files "
     "after both). compile = `lowered.compile()` (XLA, or a cache read when warm); trace = "
     "jit tracing + lowering; total includes model/state construction.",
+  )
+  lines += [
     "",
     "| stage size | cold compile s | warm compile s | cold trace s | warm trace s | cold total s | warm total s |",
     "|---|---|---|---|---|---|---|",
@@ -567,10 +341,7 @@ def compile_report(args):
       f"| {c['size']} | {c['compile_s']:.2f} | {w['compile_s']:.2f} | {c['trace_s']:.2f} | "
       f"{w['trace_s']:.2f} | {c['total_s']:.2f} | {w['total_s']:.2f} |"
     )
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if not args.no_record:
-    _record(text)
+  _report(args, "\n".join(lines) + "\n")
 
 
 def main():
@@ -596,7 +367,7 @@ def main():
   ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
-    WORKERS[args.worker](args, _parse_variant(args.variant))
+    WORKERS[args.worker](args, parse_variant(args.variant))
   elif args.compile_report:
     compile_report(args)
   else:

@@ -1,31 +1,28 @@
 r"""Which small network and learning rate buy the demo the most accuracy per second?
 
-  python experiments/demo_networks.py                  # every probe below, 1 epoch each
-  python experiments/demo_networks.py --probes v2 v2-stem2 --epochs 0.2
+  python -m experiments.demo_networks                  # every probe below, 1 epoch each
+  python -m experiments.demo_networks --probes v2 v2-stem2 --epochs 0.2
 
 Each probe is configs/demo.py with one network from `configs.demo.NETWORKS` (and optionally another
 optimizer or learning rate), trained for the same epochs at a fixed 28 px with the demo's final
 regularization (progressive.preset=none), then evaluated on the 10,000 test images. It is a cheap
 proxy for the 15-minute progressive demo: one epoch is 3-9 minutes here instead of 15. Probes run
-one after another (timings need the two cores to themselves); a finished probe is skipped on a
-re-run. Writes experiments/results/demo_networks.md.
+one after another through the sweep runner (common.train; timings need the two cores to
+themselves), each in WORKDIR/<epochs>ep/<probe> with its output in sweep.log there; a finished
+probe is skipped on a re-run. Writes experiments/results/demo_networks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from configs import demo
+from effnetv2_jax import models
+from experiments import common, plotting
 
-from configs import demo  # noqa: E402
-from effnetv2_jax import models  # noqa: E402
-from experiments import plotting  # noqa: E402
+MODULE = "experiments.demo_networks"
 
 # name -> (network in configs.demo.NETWORKS, extra config overrides)
 PROBES = {
@@ -48,29 +45,20 @@ def run_probe(name, workdir, epochs):
   network, overrides = PROBES[name]
   # One folder per epoch count, so a run with other --epochs never reuses these results.
   wd = os.path.join(workdir, f"{epochs:g}ep", name.replace(", ", "_").replace(" ", ""))
-  results = os.path.join(wd, "results.json")
-  if not os.path.exists(results):
-    cmd = [
-      sys.executable,
-      "-m",
-      "effnetv2_jax.main",
-      f"--config=configs/demo.py:model={network}",
-      f"--workdir={wd}",
-      "--config.progressive.preset=none",
-      f"--config.num_epochs={epochs}",
-      "--config.ema_decay=0.999",
-    ]  # the EMA the probes were recorded with (the demo's is now 0.998)
-    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
-    print("running:", " ".join(cmd[1:]), flush=True)
+  # The demo's final size and regularization, and the EMA the probes were recorded with (the
+  # demo's is now 0.998).
+  fixed = {"progressive.preset": "none", "num_epochs": epochs, "ema_decay": 0.999}
+  run = common.Run(name, f"configs/demo.py:model={network}", wd, {**fixed, **overrides})
+  if run.results() is None:
     os.makedirs(wd, exist_ok=True)
     if os.path.exists(os.path.join(wd, "caveat.txt")):  # it described the results being replaced
       os.remove(os.path.join(wd, "caveat.txt"))
     with open(os.path.join(wd, "load_at_start.txt"), "w") as f:
-      f.write(f"{os.getloadavg()[0]:.2f}\n")
-    with open(os.path.join(wd, "probe.log"), "w") as log:
-      subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
-  with open(results) as f:
-    out = json.load(f)
+      f.write(common.load_average(1) + "\n")
+    _, codes = common.train([run])
+    if run.results() is None:
+      raise RuntimeError(f"probe {name!r} failed (exit {codes.get(name)}); see {wd}/sweep.log")
+  out = run.results()
   # The load when it started, and a note left beside its results by hand (caveat.txt), if any.
   read = lambda n: open(os.path.join(wd, n)).read().strip()
   out["notes"] = (
@@ -86,7 +74,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--probes", nargs="+", default=list(PROBES), choices=list(PROBES))
   ap.add_argument("--epochs", type=float, default=1.0)
-  ap.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "demo_networks"))
+  ap.add_argument("--workdir", default=os.path.join(common.ROOT, "workdirs", "demo_networks"))
   args = ap.parse_args(argv)
   rows = []
   for name in args.probes:
@@ -107,20 +95,20 @@ def main(argv=None):
         "; ".join(r["notes"]),
       ]
     )
-  cmd = "python experiments/demo_networks.py " + " ".join(sys.argv[1:] if argv is None else argv)
-  table = plotting.markdown_table(
+  cmd = common.command(MODULE, sys.argv[1:] if argv is None else argv)
+  table = common.markdown_table(
     ["probe", "MMACs/img @28", "overrides", "top-1", "wall s", "train img/s", "note"], rows
   )
   text = (
     f"# Demo network probes: {args.epochs:g} epoch(s) at a fixed 28 px\n\n"
-    f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}; load average at the end "
-    f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}). Every probe is configs/demo.py with "
+    f"Command: `{cmd}` ({common.timestamp()}; load average at the end "
+    f"{common.load_average()}). Every probe is configs/demo.py with "
     "progressive.preset=none (the final size and regularization: RandAugment 4, dropout 0.1), "
     "RMSProp unless named, batch 128. Wall time includes compiling and the final eval.\n\n"
     + table
     + "\n"
   )
-  print(plotting.write_text("demo_networks.md", text))
+  print(common.write_result("demo_networks.md", text))
   return 0
 
 

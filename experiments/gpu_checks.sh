@@ -9,14 +9,14 @@
 # beforehand (`pip download --no-deps -d gpu_wheels ml_collections absl-py`, plus PyYAML for the
 # image's Python); they are unpacked only when the module is missing.
 #
-# One phase, time-boxed by GPU_CHECKS_BUDGET_S (default 450 s): bench_gpu.py, EfficientNetV2-S at
-# 300 and 384 px, bf16, this codebase (78% of the budget) then timm (issue 8). On the 2026-11-28
-# H200 a cold jax worker needed about 253 s for 300 px (78 s of it building the state) and 130 s
-# more for 384 px, and timm about 83 s for both: the default split is sized to that, with little
-# slack, so on a slower start 384 px may need a second call (GPU_CHECKS_SIZES=384), which the
-# compilation cache makes short. The jax worker logs
-# XLA's per-pass compile times and its Python stack every 30 s, so a compile that does not finish
-# names where its time went (a 2026-11-28 session's did not finish in 198-300 s and said nothing).
+# One phase, time-boxed by GPU_CHECKS_BUDGET_S (default 450 s): `python -m experiments.bench_gpu`,
+# EfficientNetV2-S at 300 and 384 px, bf16, this codebase (78% of the budget) then timm (issue 8).
+# On the 2026-11-28 H200 a cold jax worker needed about 253 s for 300 px (78 s of it building the
+# state) and 130 s more for 384 px, and timm about 83 s for both: the default split is sized to
+# that, with little slack, so on a slower start 384 px may need a second call
+# (GPU_CHECKS_SIZES=384), which the compilation cache makes short. The jax worker logs XLA's
+# per-pass compile times and its Python stack every 30 s, so a compile that does not finish names
+# where its time went (a 2026-11-28 session's did not finish in 198-300 s and said nothing).
 # XLA's persistent compilation cache lives in .gpu_cache/ (git-ignored), so a rerun on a machine
 # still warm from the first skips the compile.
 set -u
@@ -45,7 +45,7 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 BUDGET=${GPU_CHECKS_BUDGET_S:-450}
 mkdir -p .gpu_cache "$OUT/logs"
-PYTHONUNBUFFERED=1 timeout $(( BUDGET + 30 )) python experiments/bench_gpu.py \
+PYTHONUNBUFFERED=1 timeout $(( BUDGET + 30 )) python -m experiments.bench_gpu \
   --sizes ${GPU_CHECKS_SIZES:-300,384} --probe-batch 256 --max-batch 256 \
   --budget-s "$BUDGET" --jax-share 0.78 --xla-pass-times --stack-every 30 \
   --compile-cache .gpu_cache --log-dir "$OUT/logs" 2>&1 | tee "$OUT/bench_gpu_main.log"

@@ -1,8 +1,9 @@
-"""Small helpers the experiment scripts share: write a markdown table atomically, read one back,
-read a training run's results.json, and plot.
+"""Plots of the recorded tables, and the helpers that turn recorded values into plot data (table
+cells, per-stage speeds of a run's results.json).
 
 matplotlib is optional (`pip install -e .[experiments]`): without it `bar_plot`/`line_plot` print
-one message and return None, and the scripts still write their tables.
+one message and return None, and the scripts still write their tables (experiments/common.py
+writes and reads the results files; the PNGs go beside them).
 """
 
 from __future__ import annotations
@@ -10,53 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def write_text(name: str, text: str) -> str:
-  """experiments/results/<name>, via a tmp file so an interrupted run never leaves half a table."""
-  os.makedirs(RESULTS_DIR, exist_ok=True)
-  path = os.path.join(RESULTS_DIR, name)
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-  return path
-
-
-def append_record(name: str, header: str, text: str) -> str:
-  """Append one measured block to experiments/results/<name>; a new file starts with `header`
-  (title and the script that writes it). Records accumulate: each run adds its own dated block."""
-  os.makedirs(RESULTS_DIR, exist_ok=True)
-  path = os.path.join(RESULTS_DIR, name)
-  new = not os.path.exists(path)
-  with open(path, "a") as f:
-    f.write((header.rstrip() + "\n\n" if new else "") + text.rstrip() + "\n\n")
-  return path
-
-
-def markdown_table(header, rows) -> str:
-  lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-  return "\n".join(lines)
-
-
-def read_markdown_table(name: str) -> list[dict]:
-  """The last markdown table in experiments/results/<name>, as {header: cell} rows: lets a script
-  re-plot a recorded run (`--replot`) without measuring again."""
-  with open(os.path.join(RESULTS_DIR, name)) as f:
-    lines = [line.strip() for line in f]
-  cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
-  starts = [
-    i for i in range(len(lines) - 1) if lines[i].startswith("|") and lines[i + 1].startswith("|---")
-  ]
-  if not starts:
-    raise ValueError(f"{name}: no markdown table")
-  header, rows = cells(lines[starts[-1]]), []
-  for line in lines[starts[-1] + 2 :]:
-    if not line.startswith("|"):
-      break
-    rows.append(dict(zip(header, cells(line))))
-  return rows
+from experiments import common
 
 
 def leading_number(cell: str) -> float:
@@ -108,8 +63,7 @@ def _pyplot():
 
 
 def _save(plt, fig, name: str, *, laid_out: bool = False) -> str:
-  os.makedirs(RESULTS_DIR, exist_ok=True)
-  path = os.path.join(RESULTS_DIR, name)
+  path = common.results_path(name)
   if not laid_out:
     fig.tight_layout()
   fig.savefig(path + ".tmp.png", dpi=120)

@@ -1,19 +1,20 @@
 r"""Where a train step's time goes: this codebase (jax.profiler) beside timm (torch.profiler).
 
-  python experiments/profile_train_step.py --model efficientnetv2-b0 --batch 32 --image-size 128
-  python experiments/profile_train_step.py ... --no-timm --no-record
+  python -m experiments.profile_train_step --model efficientnetv2-b0 --batch 32 --image-size 128
+  python -m experiments.profile_train_step ... --no-timm --no-record
 
-jax: builds the same full train step as bench_train_step.py, warms it up, traces `--steps` steps
-with `jax.profiler.trace`, and reads the Perfetto trace. Every XLA:CPU thunk event names the HLO
-instruction it ran (`args.hlo_op`); the compiled module's text maps that instruction to the JAX
-source path in its metadata (`op_name`, which carries the Flax module path, e.g.
-`.../blocks_3/dw/conv/...`) and to forward (`jvp(`), backward (`transpose(`) or the update
-(optimizer, EMA, BN statistics, divergence guard). Thunk times are summed per (component, phase)
-and divided by the number of steps.
+jax: builds the same full train step as bench_train_step (common.build_jax_step), warms it up,
+traces `--steps` steps with `jax.profiler.trace`, and reads the Perfetto trace. Every XLA:CPU thunk
+event names the HLO instruction it ran (`args.hlo_op`); the compiled module's text maps that
+instruction to the JAX source path in its metadata (`op_name`, which carries the Flax module path,
+e.g. `.../blocks_3/dw/conv/...`) and to forward (`jvp(`), backward (`transpose(`) or the update
+(optimizer, EMA, BN statistics, divergence guard). Thunk times are summed per (component, phase) and
+divided by the number of steps.
 
-timm: the same model and batch in PyTorch (bench_train_step's timm contender: RMSprop, label-
-smoothed CE, channels-last off), `torch.profiler` self CPU time per aten op, with convolutions
-split into depthwise (weight [C, 1, k, k]) and dense by their recorded input shapes.
+timm: the same model and batch in PyTorch (bench_train_step's timm contender,
+common.timm_train_step: RMSprop, label-smoothed CE, channels-last off, autocast under bf16),
+`torch.profiler` self CPU time per aten op, with convolutions split into depthwise (weight
+[C, 1, k, k]) and dense by their recorded input shapes.
 
 Thunks can overlap on the two cores, so the summed times can exceed the wall time per step; both
 are shown. Appends to experiments/results/profile_train_step.md unless --no-record.
@@ -32,9 +33,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments")
-sys.path[:0] = [ROOT, EXP]
+from experiments import common
+
+MODULE = "experiments.profile_train_step"
 
 # (component, predicate on the op_name path), first match wins.
 COMPONENTS = (
@@ -117,13 +118,12 @@ def hlo_op_names(hlo_text: str) -> dict:
 
 def profile_jax(args) -> dict:
   import jax
-  from bench_train_step import build_jax_step, jax_runner
 
-  compiled, state, data, rng, times = build_jax_step(
+  compiled, state, data, rng, times = common.build_jax_step(
     args.model, args.batch, args.image_size, args.dtype
   )
   names = hlo_op_names(compiled.as_text())
-  run = jax_runner(compiled, state, data, rng)
+  run = common.jax_runner(compiled, state, data, rng)
   run(2)
   trace_dir = tempfile.mkdtemp(prefix="jaxprof-")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -155,43 +155,22 @@ def profile_jax(args) -> dict:
 
 def profile_timm(args) -> dict:
   import torch
-  from bench_train_step import TIMM_NAMES, NUM_CLASSES, DROPOUT, _stub_torchvision
-
-  _stub_torchvision()
-  import timm
+  from torch.autograd.profiler import record_function
   from torch.profiler import ProfilerActivity, profile
 
-  model = timm.create_model(
-    TIMM_NAMES[args.model],
-    num_classes=NUM_CLASSES,
-    drop_rate=DROPOUT.get(args.model, 0.2),
-    drop_path_rate=0.2,
+  run = common.timm_train_step(
+    args.model,
+    args.batch,
+    args.image_size,
+    bf16=args.dtype == "bf16",
+    phase=lambda name: record_function(f"phase:{name}"),
   )
-  model.train()
-  opt = torch.optim.RMSprop(
-    model.parameters(), lr=1e-3, alpha=0.9, eps=1e-3, momentum=0.9, weight_decay=1e-5
-  )
-  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-  x = torch.randn(args.batch, 3, args.image_size, args.image_size)
-  y = torch.randint(0, NUM_CLASSES, (args.batch,))
+  import timm
 
-  from torch.autograd.profiler import record_function
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    with record_function("phase:forward"):
-      loss = loss_fn(model(x), y)
-    with record_function("phase:backward"):
-      loss.backward()
-    with record_function("phase:update"):
-      opt.step()
-
-  for _ in range(2):
-    step()
+  run(2)
   with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-      step()
+    run(args.steps)
     wall = (time.perf_counter() - t0) / args.steps
   table = collections.Counter()
   for ev in prof.events():
@@ -238,15 +217,13 @@ def _timm_component(name: str, shapes, phase: str) -> str:
 
 
 def render(args, jax_res, timm_res) -> str:
-  lines = [
-    f"### {args.model}, batch {args.batch} at {args.image_size}px, {args.dtype}",
-    "",
-    f"`python experiments/profile_train_step.py {' '.join(sys.argv[1:])}`  ",
-    f"{time.strftime('%Y-%m-%d %H:%M')}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-    f"{args.steps} traced steps after 2 warm-up steps. Seconds per step of summed op time "
-    "(ops may overlap on the 2 cores).",
-    "",
-  ]
+  lines = common.heading(
+    f"{args.model}, batch {args.batch} at {args.image_size}px, {args.dtype}",
+    common.command(MODULE),
+    f"load average {common.load_average()}; {args.steps} traced steps after 2 warm-up steps. "
+    "Seconds per step of summed op time (ops may overlap on the 2 cores).",
+  )
+  lines.append("")
   for label, res in (("jax (XLA:CPU thunks)", jax_res), ("timm (torch self CPU time)", timm_res)):
     if not res:
       continue
@@ -290,12 +267,10 @@ def main():
   text = render(args, jax_res, timm_res)
   print(text)
   if not args.no_record:
-    import plotting
-
-    plotting.append_record(
+    common.append_result(
       "profile_train_step.md",
-      "# Where the train step spends its time: effnetv2_jax vs timm on this CPU\n\n"
-      "Written by `experiments/profile_train_step.py` (see its docstring).",
+      "Where the train step spends its time: effnetv2_jax vs timm on this CPU",
+      MODULE,
       text,
     )
 

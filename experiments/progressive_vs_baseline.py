@@ -1,11 +1,12 @@
 r"""Progressive-learning ablation on Fashion-MNIST: the paper's Tables 12/13 in miniature.
 
-  python experiments/progressive_vs_baseline.py                       # v2 net, 4 arms, seeds 0 1
-  python experiments/progressive_vs_baseline.py --models v2-stem2 resnet --epochs 2
-  python experiments/progressive_vs_baseline.py --quick               # 0.5 epochs, plumbing check
+  python -m experiments.progressive_vs_baseline                       # v2 net, 4 arms, seeds 0 1
+  python -m experiments.progressive_vs_baseline --models v2-stem2 resnet --epochs 2
+  python -m experiments.progressive_vs_baseline --quick               # 0.5 epochs, plumbing check
 
 Every trial is configs/demo.py with one of its networks (MODELS below: the demo's `v2`, the earlier
-`v2-stem2`, a small ResNet) run through the sweep runner (effnetv2_jax.sweep), with the same
+`v2-stem2`, a small ResNet) run through the sweep runner (common.train: effnetv2_jax.sweep's trial
+command and runner; one workdir per trial named by the sweep, DIR/sweep_results.md), with the same
 epochs, batch, LR schedule and eval size; only the schedule differs between the arms:
 
   fixed                       progressive.preset=none: every step at the final size with the final
@@ -30,13 +31,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from experiments import common, plotting
 
-from experiments import plotting  # noqa: E402
+MODULE = "experiments.progressive_vs_baseline"
 
 # name -> (config, overrides for every arm). Stage-end evals are on for every model: they are the
 # curves and the "s to reach" column. `v2-stem2` is the demo network and learning rate before the
@@ -91,7 +90,7 @@ def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | No
   from effnetv2_jax import sweep
 
   config_arg, fixed = MODELS[model]
-  config = sweep.load_config(os.path.join(REPO, config_arg))
+  config = sweep.load_config(os.path.join(common.ROOT, config_arg))
   for key, value in fixed.items():
     sweep.apply_override(config, key, value)
   trials, keys = [], []
@@ -101,29 +100,18 @@ def run_model(model: str, workdir: str, epochs: float, seeds, data_dir: str | No
     for seed in seeds:
       trials.append(dict(overrides, seed=seed))
       keys.append((arm, seed))
-  os.makedirs(workdir, exist_ok=True)
-  spec = os.path.join(workdir, "spec.py")
-  with open(spec, "w") as f:
-    f.write(f"def get_sweep():\n  return {trials!r}\n")
-  argv = [
-    sys.executable,
-    "-m",
-    "effnetv2_jax.sweep",
-    f"--config={config_arg}",
-    f"--sweep={spec}",
-    f"--workdir={workdir}",
-    f"--config.num_epochs={epochs}",
+  # Every trial of the model: its workdir is named by its own overrides (as the sweep CLI names
+  # it, so an interrupted ablation finds its trials again); length, data and `fixed` are common.
+  base = dict(fixed, num_epochs=epochs, **({"data_dir": data_dir} if data_dir else {}))
+  names = sweep.trial_names(trials)
+  runs = [
+    common.Run(name, config_arg, os.path.join(workdir, name), {**base, **t})
+    for name, t in zip(names, trials)
   ]
-  argv += [f"--config.{k}={v}" for k, v in fixed.items()]
-  if data_dir:
-    argv.append(f"--config.data_dir={data_dir}")
-  print("$ " + " ".join(argv), flush=True)
-  subprocess.run(argv, cwd=REPO, check=False)  # failures show up as missing results below
-  out = {}
-  for key, name in zip(keys, sweep.trial_names(trials)):
-    path = os.path.join(workdir, name, "results.json")
-    out[key] = json.load(open(path)) if os.path.exists(path) else None
-  return out, config
+  results, codes = common.train(runs)
+  header, rows = sweep.gather(workdir, trials, names, codes)
+  sweep.write_tables(workdir, header, rows, f"Sweep of `{config_arg}` ({model} arms x seeds)")
+  return {key: results[name] for key, name in zip(keys, names)}, config
 
 
 def _curve(r):
@@ -206,15 +194,15 @@ def main(argv=None):
   if args.quick:
     args.epochs, args.seeds = QUICK_EPOCHS, args.seeds[:1]
   suffix = "_quick" if args.quick else ""
-  root = args.workdir or os.path.join(REPO, "workdirs", "progressive_ablation" + suffix)
-  command = "python experiments/progressive_vs_baseline.py " + " ".join(argv or sys.argv[1:])
+  root = args.workdir or os.path.join(common.ROOT, "workdirs", "progressive_ablation" + suffix)
+  command = common.command(MODULE, sys.argv[1:] if argv is None else argv)
 
   only = [ARM_KEYS[a.strip()] for a in args.arms.split(",") if a.strip()]
   for model in args.models:
     from effnetv2_jax import sweep
 
     epochs = args.epochs or float(
-      sweep.load_config(os.path.join(REPO, MODELS[model][0])).num_epochs
+      sweep.load_config(os.path.join(common.ROOT, MODELS[model][0])).num_epochs
     )
     results, config = run_model(
       model, os.path.join(root, model), epochs, args.seeds, args.data_dir or None, only
@@ -257,12 +245,11 @@ def main(argv=None):
     "s to reach fixed's top-1 (per seed)",
     "train img/s per stage (compiles excluded, stage-end evals included)",
   ]
-  load = " ".join(f"{x:.2f}" for x in os.getloadavg())
   text = "\n".join(
     [
       "# Progressive-learning ablation on Fashion-MNIST (paper's Tables 12/13 in miniature)",
       "",
-      f"Generated by `experiments/progressive_vs_baseline.py` (load average {load} at the end of "
+      f"Generated by `python -m {MODULE}` (load average {common.load_average()} at the end of "
       "the last invocation; each model's command is below). Wall time includes compiling each "
       "stage's train step "
       "(cold XLA cache for a new shape or dropout rate, warm for a repeated one) and evaluating all "
@@ -270,14 +257,14 @@ def main(argv=None):
       "",
       *notes,
       "",
-      plotting.markdown_table(header, rows),
+      common.markdown_table(header, rows),
       "",
       f"Paper (ImageNet): {PAPER_SPEEDUPS}.",
       "",
     ]
   )
   print(text)
-  plotting.write_text(f"progressive_ablation{suffix}.md", text)
+  common.write_result(f"progressive_ablation{suffix}.md", text)
   panels = {}  # model -> {(arm, "seed N"): curve}; keys come from summarize() as "model arm (seed N)"
   for key, curve in curves.items():
     model, rest = key.split(" ", 1)

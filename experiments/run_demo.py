@@ -1,13 +1,14 @@
 """Runs the Fashion-MNIST progressive demo as the README's first command does, and records it.
 
-  python experiments/run_demo.py [--workdir=workdirs/demo-record] [extra main.py flags]
+  python -m experiments.run_demo [--workdir=workdirs/demo-record] [extra main.py flags]
 
-Writes experiments/results/demo.md: the command, the machine's load, the stage plan, every progress
-line the run printed, and the summary from its results.json (per-stage sizes, steps, wall and
-compile seconds, eval top-1), so the recorded numbers are exactly what the run saw.
+The run goes through the sweep runner (common.train: effnetv2_jax.sweep's trial command and
+runner), its output echoed as it comes and kept in WORKDIR/sweep.log. Writes
+experiments/results/demo.md: the command, the machine's load, the stage plan, every progress line
+the run printed, and the summary from its results.json (per-stage sizes, steps, wall and compile
+seconds, eval top-1), so the recorded numbers are exactly what the run saw.
 """
 
-import json
 import os
 import platform
 import shutil
@@ -15,12 +16,13 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(REPO, "experiments", "results", "demo.md")
+from experiments import common
+
+MODULE = "experiments.run_demo"
 
 
 def main(argv):
-  workdir = os.path.join(REPO, "workdirs", "demo-record")
+  workdir = os.path.join(common.ROOT, "workdirs", "demo-record")
   extra = []
   for a in argv:
     if a.startswith("--workdir="):
@@ -28,34 +30,22 @@ def main(argv):
     else:
       extra.append(a)
   shutil.rmtree(workdir, ignore_errors=True)
-  base = [
-    sys.executable,
-    "-m",
-    "effnetv2_jax.main",
-    "--config=configs/demo.py",
-    f"--workdir={workdir}",
-  ] + extra
+  run = common.Run("demo", "configs/demo.py", workdir, flags=tuple(extra))
+  # The plan as main.py prints it for the same flags (nothing trains in --mode=plan).
   plan = subprocess.run(
-    base + ["--mode=plan"], cwd=REPO, capture_output=True, text=True, check=True
+    run.argv() + ["--mode=plan"], cwd=common.ROOT, capture_output=True, text=True, check=True
   ).stdout
-  load_before = os.getloadavg()
+  load_before = common.load_average(1)
   t0 = time.time()
-  proc = subprocess.Popen(
-    base, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-  )
-  lines = []
-  for line in proc.stdout:
-    print(line, end="", flush=True)
-    if line.startswith(("stage ", "done:", "resumed", "error:")):
-      lines.append(line.rstrip())
-  code = proc.wait()
+  results, codes = common.train([run], follow=True)
   wall = time.time() - t0
-  if code != 0:
-    sys.exit(f"demo failed with exit code {code}")
-  with open(os.path.join(workdir, "results.json")) as f:
-    res = json.load(f)
+  res = results["demo"]
+  if res is None:
+    sys.exit(f"demo failed with exit code {codes.get('demo')}")
+  with open(os.path.join(workdir, "sweep.log"), errors="replace") as f:
+    lines = [l.rstrip() for l in f if l.startswith(("stage ", "done:", "resumed", "error:"))]
 
-  cmd = "python experiments/run_demo.py " + " ".join(argv)
+  cmd = common.command(MODULE, argv)
   rows = [
     "| stage | size | randaug | mixup | dropout | steps | wall s | compile s | eval top-1 |",
     "|---|---|---|---|---|---|---|---|---|",
@@ -75,7 +65,7 @@ def main(argv):
       f"Command: `{cmd.strip()}` (what `bash scripts/demo.sh` runs after preparing the data)",
       "",
       f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
-      f"load average before the run {load_before[0]:.2f}; recorded {time.strftime('%Y-%m-%d %H:%M')}",
+      f"load average before the run {load_before}; recorded {common.timestamp()}",
       "",
       f"**Final: top-1 {fe['top1']:.4f}, top-5 {fe['top5']:.4f} on {fe['num_examples']} test "
       f"images; wall time {wall / 60:.1f} min for the training command** (the target is at least "
@@ -97,10 +87,7 @@ def main(argv):
       "",
     ]
   )
-  os.makedirs(os.path.dirname(OUT), exist_ok=True)
-  with open(OUT, "w") as f:
-    f.write(text)
-  print(f"wrote {OUT}")
+  print(f"wrote {common.write_result('demo.md', text)}")
 
 
 if __name__ == "__main__":

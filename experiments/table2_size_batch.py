@@ -1,12 +1,12 @@
 r"""Training throughput and memory against image size and batch (the paper's Table 2 shape).
 
-  python experiments/table2_size_batch.py                        # efficientnetv2-s, CPU-sized grid
-  python experiments/table2_size_batch.py --model efficientnet-b6 --sizes 380,512 --batches 24,32
+  python -m experiments.table2_size_batch                        # efficientnetv2-s, CPU-sized grid
+  python -m experiments.table2_size_batch --model efficientnet-b6 --sizes 380,512 --batches 24,32
 
 The paper's Table 2 trains EfficientNet-B6 at 380 and 512 px at two batch sizes on TPUv3 and V100:
 throughput falls with the image size and the larger batch at 512 px runs out of memory, which is
 what motivates progressive learning. Here, for each (size, batch), this codebase's full
-train step (bench_train_step.build_jax_step: forward, backward, RMSProp, EMA; fp32) is compiled,
+train step (common.build_jax_step: forward, backward, RMSProp, EMA; fp32) is compiled,
 its memory read from XLA's buffer assignment (temp = activations + scratch, plus the state and
 batch arguments), and `--steps` steps timed after one warm-up step. The last column says whether
 the step would fit a 16 GiB accelerator (one TPUv3 core or a V100-16GB), from those bytes; on a
@@ -18,22 +18,18 @@ experiments/results/table2_size_batch.md and draws its last table into table2_si
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(ROOT, "experiments")
-sys.path[:0] = [ROOT, EXP]
+from experiments import common, plotting
 
+MODULE = "experiments.table2_size_batch"
 GiB = 2.0**30
 
 
 def plot_recorded():
   """table2_size_batch.png from the last table in table2_size_batch.md (the latest recorded run)."""
-  import plotting
-
-  rows = plotting.read_markdown_table("table2_size_batch.md")
+  rows = common.read_markdown_table("table2_size_batch.md")
   panels = {"train img/s": {}, "temp + state GiB": {}}
   for r in rows:
     series = f"batch {r['batch']}"
@@ -63,19 +59,15 @@ def main():
     print(plot_recorded())
     return
   import jax
-  from bench_train_step import build_jax_step, jax_runner
 
   start = time.time()
   rows = []
   for size in [int(s) for s in args.sizes.split(",")]:
     for batch in [int(b) for b in args.batches.split(",")]:
-      compiled, state, data, rng, times = build_jax_step(args.model, batch, size, "fp32")
+      compiled, state, data, rng, times = common.build_jax_step(args.model, batch, size, "fp32")
       mem = compiled.memory_analysis()
-      run = jax_runner(compiled, state, data, rng)
-      run(1)
-      t0 = time.perf_counter()
-      run(args.steps)
-      ips = batch * args.steps / (time.perf_counter() - t0)
+      run = common.jax_runner(compiled, state, data, rng)
+      ips = common.throughput(run, batch, args.steps)
       total = mem.temp_size_in_bytes + mem.argument_size_in_bytes
       rows.append((size, batch, ips, mem.temp_size_in_bytes / GiB, total / GiB, times["compile_s"]))
       print(
@@ -95,27 +87,18 @@ def main():
       f"| {size} | {batch} | {ips:.2f} | {ips / base[batch]:.2f}x | {temp:.2f} | "
       f"{total:.2f} | {'yes' if total < args.device_gib else 'no (OOM)'} | {comp:.0f} |"
     )
-  load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-  cmd = ("python experiments/table2_size_batch.py " + " ".join(sys.argv[1:])).strip()
-  text = "\n".join(
-    [
-      f"### {args.model}, fp32, {jax.default_backend()} ({jax.device_count()} device(s))",
-      "",
-      f"`{cmd}`  ",
-      f"{time.strftime('%Y-%m-%d %H:%M')}, {time.time() - start:.0f} s, load average "
-      f"{load} at the end; {args.steps} timed steps after one warm-up step.",
-      "",
-      *lines,
-      "",
-    ]
+  head = common.heading(
+    f"{args.model}, fp32, {jax.default_backend()} ({jax.device_count()} device(s))",
+    common.command(MODULE),
+    f"{time.time() - start:.0f} s, load average {common.load_average()} at the end; "
+    f"{args.steps} timed steps after one warm-up step.",
   )
+  text = "\n".join([*head, "", *lines, ""])
   print(text)
-  import plotting
-
-  plotting.append_record(
+  common.append_result(
     "table2_size_batch.md",
-    "# Train throughput and memory vs image size and batch (Table 2 "
-    "shape)\n\nWritten by `experiments/table2_size_batch.py` (see its docstring).",
+    "Train throughput and memory vs image size and batch (Table 2 shape)",
+    MODULE,
     text,
   )
   print(plot_recorded())

@@ -1,6 +1,6 @@
 r"""The paper's Table 3 in shape: EfficientNet-B4 with Fused-MBConv in stages none / 1-3 / 1-5 / 1-7.
 
-  python experiments/table_fused_stages.py [--size 64] [--batch 8] [--steps 3]
+  python -m experiments.table_fused_stages [--size 64] [--batch 8] [--steps 3]
 
 Writes experiments/results/table_fused_stages.md and .png. Params and MACs (at 380 px, B4's size)
 are counted analytically; train throughput is measured on this machine (forward + backward + SGD
@@ -22,15 +22,15 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+from effnetv2_jax.models import count_macs, count_params, create_model
+from effnetv2_jax.models.effnetv1 import V1_BLOCKS
+from experiments import common, plotting
 
-from effnetv2_jax.models import count_macs, count_params, create_model  # noqa: E402
-from effnetv2_jax.models.effnetv1 import V1_BLOCKS  # noqa: E402
-from experiments import plotting  # noqa: E402
+MODULE = "experiments.table_fused_stages"
 
 MODEL = "efficientnet-b4"
 MAC_SIZE = 380
@@ -132,9 +132,7 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=3, help="timed steps after the compiling one")
   args = ap.parse_args(argv)
-  command = "python experiments/table_fused_stages.py " + " ".join(
-    f"--{k} {v}" for k, v in vars(args).items()
-  )
+  command = common.command(MODULE, [a for k, v in vars(args).items() for a in (f"--{k}", v)])
   start = time.time()
   rows, measured = [], {}
   for n in PAPER:
@@ -185,7 +183,7 @@ def main(argv=None):
       "`_c1` column keeps every kernel). Throughput: one jitted forward+backward+SGD step on "
       f"synthetic data, measured on {device}; the paper's accelerator figures are beside it.",
       "",
-      plotting.markdown_table(header, rows),
+      common.markdown_table(header, rows),
       "",
       reading(measured),
       "",
@@ -194,7 +192,7 @@ def main(argv=None):
     ]
   )
   print(text)
-  plotting.write_text("table_fused_stages.md", text)
+  common.write_result("table_fused_stages.md", text)
   labels = [LABELS[n] for n in PAPER]
   png = plotting.bar_plot(
     "table_fused_stages.png",

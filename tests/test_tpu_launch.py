@@ -1,16 +1,8 @@
 """The TPU VM launcher in dry-run mode: the commands it would run, none of them executed."""
 
-import importlib.util
-import os
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-  "tpu_launch", os.path.join(REPO, "experiments", "tpu", "launch.py")
-)
-launch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(launch)
+from experiments.tpu import launch
 
 BASE = [
   "--name=effnet-s",

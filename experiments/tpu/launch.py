@@ -1,9 +1,9 @@
 r"""Create (or reuse) a Cloud TPU VM slice, install this package on every worker, start a run on all.
 
-  python experiments/tpu/launch.py --name=effnet-s --zone=us-central2-b --accelerator_type=v4-32 \
+  python -m experiments.tpu.launch --name=effnet-s --zone=us-central2-b --accelerator_type=v4-32 \
       --config=configs/imagenet.py:variant=s,preset=paper --workdir=gs://BUCKET/runs/s-paper \
       --data_dir=gs://BUCKET/tensorflow_datasets [--spot] [--dry_run]
-  python experiments/tpu/launch.py ... --sweep=sweeps/lr.yaml      # a sweep instead of one config
+  python -m experiments.tpu.launch ... --sweep=sweeps/lr.yaml      # a sweep instead of one config
 
 Steps, each a `gcloud compute tpus tpu-vm ...` command (`--dry_run` prints them and runs nothing):
   1. `describe` the VM: READY is reused; missing is created; PREEMPTED/TERMINATED (a spot slice that

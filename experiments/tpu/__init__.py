@@ -1,0 +1,1 @@
+"""Cloud TPU VM launcher: `python -m experiments.tpu.launch` (see launch.py)."""
