@@ -1,6 +1,5 @@
 """tf.data pipeline: resume determinism, exact eval counts, per-process shards, bad images."""
 
-import io
 import os
 
 import numpy as np

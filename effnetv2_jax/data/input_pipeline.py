@@ -21,7 +21,6 @@ Decode failures: the record's local position travels with it; after the failing 
 from __future__ import annotations
 
 import threading
-from typing import Iterator
 
 import numpy as np
 import tensorflow as tf

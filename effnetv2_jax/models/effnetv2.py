@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effnetv2_jax.models.blocks import FusedMBConv, MBConv
-from effnetv2_jax.models.layers import ConvBNAct, dense_kernel_init
+from effnetv2_jax.models.layers import ConvBNAct, dense_kernel_init, norm_options
 
 Dtype = Any
 
@@ -266,12 +266,7 @@ class EfficientNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     stem, specs, head = self.architecture()
-    norm = dict(
-      bn_momentum=self.bn_momentum,
-      bn_epsilon=self.bn_epsilon,
-      bn_group_size=self.bn_group_size,
-      dtype=self.dtype,
-    )
+    norm = norm_options(self)
     x = images.astype(self.dtype)
     x = ConvBNAct(stem, 3, self.stem_stride, name="stem", **norm)(x, train)
     for k, spec in enumerate(specs):

@@ -290,6 +290,16 @@ def bn_module(train: bool, group_size: int = 0, **kwargs) -> nn.Module:
   return nn.BatchNorm(use_running_average=not train, **kwargs)
 
 
+def norm_options(model) -> dict:
+  """The BatchNorm and dtype settings a network passes to each of its ConvBNAct layers."""
+  return dict(
+    bn_momentum=model.bn_momentum,
+    bn_epsilon=model.bn_epsilon,
+    bn_group_size=model.bn_group_size,
+    dtype=model.dtype,
+  )
+
+
 class ConvBNAct(nn.Module):
   """Conv (no bias) -> BatchNorm -> optional activation. Children are named `conv` and `bn`."""
 

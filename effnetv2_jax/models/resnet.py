@@ -8,13 +8,13 @@ Padding is symmetric like torchvision (so its weights port), not TF-SAME. Defaul
 (Flax semantics, = PyTorch 0.1), epsilon 1e-5; the optional drop-path follows the EfficientNet rule.
 """
 
-from typing import Any, Callable, Tuple
+from typing import Any, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from effnetv2_jax.models.layers import ConvBNAct, DropPath
+from effnetv2_jax.models.layers import ConvBNAct, DropPath, norm_options
 
 Dtype = Any
 RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet152": (3, 8, 36, 3)}
@@ -84,12 +84,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    norm = dict(
-      bn_momentum=self.bn_momentum,
-      bn_epsilon=self.bn_epsilon,
-      bn_group_size=self.bn_group_size,
-      dtype=self.dtype,
-    )
+    norm = norm_options(self)
     x = images.astype(self.dtype)
     x = ConvBNAct(64, 7, 2, act=nn.relu, padding=_pad(7), name="stem", **norm)(x, train)
     x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))

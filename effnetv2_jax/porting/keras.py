@@ -8,11 +8,13 @@ missing, unexpected or mis-shaped weight is reported together in one ValueError.
 TensorFlow/Keras are never imported here: the function only reads `layer.name` and `layer.weights`.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from effnetv2_jax.porting import names
 
 # Our module path (relative; `{b}` = the block's Keras prefix such as 'block2a_') -> Keras layer name.
 KERAS_V2_LAYERS: Dict[str, str] = {
@@ -114,21 +116,10 @@ def from_keras(keras_model, model_name: str, **overrides) -> Dict[str, dict]:
       used.add(name)
       flat[path] = jnp.asarray(value, dtype=leaf.dtype)
     result[collection] = _unflatten(flat)
-  unexpected = sorted(set(src) - used)
-  problems: List[str] = []
-  for title, items in (
-    ("missing", missing),
-    ("shape mismatch", mismatched),
-    ("unexpected", unexpected),
-  ):
-    if items:
-      problems.append(
-        f"{title} ({len(items)}): " + "; ".join(items[:20]) + (" ..." if len(items) > 20 else "")
-      )
+  problems = names.describe_problems(missing, mismatched, sorted(set(src) - used))
   if problems:
     raise ValueError(
-      f"Keras model {getattr(keras_model, 'name', '?')!r} does not match "
-      f"{model_name}: " + " | ".join(problems)
+      f"Keras model {getattr(keras_model, 'name', '?')!r} does not match {model_name}: {problems}"
     )
   return result
 

@@ -16,7 +16,7 @@ mapping without allocating it.
 """
 
 import functools
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +103,30 @@ def _unflatten(items: Sequence[Tuple[Leaf, np.ndarray]]) -> Dict[str, dict]:
   return tree
 
 
+def describe_problems(missing: Sequence[str], mismatched: Sequence[str], unexpected: Sequence[str]):
+  """'missing (3): a; b; c | unexpected (1): d', at most _MAX_LISTED names each; '' if all match."""
+  problems = []
+  for title, names in (
+    ("missing", missing),
+    ("shape mismatch", mismatched),
+    ("unexpected", unexpected),
+  ):
+    if names:
+      more = " ..." if len(names) > _MAX_LISTED else ""
+      problems.append(f"{title} ({len(names)}): " + "; ".join(names[:_MAX_LISTED]) + more)
+  return " | ".join(problems)
+
+
+def module_path(leaf: Leaf, specs, blocks: Mapping, fixed: Mapping, block_name: Callable):
+  """The source's module for one of our leaves, or None: `fixed[leaf.module]` outside the
+  blocks; inside block k, `block_name(k, spec, child)` with `child = blocks[layout][module]`."""
+  if leaf.block < 0:
+    return fixed.get(leaf.module)
+  spec = specs[leaf.block]
+  child = blocks[block_layout(spec)].get(leaf.module)
+  return None if child is None else block_name(leaf.block, spec, child)
+
+
 def fill_variables(
   leaves: Sequence[Leaf],
   source: Mapping[str, np.ndarray],
@@ -137,20 +161,9 @@ def fill_variables(
       continue
     items.append((leaf, np.asarray(value, dtype=leaf.dtype)))
   unexpected = sorted(n for n in source if n not in used and not ignore(n))
-  problems: List[str] = []
-  for title, names in (
-    ("missing", missing),
-    ("shape mismatch", mismatched),
-    ("unexpected", unexpected),
-  ):
-    if names:
-      problems.append(
-        f"{title} ({len(names)}): "
-        + "; ".join(names[:_MAX_LISTED])
-        + (" ..." if len(names) > _MAX_LISTED else "")
-      )
+  problems = describe_problems(missing, mismatched, unexpected)
   if problems:
-    raise ValueError(f"{what}: " + " | ".join(problems))
+    raise ValueError(f"{what}: {problems}")
   return _unflatten(items)
 
 

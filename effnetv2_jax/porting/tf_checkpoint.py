@@ -83,14 +83,8 @@ def tf_lookup(specs, prefix: str):
   """lookup(leaf) -> (official name, transform) for a model with these block specs."""
 
   def lookup(leaf: names.Leaf):
-    if leaf.block >= 0:
-      layer = TF_BLOCKS[names.block_layout(specs[leaf.block])].get(leaf.module)
-      if layer is None:
-        return None
-      layer = f"blocks_{leaf.block}/{layer}"
-    elif leaf.module in TF_FIXED:
-      layer = TF_FIXED[leaf.module]
-    else:
+    layer = names.module_path(leaf, specs, TF_BLOCKS, TF_FIXED, lambda k, _, c: f"blocks_{k}/{c}")
+    if layer is None:
       return None
     weight = TF_LEAVES[(leaf.collection, leaf.path[-1])]
     transform = None

@@ -76,15 +76,14 @@ def timm_lookup(specs):
   """lookup(leaf) -> (timm name, transform) for a model with these block specs."""
 
   def lookup(leaf: names.Leaf):
-    if leaf.block >= 0:
-      spec = specs[leaf.block]
-      child = TIMM_BLOCKS[names.block_layout(spec)].get(leaf.module)
-      if child is None:
-        return None
-      module = f"blocks.{spec.stage}.{spec.index_in_stage}.{child}"
-    elif leaf.module in TIMM_FIXED:
-      module = TIMM_FIXED[leaf.module]
-    else:
+    module = names.module_path(
+      leaf,
+      specs,
+      TIMM_BLOCKS,
+      TIMM_FIXED,
+      lambda _, spec, c: f"blocks.{spec.stage}.{spec.index_in_stage}.{c}",
+    )
+    if module is None:
       return None
     transform = None
     if leaf.path[-1] == "kernel":
