@@ -18,7 +18,7 @@ Parameter names: see effnetv2.py (EfficientNets) and resnet.py.
 """
 
 import difflib
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
