@@ -80,6 +80,16 @@ def get_config() -> ml_collections.ConfigDict:
   p.min_dropout = 0.2
   p.max_dropout = 0.2
   p.size_multiple = 1  # round stage image sizes down to a multiple of this (e.g. 8 or 32)
+  # Stage lengths as fractions of training, one per stage, summing to 1, e.g. (0.25, 0.25, 0.5);
+  # () = equal stages. Sizes and regularization still follow the preset, by stage index.
+  p.stage_fractions = ()
+  # 'linear' (the preset's size rule) | 'hold_then_ramp': the first stage holds min_image_size
+  # for `hold_fraction` of training, the last keeps max_image_size for `tail_fraction`, the
+  # stages between ramp in equal size steps over equal lengths; regularization follows the size
+  # as in Algorithm 1. Not with preset 'none' or stage_fractions. See effnetv2_jax/progressive.py.
+  p.size_curve = "linear"
+  p.hold_fraction = 0.0  # hold_then_ramp only; 0 = no hold stage
+  p.tail_fraction = 0.0  # hold_then_ramp only; 0 = no full-size tail stage
 
   # Optimizer and learning rate (official recipe: TF RMSProp, 0.016 per 256 images, 5 warmup
   # epochs, staircase decay 0.97 every 2.4 epochs).
