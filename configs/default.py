@@ -113,6 +113,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_stage = True
+  # Time to accuracy (effnetv2_jax/curves.py): evaluate during training (EMA weights, at
+  # eval_image_size) and record a curve of (step, wall seconds, images seen, top-1) in
+  # results.json and curves.png, each eval's own seconds recorded apart so they can be
+  # subtracted. After every `eval_every_steps`-th step (0 = off) and/or when `eval_every_seconds`
+  # of wall clock passed since the last curve eval (0 = off).
+  c.eval_every_steps = 0
+  c.eval_every_seconds = 0.0
+  c.eval_subset = 0  # curve evals on the eval split's first N images (a fixed subset); 0 = all
+  # --mode=eval: before evaluating at each size, recompute the BN statistics at that size from
+  # this many train-split images (eval preprocessing, no augmentation; whole batches of
+  # eval_batch_size, so N rounds down to a multiple of it), FixRes-style; 0 = use the
+  # checkpoint's statistics. effnetv2_jax/recalibrate.py.
+  c.recalibrate_bn = 0
   c.max_bad_steps = 10  # consecutive non-finite steps before the run stops
   c.compilation_cache_dir = "~/.cache/effnetv2_jax/xla"  # '' disables
   c.init_from = ""  # an orbax checkpoint dir of this package to start from (fine-tuning)

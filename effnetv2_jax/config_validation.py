@@ -173,6 +173,34 @@ def _validate_schedule_shape(p) -> None:
     )
 
 
+def _validate_curve_and_recalibration(config) -> None:
+  """eval_every_steps, eval_every_seconds, eval_subset (effnetv2_jax/curves.py), recalibrate_bn."""
+  for field, what in (
+    ("eval_every_steps", "train steps between curve evals"),
+    ("eval_subset", "eval images per curve eval"),
+    ("recalibrate_bn", "train images to recompute the BN statistics from"),
+  ):
+    v = config.get(field, 0)
+    _require(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+      field,
+      f"must be an integer >= 0 ({what}; 0 = off), got {v!r}",
+    )
+  v = config.get("eval_every_seconds", 0.0)
+  _require(
+    _is_number(v) and v >= 0,
+    "eval_every_seconds",
+    f"must be a number >= 0 (wall seconds between curve evals; 0 = off), got {v!r}",
+  )
+  n = config.get("recalibrate_bn", 0)
+  _require(
+    n == 0 or n >= config.eval_batch_size,
+    "recalibrate_bn",
+    f"{n} images are less than one batch of eval_batch_size {config.eval_batch_size}; the "
+    "statistics are averaged over whole batches: use at least that many, or 0",
+  )
+
+
 def check_bn_group_size(group_size, batch_size: int, field: str = "batch_size") -> None:
   """ConfigError unless `group_size` (config.bn_group_size) is 0 or divides `batch_size`.
 
@@ -255,6 +283,7 @@ def validate_config(
     raise ConfigError(e.field, e.reason) from None
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_bad_steps"):
     _require(config[field] >= 1, field, f"must be >= 1, got {config[field]}")
+  _validate_curve_and_recalibration(config)
   # A remote init_from (gs://...) is not looked up here (that needs the network); loading it
   # reports a missing checkpoint as FileNotFoundError, which main also turns into exit code 2.
   if config.init_from and not paths.is_remote(config.init_from):

@@ -154,16 +154,35 @@ def init_state(config, model, tx, image_size: int, mesh):
 
 
 def make_evaluator(config, run: plan_lib.RunPlan, mesh):
-  """A function variables -> eval dict, compiled once and reused at every stage end."""
+  """A function `(variables, *, image_size=None, max_examples=None) -> eval dict`, its eval step
+  jitted once and reused at every stage end and curve point (one compile per image size).
+
+  `image_size` defaults to config.eval_image_size; `max_examples` (None or 0: the whole split)
+  evaluates a fixed subset of that many images, the same at every call (config.eval_subset for
+  the time-to-accuracy curve; see `run_eval`).
+  """
   model = build_model(config, run.num_classes, run.stages[-1].dropout_rate)  # train=False
   eval_step = sharding.jit_eval_step(
     steps_lib.make_eval_step(model, num_classes=run.num_classes), mesh
   )
-  return lambda variables: run_eval(config, run, eval_step, variables, mesh)
+  return lambda variables, *, image_size=None, max_examples=None: run_eval(
+    config, run, eval_step, variables, mesh, image_size=image_size, max_examples=max_examples
+  )
 
 
-def run_eval(config, run: plan_lib.RunPlan, eval_step, variables, mesh) -> dict:
-  """Top-1/top-5 over the whole eval split at config.eval_image_size (masked padding excluded)."""
+def run_eval(
+  config,
+  run: plan_lib.RunPlan,
+  eval_step,
+  variables,
+  mesh,
+  *,
+  image_size: int | None = None,
+  max_examples: int | None = None,
+) -> dict:
+  """Top-1/top-5 over the eval split at `image_size` (default config.eval_image_size), masked
+  padding excluded. `max_examples` = N: only the split's first N images (per process: its
+  shard's first share of N, input_pipeline.eval_iterator), so every eval sees the same N."""
   from effnetv2_jax.data import input_pipeline
 
   totals = None
@@ -172,10 +191,11 @@ def run_eval(config, run: plan_lib.RunPlan, eval_step, variables, mesh) -> dict:
     data_dir=config.data_dir,
     split=run.eval_split,
     global_batch_size=config.eval_batch_size,
-    image_size=config.eval_image_size,
+    image_size=int(image_size or config.eval_image_size),
     family=run.family,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    max_examples=max_examples or None,
   ):
     sums = eval_step(variables, sharding.shard_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -598,14 +618,76 @@ def _report(ctx: RunContext, state, step: int, log: StageLog, evaluator) -> dict
 # --- evaluation only ---------------------------------------------------------------------------
 
 
-def evaluate(config, workdir: str, *, devices=None) -> dict:
-  """Evaluate `config.init_from` (or the workdir's latest checkpoint) with its EMA weights.
+EVAL_KEYS = ("top1", "top5", "loss", "num_examples")  # what run_eval returns: final_eval's keys
+
+
+def eval_sizes_of(config, eval_sizes=None) -> list[int]:
+  """The sizes `evaluate` evaluates at: `eval_sizes` in order, duplicates dropped, or
+  [config.eval_image_size] when it is empty or None. ConfigError for a size that is not a
+  positive integer."""
+  sizes = []
+  for size in eval_sizes or [config.eval_image_size]:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+      raise config_validation.ConfigError(
+        "eval_sizes", f"must be positive integers (image sizes in pixels), got {size!r}"
+      )
+    if size not in sizes:
+      sizes.append(size)
+  return sizes
+
+
+def recalibration_images(config, run: plan_lib.RunPlan) -> int:
+  """How many train images `config.recalibrate_bn` recalibrates from: whole batches of
+  eval_batch_size, no more than the train split holds (0 = off)."""
+  n = min(int(config.recalibrate_bn or 0), run.num_train)
+  return n // config.eval_batch_size * config.eval_batch_size
+
+
+def recalibrated_variables(config, run: plan_lib.RunPlan, model, variables, image_size, mesh):
+  """`variables` with BN statistics recomputed at `image_size` from the first
+  `recalibration_images` of the train split in a seeded shuffle (config.seed; the same images at
+  every size), with the eval preprocessing (effnetv2_jax/recalibrate.py)."""
+  from effnetv2_jax import recalibrate
+  from effnetv2_jax.data import input_pipeline
+
+  n = recalibration_images(config, run)
+  if n <= 0:
+    raise config_validation.ConfigError(
+      "recalibrate_bn",
+      f"the train split {run.train_split!r} ({run.num_train} images) holds no whole batch of "
+      f"eval_batch_size {config.eval_batch_size} to recalibrate from; lower eval_batch_size",
+    )
+  batches = input_pipeline.eval_iterator(
+    dataset=config.dataset,
+    data_dir=config.data_dir,
+    split=run.train_split,
+    global_batch_size=config.eval_batch_size,
+    image_size=int(image_size),
+    family=run.family,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    max_examples=n,
+    shuffle_seed=config.seed,
+    shuffle_buffer=config.shuffle_buffer,
+  )
+  stats = recalibrate.recalibrate_batch_stats(model, variables, batches, mesh=mesh)
+  return {"params": variables["params"], "batch_stats": stats}
+
+
+def evaluate(config, workdir: str, *, eval_sizes=None, devices=None) -> dict:
+  """Evaluate `config.init_from` (or the workdir's latest checkpoint) with its EMA weights, at
+  each of `eval_sizes` (default: config.eval_image_size), after recomputing the BN statistics at
+  that size when config.recalibrate_bn > 0.
 
   Writes DIR/results.json, or DIR/eval_results.json when DIR is the checkpoint's own training
-  workdir (its results.json belongs to the training run).
+  workdir (its results.json belongs to the training run). results['evals'] holds one entry per
+  size (run_eval's keys plus image_size, recalibrate_bn = images recalibrated from, eval_s);
+  results['final_eval'] is the entry at config.eval_image_size (the first size when that is not
+  among them) with run_eval's keys only, as before.
   """
   sharding.init_distributed()
   run = check_inputs(config)
+  sizes = eval_sizes_of(config, eval_sizes)
   setup_compilation_cache(config)
   source = config.init_from or workdir
   params, batch_stats, src_step = ckpt_lib.load_variables(source)
@@ -623,12 +705,30 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
   mesh = sharding.make_mesh(devices)
   variables = sharding.put_replicated({"params": params, "batch_stats": batch_stats}, mesh)
   t0 = time.perf_counter()
-  final = make_evaluator(config, run, mesh)(variables)
+  evaluator = make_evaluator(config, run, mesh)
+  n_recal = recalibration_images(config, run) if config.get("recalibrate_bn", 0) else 0
+  evals = []
+  for s in sizes:
+    t_size = time.perf_counter()
+    v = recalibrated_variables(config, run, model, variables, s, mesh) if n_recal else variables
+    ev = evaluator(v, image_size=s)
+    evals.append(
+      dict(ev, image_size=s, recalibrate_bn=n_recal, eval_s=time.perf_counter() - t_size)
+    )
+    if len(sizes) > 1 or n_recal:
+      recal = f", BN recalibrated on {n_recal} train images" if n_recal else ""
+      _print(
+        f"eval at {s}px: top1 {ev['top1']:.4f} top5 {ev['top5']:.4f} "
+        f"({ev['num_examples']} images{recal})"
+      )
+  chosen = next((e for e in evals if e["image_size"] == size), evals[0])
+  final = {k: chosen[k] for k in EVAL_KEYS}
   results = {
     "status": "evaluated",
     "source": paths.normalize(source),
     "step": src_step,
     "final_eval": final,
+    "evals": evals,
     "total_wall_s": time.perf_counter() - t0,
     "config": config.to_dict(),
     "params_checksum": reporting.params_checksum(params),
@@ -640,8 +740,12 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
   results["results_file"] = out
   if jax.process_index() == 0:
     reporting.write_json_atomic(out, results)
+  if len(sizes) > 1:
+    best = max(evals, key=lambda e: e["top1"])
+    _print(f"best eval size: {best['image_size']}px, top1 {best['top1']:.4f}")
   _print(
-    f"eval of {results['source']} (step {src_step}): top1 {final['top1']:.4f} top5 "
-    f"{final['top5']:.4f} on {final['num_examples']} images; written to {out}"
+    f"eval of {results['source']} (step {src_step}) at {chosen['image_size']}px: top1 "
+    f"{final['top1']:.4f} top5 {final['top5']:.4f} on {final['num_examples']} images; "
+    f"written to {out}"
   )
   return results

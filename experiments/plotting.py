@@ -1,8 +1,8 @@
 """Small helpers the experiment scripts share: write a markdown table atomically, read one back,
 read a training run's results.json, and plot.
 
-matplotlib is optional (`pip install -e .[experiments]`): without it `bar_plot`/`line_plot` print
-one message and return None, and the scripts still write their tables.
+matplotlib is a dependency of the package (setup.py); should it be missing, `bar_plot`/`line_plot`
+print one message and return None, and the scripts still write their tables.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _pyplot():
     return plt
   except ImportError:
     print(
-      "matplotlib is not installed (pip install -e .[experiments]): table only, no plot",
+      "matplotlib is not installed (pip install matplotlib): table only, no plot",
       file=sys.stderr,
       flush=True,
     )
