@@ -20,10 +20,10 @@ setup(
     "tensorflow-datasets>=4.9.10",
     "numpy",
     "pillow",
+    "matplotlib",  # WORKDIR/curves.png (effnetv2_jax/curves.py) and experiments/*.py plots
   ],
   extras_require={
     "test": ["pytest", "ruff==0.17.5"],
     "bench": ["timm", "torch"],
-    "experiments": ["matplotlib"],  # plots of experiments/*.py (tables work without)
   },
 )

@@ -80,6 +80,16 @@ def get_config() -> ml_collections.ConfigDict:
   p.min_dropout = 0.2
   p.max_dropout = 0.2
   p.size_multiple = 1  # round stage image sizes down to a multiple of this (e.g. 8 or 32)
+  # Stage lengths as fractions of training, one per stage, summing to 1, e.g. (0.25, 0.25, 0.5);
+  # () = equal stages. Sizes and regularization still follow the preset, by stage index.
+  p.stage_fractions = ()
+  # 'linear' (the preset's size rule) | 'hold_then_ramp': the first stage holds min_image_size
+  # for `hold_fraction` of training, the last keeps max_image_size for `tail_fraction`, the
+  # stages between ramp in equal size steps over equal lengths; regularization follows the size
+  # as in Algorithm 1. Not with preset 'none' or stage_fractions. See effnetv2_jax/progressive.py.
+  p.size_curve = "linear"
+  p.hold_fraction = 0.0  # hold_then_ramp only; 0 = no hold stage
+  p.tail_fraction = 0.0  # hold_then_ramp only; 0 = no full-size tail stage
 
   # Optimizer and learning rate (official recipe: TF RMSProp, 0.016 per 256 images, 5 warmup
   # epochs, staircase decay 0.97 every 2.4 epochs).
@@ -103,6 +113,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_stage = True
+  # Time to accuracy (effnetv2_jax/curves.py): evaluate during training (EMA weights, at
+  # eval_image_size) and record a curve of (step, wall seconds, images seen, top-1) in
+  # results.json and curves.png, each eval's own seconds recorded apart so they can be
+  # subtracted. After every `eval_every_steps`-th step (0 = off) and/or when `eval_every_seconds`
+  # of wall clock passed since the last curve eval (0 = off).
+  c.eval_every_steps = 0
+  c.eval_every_seconds = 0.0
+  c.eval_subset = 0  # curve evals on the eval split's first N images (a fixed subset); 0 = all
+  # --mode=eval: before evaluating at each size, recompute the BN statistics at that size from
+  # this many train-split images (eval preprocessing, no augmentation; whole batches of
+  # eval_batch_size, so N rounds down to a multiple of it), FixRes-style; 0 = use the
+  # checkpoint's statistics. effnetv2_jax/recalibrate.py.
+  c.recalibrate_bn = 0
   c.max_bad_steps = 10  # consecutive non-finite steps before the run stops
   c.compilation_cache_dir = "~/.cache/effnetv2_jax/xla"  # '' disables
   # Compile the next stage's train step (and the eval step) on a background thread while this

@@ -90,6 +90,115 @@ def _validate_progressive(config) -> None:
       lo <= hi, f"progressive.min_{name}", f"{lo} is larger than progressive.max_{name} {hi}"
     )
   _require(p.max_dropout < 1.0, "progressive.max_dropout", f"must be < 1, got {p.max_dropout}")
+  _validate_schedule_shape(p)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _validate_schedule_shape(p) -> None:
+  """stage_fractions, size_curve, hold_fraction, tail_fraction (effnetv2_jax/progressive.py)."""
+  curve = p.get("size_curve", "linear")
+  _require(
+    curve in progressive.SIZE_CURVES,
+    "progressive.size_curve",
+    f"{curve!r} is not one of {', '.join(progressive.SIZE_CURVES)}",
+  )
+  fractions = p.get("stage_fractions", ()) or ()
+  _require(
+    isinstance(fractions, (tuple, list)),
+    "progressive.stage_fractions",
+    f"must be a tuple of stage lengths (fractions of training), got {fractions!r}",
+  )
+  num_stages = 1 if p.preset == "none" else int(p.num_stages)
+  if fractions:
+    field = "progressive.stage_fractions"
+    _require(
+      p.preset != "none",
+      field,
+      "preset 'none' trains one stage; leave stage_fractions empty",
+    )
+    _require(
+      curve == "linear",
+      field,
+      "size_curve 'hold_then_ramp' sets the stage lengths itself (hold_fraction, "
+      "tail_fraction); leave stage_fractions empty",
+    )
+    _require(
+      len(fractions) == num_stages,
+      field,
+      f"has {len(fractions)} entries for progressive.num_stages {num_stages}; give one per stage",
+    )
+    _require(
+      all(_is_number(f) and f > 0 for f in fractions),
+      field,
+      f"every entry must be a number > 0, got {tuple(fractions)}",
+    )
+    total = float(sum(fractions))
+    _require(
+      abs(total - 1.0) <= 1e-6,
+      field,
+      f"{tuple(fractions)} sums to {total:g}; the fractions of training must sum to 1",
+    )
+  hold, tail = p.get("hold_fraction", 0.0), p.get("tail_fraction", 0.0)
+  for name, v in (("hold_fraction", hold), ("tail_fraction", tail)):
+    _require(
+      _is_number(v) and 0 <= v < 1,
+      f"progressive.{name}",
+      f"must be a fraction of training in [0, 1), got {v!r}",
+    )
+    _require(
+      v == 0 or curve == "hold_then_ramp",
+      f"progressive.{name}",
+      f"is only used by size_curve 'hold_then_ramp' (size_curve is {curve!r}); set it to 0",
+    )
+  if curve == "hold_then_ramp":
+    _require(
+      p.preset != "none",
+      "progressive.size_curve",
+      "preset 'none' trains one stage at max_image_size; use 'linear'",
+    )
+    _require(
+      hold + tail < 1,
+      "progressive.hold_fraction",
+      f"hold_fraction {hold} + tail_fraction {tail} leave no ramp; their sum must be < 1",
+    )
+    need = 1 + (hold > 0) + (tail > 0)
+    _require(
+      num_stages >= need,
+      "progressive.num_stages",
+      f"{num_stages} stages cannot hold the hold stage, a ramp and the tail stage of "
+      f"size_curve 'hold_then_ramp'; use at least {need}",
+    )
+
+
+def _validate_curve_and_recalibration(config) -> None:
+  """eval_every_steps, eval_every_seconds, eval_subset (effnetv2_jax/curves.py), recalibrate_bn."""
+  for field, what in (
+    ("eval_every_steps", "train steps between curve evals"),
+    ("eval_subset", "eval images per curve eval"),
+    ("recalibrate_bn", "train images to recompute the BN statistics from"),
+  ):
+    v = config.get(field, 0)
+    _require(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+      field,
+      f"must be an integer >= 0 ({what}; 0 = off), got {v!r}",
+    )
+  v = config.get("eval_every_seconds", 0.0)
+  _require(
+    _is_number(v) and v >= 0,
+    "eval_every_seconds",
+    f"must be a number >= 0 (wall seconds between curve evals; 0 = off), got {v!r}",
+  )
+  n = config.get("recalibrate_bn", 0)
+  _require(
+    n == 0 or n >= config.eval_batch_size,
+    "recalibrate_bn",
+    f"{n} images are less than one batch of eval_batch_size {config.eval_batch_size}; the "
+    "statistics are averaged over whole batches: use at least that many, or 0",
+  )
 
 
 def check_bn_group_size(group_size, batch_size: int, field: str = "batch_size") -> None:
@@ -174,6 +283,7 @@ def validate_config(
     raise ConfigError(e.field, e.reason) from None
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_bad_steps"):
     _require(config[field] >= 1, field, f"must be >= 1, got {config[field]}")
+  _validate_curve_and_recalibration(config)
   # A remote init_from (gs://...) is not looked up here (that needs the network); loading it
   # reports a missing checkpoint as FileNotFoundError, which main also turns into exit code 2.
   if config.init_from and not paths.is_remote(config.init_from):
@@ -202,8 +312,21 @@ def validate_config(
     f"{stages} stages need at least {stages} train steps, the run has {n}; "
     "lower num_stages or train longer",
   )
+  table = progressive.stages(config, num_train_examples)
+  empty = [s.index for s in table if s.num_steps <= 0]
+  if empty:
+    field = (
+      "progressive.hold_fraction"
+      if config.progressive.get("size_curve", "linear") == "hold_then_ramp"
+      else "progressive.stage_fractions"
+    )
+    _require(
+      False,
+      field,
+      f"stage {empty[0]} gets no train steps of the run's {n}; lengthen it or train longer",
+    )
   # Stages that carry their own batch size must be tiled by the BN groups too.
-  for stage in progressive.stages(config, num_train_examples):
+  for stage in table:
     stage_batch = getattr(stage, "batch_size", None)
     if stage_batch is not None:
       check_bn_group_size(config.bn_group_size, int(stage_batch), f"stage {stage.index}'s batch")

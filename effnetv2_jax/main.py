@@ -4,6 +4,8 @@
   python -m effnetv2_jax.main --config=configs/imagenet.py:variant=s,preset=paper \\
       --workdir=gs://bucket/s --config.batch_size=2048
   python -m effnetv2_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=eval
+  python -m effnetv2_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=eval \\
+      --eval_sizes=24,28,32 --config.recalibrate_bn=5000   # test-resolution search, FixRes BN
   python -m effnetv2_jax.main --config=configs/imagenet.py:variant=s --mode=plan
 
 Exit codes: see `effnetv2_jax.exit_codes` (0 done or preempted, 2 bad input as one `error: ...`
@@ -37,6 +39,14 @@ _MODE = flags.DEFINE_enum(
   "workdir's latest checkpoint; plan: print the stage table.",
 )
 
+_EVAL_SIZES = flags.DEFINE_list(
+  "eval_sizes",
+  [],
+  "--mode=eval only: comma-separated image sizes to evaluate at, one top-1 each (the "
+  "test-resolution search), e.g. 224,256,288; empty = config.eval_image_size. With "
+  "--config.recalibrate_bn=N the BN statistics are recomputed at each size first.",
+)
+
 EXIT_BAD_INPUT = exit_codes.BAD_INPUT
 EXIT_DIVERGED = exit_codes.DIVERGED
 EXIT_WRITE_FAILED = exit_codes.WRITE_FAILED
@@ -51,7 +61,28 @@ def _fail(message: str, code: int) -> None:
   sys.exit(code)
 
 
-def run(config, workdir, mode) -> int:
+def parse_eval_sizes(values) -> list[int]:
+  """`--eval_sizes` entries (strings or ints) -> positive ints; ConfigError naming the flag."""
+  from effnetv2_jax import config_validation
+
+  sizes = []
+  for v in values or ():
+    text = str(v).strip()
+    if not text:
+      continue
+    try:
+      size = int(text)
+    except ValueError:
+      size = 0
+    if size <= 0 or str(size) != text.lstrip("+"):
+      raise config_validation.ConfigError(
+        "--eval_sizes", f"{text!r} is not a positive integer image size (e.g. 224,256,288)"
+      )
+    sizes.append(size)
+  return sizes
+
+
+def run(config, workdir, mode, eval_sizes=None) -> int:
   # Imported here so `--help` and flag errors stay fast.
   from effnetv2_jax import checkpoint as ckpt_lib
   from effnetv2_jax import config_validation
@@ -65,10 +96,13 @@ def run(config, workdir, mode) -> int:
       config_validation.validate_config(config, num_devices=1)
       print(plan.format_plan(config, plan.resolve(config)), flush=True)
       return 0
+    sizes = parse_eval_sizes(eval_sizes)
+    if sizes and mode != "eval":
+      raise config_validation.ConfigError("--eval_sizes", "is only used by --mode=eval")
     if not workdir:
       raise config_validation.ConfigError("--workdir", "is required for --mode=" + mode)
     if mode == "eval":
-      train.evaluate(config, workdir)
+      train.evaluate(config, workdir, eval_sizes=sizes)
       return 0
     result = train.train_and_evaluate(config, workdir)
     return 0 if result["status"] in ("completed", "preempted", "stopped") else 1
@@ -136,7 +170,7 @@ def main(argv):
     config.get("seed")  # a config file that failed to load only reports it on first access
   except Exception as e:  # pylint: disable=broad-except
     _fail("--config: " + " ".join(str(e).split()), EXIT_BAD_INPUT)
-  sys.exit(run(config, _WORKDIR.value, _MODE.value))
+  sys.exit(run(config, _WORKDIR.value, _MODE.value, _EVAL_SIZES.value))
 
 
 if __name__ == "__main__":

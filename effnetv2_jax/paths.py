@@ -87,6 +87,15 @@ def write_text(path: str, text: str) -> None:
       f.write(text)
 
 
+def write_bytes(path: str, data: bytes) -> None:
+  """`write_text` for binary contents (a plot)."""
+  if is_remote(path):
+    _epath(path).write_bytes(data)
+  else:
+    with open(path, "wb") as f:
+      f.write(data)
+
+
 def remove(path: str, missing_ok: bool = True) -> None:
   try:
     if is_remote(path):

@@ -85,6 +85,24 @@ def resolve(config, *, num_train: int | None = None, num_classes: int | None = N
   )
 
 
+def _schedule_shape(config, run: RunPlan) -> str:
+  """One line on stage lengths and the size curve when they are not the preset's equal stages."""
+  p = config.progressive
+  curve = p.get("size_curve", "linear")
+  fractions = progressive.stage_fractions(config)
+  if fractions is None:
+    return ""
+  shares = ", ".join(f"{100 * s.num_steps / max(run.total_steps, 1):.1f}%" for s in run.stages)
+  if curve == "hold_then_ramp":
+    head = (
+      f"size curve hold_then_ramp: hold {p.hold_fraction:g} at {p.min_image_size}px, "
+      f"tail {p.tail_fraction:g} at {p.max_image_size}px"
+    )
+  else:
+    head = f"stage fractions {tuple(float(f) for f in fractions)}"
+  return f"{head}; stage lengths {shares} of the steps"
+
+
 def format_plan(config, run: RunPlan) -> str:
   """The stage table as markdown: sizes, regularization, steps, epochs, MACs and compute share.
 
@@ -102,6 +120,11 @@ def format_plan(config, run: RunPlan) -> str:
     f"batch {run.batch_size} ({run.num_train} examples in {run.train_split!r}, "
     f"{run.steps_per_epoch:.2f} steps/epoch), base lr {run.base_lr:.4g}, {run.dtype}, "
     f"eval on {run.eval_split!r} at {config.eval_image_size}px",
+  ]
+  shape = _schedule_shape(config, run)
+  if shape:
+    lines.append(shape)
+  lines += [
     "",
     "| stage | size | randaug | mixup | cutmix | dropout | steps | epochs | GMACs/img | compute |",
     "|---|---|---|---|---|---|---|---|---|---|",

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from effnetv2_jax import checkpoint as ckpt_lib
 from effnetv2_jax import compile_ahead as compile_ahead_lib
 from effnetv2_jax import config_validation
+from effnetv2_jax import curves
 from effnetv2_jax import optim
 from effnetv2_jax import paths
 from effnetv2_jax import plan as plan_lib
@@ -182,17 +183,37 @@ class Evaluator:
     self._compile_fn = lambda: self._jitted.lower(variables_spec, batch_spec).compile()
     compiler.submit(self.KEY, self._compile_fn)
 
-  def __call__(self, variables) -> dict:
-    if self._step is None:
-      if self._compiler is None:
-        self._step = self._jitted
-      else:
-        self._step, _, _ = self._compiler.get(self.KEY, self._compile_fn)
-    return run_eval(self.config, self.run, self._step, variables, self.mesh)
+  def __call__(self, variables, *, image_size=None, max_examples=None) -> dict:
+    """Eval dict at `image_size` (default config.eval_image_size); `max_examples` (None or 0:
+    the whole split) evaluates the same fixed subset of that many images at every call."""
+    size = image_size or self.config.eval_image_size
+    if size != self.config.eval_image_size:  # the test-resolution search: one compile per size
+      step = self._jitted
+    else:
+      if self._step is None:
+        if self._compiler is None:
+          self._step = self._jitted
+        else:
+          self._step, _, _ = self._compiler.get(self.KEY, self._compile_fn)
+      step = self._step
+    return run_eval(
+      self.config, self.run, step, variables, self.mesh, image_size=size, max_examples=max_examples
+    )
 
 
-def run_eval(config, run: plan_lib.RunPlan, eval_step, variables, mesh) -> dict:
-  """Top-1/top-5 over the whole eval split at config.eval_image_size (masked padding excluded)."""
+def run_eval(
+  config,
+  run: plan_lib.RunPlan,
+  eval_step,
+  variables,
+  mesh,
+  *,
+  image_size: int | None = None,
+  max_examples: int | None = None,
+) -> dict:
+  """Top-1/top-5 over the eval split at `image_size` (default config.eval_image_size), masked
+  padding excluded. `max_examples` = N: only the split's first N images (per process: its
+  shard's first share of N, input_pipeline.eval_iterator), so every eval sees the same N."""
   from effnetv2_jax.data import input_pipeline
 
   totals = None
@@ -201,10 +222,11 @@ def run_eval(config, run: plan_lib.RunPlan, eval_step, variables, mesh) -> dict:
     data_dir=config.data_dir,
     split=run.eval_split,
     global_batch_size=config.eval_batch_size,
-    image_size=config.eval_image_size,
+    image_size=int(image_size or config.eval_image_size),
     family=run.family,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    max_examples=max_examples or None,
   ):
     sums = eval_step(variables, sharding.shard_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -310,13 +332,17 @@ class StageLog:
   """Per-stage records (sizes, steps, wall and compile seconds, evals) and the run's wall clock,
   carried across interruptions in each checkpoint's metadata."""
 
-  def __init__(self, stages, header: dict, meta: dict | None = None):
+  def __init__(self, stages, header: dict, config, meta: dict | None = None, step: int = 0):
     meta = meta or {}
     prev = {int(k): v for k, v in meta.get("stages", {}).items()}
     self.records = {s.index: _stage_record(s, prev.get(s.index)) for s in stages}
     self.header = dict(header)  # config hash, model name, class count
     self.prior_wall_s = float(meta.get("total_wall_s", 0.0))
     self.t0 = time.perf_counter()
+    # Time to accuracy: eval points during training and the train loss per log interval, kept up
+    # to the step resumed from (effnetv2_jax/curves.py).
+    self.curve = curves.Curve.from_config(config, meta.get("curve"), upto_step=step)
+    self.train_curve = curves.TrainCurve.from_list(meta.get("train_curve"), upto_step=step)
 
   def add_time(self, stage_index: int, **seconds: float) -> None:
     """Add to the stage's 'wall_s', 'compile_s' (the compile's own duration, wherever it ran)
@@ -341,6 +367,8 @@ class StageLog:
       stage=stage_index,
       total_wall_s=self.total_wall_s(),
       stages={str(k): v for k, v in self.records.items()},
+      curve=self.curve.to_dict(),
+      train_curve=self.train_curve.to_list(),
     )
 
 
@@ -462,7 +490,7 @@ def _restore_or_init(ctx: RunContext):
   restored = ctx.ckpt.restore_latest(target)  # an unreadable newest one falls back to an older
   if restored is None:
     state = init_state(config, model, ctx.tx, run.stages[0].image_size, ctx.mesh)
-    return state, 0, StageLog(run.stages, header)
+    return state, 0, StageLog(run.stages, header, config)
   latest, state, meta = restored
   if meta.get("config_hash") not in (None, cfg_hash):
     logging.warning(
@@ -475,7 +503,7 @@ def _restore_or_init(ctx: RunContext):
     f"resumed from {ctx.ckpt.directory}/{latest} at step {step} "
     f"(stage {run.stage_at(step).index + 1}/{len(run.stages)})"
   )
-  return state, step, StageLog(run.stages, header, meta)
+  return state, step, StageLog(run.stages, header, config, meta, step)
 
 
 def _save(ctx: RunContext, guard: DivergenceGuard, log: StageLog, step: int, state, stage_index):
@@ -543,6 +571,7 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
   the stage finished and 'preempted'/'stopped' when the run stopped inside it (checkpointed)."""
   num_stages = len(ctx.run.stages)
   stage_t0 = time.perf_counter()
+  log.records[stage.index].setdefault("start_wall_s", log.total_wall_s())  # for curves.png
   compiled, data, batch, compile_s, wait_s = _start_stage(ctx, stage, state, step)
   log.add_time(stage.index, compile_s=compile_s, compile_wait_s=wait_s)
   eta.add_compile(wait_s)
@@ -565,7 +594,9 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
     guard.observe(step, metrics["bad_step"])
     ctx.ckpt.check_for_errors()  # a failed async checkpoint write stops the run at the next step
     if step % ctx.config.log_every_steps == 0 or not more:
-      _log_progress(ctx, stage, step, meter, eta)
+      _log_progress(ctx, stage, step, meter, eta, log)
+    if log.curve.due_everywhere(step, log.total_wall_s()):
+      _curve_point(ctx, stage, step, state, log)
     status = _stop_requested(ctx, step)
     if status:
       log.add_time(stage.index, wall_s=time.perf_counter() - stage_t0)
@@ -594,9 +625,26 @@ def _stop_requested(ctx: RunContext, step: int) -> str | None:
   return None
 
 
-def _log_progress(ctx: RunContext, stage, step: int, meter, eta) -> None:
+def _curve_point(ctx: RunContext, stage, step: int, state, log: StageLog) -> None:
+  """One time-to-accuracy point: EMA weights at the eval size (config.eval_subset images)."""
+  point = log.curve.measure(
+    ctx.evaluator,
+    state_lib.eval_variables(state),
+    wall_clock=log.total_wall_s,
+    step=step,
+    images_seen=step * ctx.run.batch_size,
+    stage=stage.index,
+    image_size=ctx.config.eval_image_size,
+    max_examples=ctx.config.eval_subset or None,
+  )
+  ctx.writer.write_scalars(step, {f"curve/{k}": point[k] for k in ("top1", "wall_s", "eval_s")})
+
+
+def _log_progress(ctx: RunContext, stage, step: int, meter, eta, log: StageLog) -> None:
   run, num_stages = ctx.run, len(ctx.run.stages)
   means, dt, n = meter.flush()
+  if "loss" in means:
+    log.train_curve.add(step, log.total_wall_s(), means["loss"])
   eta.add_train(dt, n, stage.image_size)
   means["lr"] = means.pop("learning_rate", float("nan"))
   scalars = {f"train/{k}": v for k, v in means.items()}
@@ -644,7 +692,21 @@ def _report(ctx: RunContext, state, step: int, log: StageLog) -> dict:
   """The final evaluation, results.json and the closing line."""
   from effnetv2_jax.data import input_pipeline
 
+  final_wall_s, t0 = log.total_wall_s(), time.perf_counter()
   final = ctx.evaluator(state_lib.eval_variables(state))
+  if log.curve.enabled and (not log.curve.points or log.curve.points[-1]["step"] < step):
+    last = ctx.run.stages[-1]
+    log.curve.add(
+      step,
+      final_wall_s,
+      step * ctx.run.batch_size,
+      final["top1"],
+      final["top5"],
+      time.perf_counter() - t0,
+      last.index,
+      ctx.config.eval_image_size,
+      final["num_examples"],
+    )
   log.set_eval(len(ctx.run.stages) - 1, final)
   _write_eval(ctx, step, final)
   ctx.writer.flush()
@@ -659,6 +721,8 @@ def _report(ctx: RunContext, state, step: int, log: StageLog) -> dict:
     "params_checksum": reporting.params_checksum(state.params),
     "dtype": ctx.run.dtype,  # the compute dtype that ran ('auto' resolved)
     "decode_failures": input_pipeline.decode_failures(),
+    "curve": log.curve.to_dict(),  # time to accuracy (effnetv2_jax/curves.py)
+    "train_curve": log.train_curve.to_list(),
   }
   out = paths.join(ctx.workdir, paths.RESULTS_NAME)
   if jax.process_index() == 0:
@@ -669,6 +733,16 @@ def _report(ctx: RunContext, state, step: int, log: StageLog) -> dict:
         f"cannot write {out}: {ckpt_lib.first_line(e)}; training is complete and checkpointed "
         f"at step {step}: free space and rerun the same command to evaluate and write it again"
       ) from None
+  if jax.process_index() == 0:
+    _write_curves_png(ctx.workdir, results)
+  if log.curve.points:
+    t = curves.time_to(results, final["top1"])
+    t_net = curves.time_to(results, final["top1"], exclude_eval=True)
+    _print(
+      f"time to accuracy: {len(log.curve.points)} curve points; top1 {final['top1']:.4f} first "
+      f"reached at {reporting.format_duration(t)} ({reporting.format_duration(t_net)} without "
+      f"the curve evals' own {log.curve.eval_s_total:.0f}s)"
+    )
   _print(
     f"done: step {step}, eval top1 {final['top1']:.4f} top5 {final['top5']:.4f} on "
     f"{final['num_examples']} images; {reporting.format_duration(results['total_wall_s'])} "
@@ -677,17 +751,88 @@ def _report(ctx: RunContext, state, step: int, log: StageLog) -> dict:
   return results
 
 
+def _write_curves_png(workdir: str, results: dict) -> None:
+  """WORKDIR/curves.png: top-1 and train loss against wall time. A plot that fails costs a
+  warning, never the finished run."""
+  try:
+    curves.plot_curves(results, paths.join(workdir, curves.CURVES_PNG))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("could not write %s: %s", curves.CURVES_PNG, e)
+
+
 # --- evaluation only ---------------------------------------------------------------------------
 
 
-def evaluate(config, workdir: str, *, devices=None) -> dict:
-  """Evaluate `config.init_from` (or the workdir's latest checkpoint) with its EMA weights.
+EVAL_KEYS = ("top1", "top5", "loss", "num_examples")  # what run_eval returns: final_eval's keys
+
+
+def eval_sizes_of(config, eval_sizes=None) -> list[int]:
+  """The sizes `evaluate` evaluates at: `eval_sizes` in order, duplicates dropped, or
+  [config.eval_image_size] when it is empty or None. ConfigError for a size that is not a
+  positive integer."""
+  sizes = []
+  for size in eval_sizes or [config.eval_image_size]:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+      raise config_validation.ConfigError(
+        "eval_sizes", f"must be positive integers (image sizes in pixels), got {size!r}"
+      )
+    if size not in sizes:
+      sizes.append(size)
+  return sizes
+
+
+def recalibration_images(config, run: plan_lib.RunPlan) -> int:
+  """How many train images `config.recalibrate_bn` recalibrates from: whole batches of
+  eval_batch_size, no more than the train split holds (0 = off)."""
+  n = min(int(config.recalibrate_bn or 0), run.num_train)
+  return n // config.eval_batch_size * config.eval_batch_size
+
+
+def recalibrated_variables(config, run: plan_lib.RunPlan, model, variables, image_size, mesh):
+  """`variables` with BN statistics recomputed at `image_size` from the first
+  `recalibration_images` of the train split in a seeded shuffle (config.seed; the same images at
+  every size), with the eval preprocessing (effnetv2_jax/recalibrate.py)."""
+  from effnetv2_jax import recalibrate
+  from effnetv2_jax.data import input_pipeline
+
+  n = recalibration_images(config, run)
+  if n <= 0:
+    raise config_validation.ConfigError(
+      "recalibrate_bn",
+      f"the train split {run.train_split!r} ({run.num_train} images) holds no whole batch of "
+      f"eval_batch_size {config.eval_batch_size} to recalibrate from; lower eval_batch_size",
+    )
+  batches = input_pipeline.eval_iterator(
+    dataset=config.dataset,
+    data_dir=config.data_dir,
+    split=run.train_split,
+    global_batch_size=config.eval_batch_size,
+    image_size=int(image_size),
+    family=run.family,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    max_examples=n,
+    shuffle_seed=config.seed,
+    shuffle_buffer=config.shuffle_buffer,
+  )
+  stats = recalibrate.recalibrate_batch_stats(model, variables, batches, mesh=mesh)
+  return {"params": variables["params"], "batch_stats": stats}
+
+
+def evaluate(config, workdir: str, *, eval_sizes=None, devices=None) -> dict:
+  """Evaluate `config.init_from` (or the workdir's latest checkpoint) with its EMA weights, at
+  each of `eval_sizes` (default: config.eval_image_size), after recomputing the BN statistics at
+  that size when config.recalibrate_bn > 0.
 
   Writes DIR/results.json, or DIR/eval_results.json when DIR is the checkpoint's own training
-  workdir (its results.json belongs to the training run).
+  workdir (its results.json belongs to the training run). results['evals'] holds one entry per
+  size (run_eval's keys plus image_size, recalibrate_bn = images recalibrated from, eval_s);
+  results['final_eval'] is the entry at config.eval_image_size (the first size when that is not
+  among them) with run_eval's keys only, as before.
   """
   sharding.init_distributed()
   run = check_inputs(config)
+  sizes = eval_sizes_of(config, eval_sizes)
   setup_compilation_cache(config)
   source = config.init_from or workdir
   params, batch_stats, src_step = ckpt_lib.load_variables(source)
@@ -705,12 +850,30 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
   mesh = sharding.make_mesh(devices)
   variables = sharding.put_replicated({"params": params, "batch_stats": batch_stats}, mesh)
   t0 = time.perf_counter()
-  final = Evaluator(config, run, mesh)(variables)
+  evaluator = Evaluator(config, run, mesh)
+  n_recal = recalibration_images(config, run) if config.get("recalibrate_bn", 0) else 0
+  evals = []
+  for s in sizes:
+    t_size = time.perf_counter()
+    v = recalibrated_variables(config, run, model, variables, s, mesh) if n_recal else variables
+    ev = evaluator(v, image_size=s)
+    evals.append(
+      dict(ev, image_size=s, recalibrate_bn=n_recal, eval_s=time.perf_counter() - t_size)
+    )
+    if len(sizes) > 1 or n_recal:
+      recal = f", BN recalibrated on {n_recal} train images" if n_recal else ""
+      _print(
+        f"eval at {s}px: top1 {ev['top1']:.4f} top5 {ev['top5']:.4f} "
+        f"({ev['num_examples']} images{recal})"
+      )
+  chosen = next((e for e in evals if e["image_size"] == size), evals[0])
+  final = {k: chosen[k] for k in EVAL_KEYS}
   results = {
     "status": "evaluated",
     "source": paths.normalize(source),
     "step": src_step,
     "final_eval": final,
+    "evals": evals,
     "total_wall_s": time.perf_counter() - t0,
     "config": config.to_dict(),
     "params_checksum": reporting.params_checksum(params),
@@ -722,8 +885,12 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
   results["results_file"] = out
   if jax.process_index() == 0:
     reporting.write_json_atomic(out, results)
+  if len(sizes) > 1:
+    best = max(evals, key=lambda e: e["top1"])
+    _print(f"best eval size: {best['image_size']}px, top1 {best['top1']:.4f}")
   _print(
-    f"eval of {results['source']} (step {src_step}): top1 {final['top1']:.4f} top5 "
-    f"{final['top5']:.4f} on {final['num_examples']} images; written to {out}"
+    f"eval of {results['source']} (step {src_step}) at {chosen['image_size']}px: top1 "
+    f"{final['top1']:.4f} top5 {final['top5']:.4f} on {final['num_examples']} images; "
+    f"written to {out}"
   )
   return results

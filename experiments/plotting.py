@@ -1,9 +1,8 @@
 """Plots of the recorded tables, and the helpers that turn recorded values into plot data (table
 cells, per-stage speeds of a run's results.json).
 
-matplotlib is optional (`pip install -e .[experiments]`): without it `bar_plot`/`line_plot` print
-one message and return None, and the scripts still write their tables (experiments/common.py
-writes and reads the results files; the PNGs go beside them).
+matplotlib is a dependency of the package (setup.py); should it be missing, `bar_plot`/`line_plot`
+print one message and return None, and the scripts still write their tables.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ def _pyplot():
     return plt
   except ImportError:
     print(
-      "matplotlib is not installed (pip install -e .[experiments]): table only, no plot",
+      "matplotlib is not installed (pip install matplotlib): table only, no plot",
       file=sys.stderr,
       flush=True,
     )

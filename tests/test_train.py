@@ -183,6 +183,35 @@ def test_a_background_compile_error_surfaces_at_the_switch_naming_the_stage(env,
   ck.close()
 
 
+def test_time_to_accuracy_curve_is_recorded_plotted_and_survives_a_restart(env, reference):
+  """eval_every_steps=2: curve points at steps 2, 4, 6 and 8 (EMA weights, eval size), the train
+  loss per log interval and WORKDIR/curves.png; a run stopped at step 5 and resumed has the same
+  points (the same top-1 at each step) as an uninterrupted one, and training is unchanged."""
+  from effnetv2_jax import curves
+
+  _, ref, _ = reference
+  runs = {}
+  for name, stops in (("curve", ()), ("curve_resumed", (5,))):
+    cfg = _config(env)
+    cfg.eval_every_steps = 2
+    wd = str(env["base"] / name)
+    for stop in stops:
+      assert train.train_and_evaluate(cfg, wd, stop_at_step=stop, devices=ONE)["step"] == stop
+    runs[name] = train.train_and_evaluate(cfg, wd, devices=ONE)
+    assert os.path.getsize(os.path.join(wd, curves.CURVES_PNG)) > 1000
+  a, b = runs["curve"], runs["curve_resumed"]
+  assert a["params_checksum"] == b["params_checksum"] == ref["params_checksum"]
+  points = a["curve"]["points"]
+  assert [p["step"] for p in points] == [2, 4, 6, 8]
+  assert [p["images_seen"] for p in points] == [16, 32, 48, 64]
+  assert [p["top1"] for p in points] == [p["top1"] for p in b["curve"]["points"]]
+  assert points[-1]["top1"] == a["final_eval"]["top1"]
+  assert all(p["eval_s"] > 0 for p in points)
+  assert [p["wall_s"] for p in points] == sorted(p["wall_s"] for p in points)
+  assert [e["step"] for e in a["train_curve"]] == [2, 4, 6, 8]  # log_every_steps=2
+  assert curves.time_to(a, points[-1]["top1"]) <= points[-1]["wall_s"]
+
+
 def test_interrupted_runs_resume_bitwise(env, reference):
   """Stop mid stage 1, again one step into stage 2, then finish: same params as no interruption."""
   _, ref, _ = reference

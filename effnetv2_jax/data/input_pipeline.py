@@ -242,16 +242,38 @@ def eval_iterator(
   family: str,
   process_index: int = 0,
   process_count: int = 1,
+  max_examples: int | None = None,
+  shuffle_seed: int | None = None,
+  shuffle_buffer: int = 16384,
   num_parallel_calls: int = tf.data.AUTOTUNE,
   private_threadpool_size: int | None = None,
   prefetch_batches: int = 2,
 ) -> BatchIterator:
   """One pass of {'image', 'label', 'mask'}; padding examples have mask 0 (and label 0) so the sum of
-  masks over all processes equals the split size (minus skipped undecodable records, if any)."""
+  masks over all processes equals the split size (minus skipped undecodable records, if any).
+
+  `max_examples` = N (None or 0: all): a fixed subset of N examples, the same on every call: each
+  process takes the first n_i records of its shard, n_i its share of N split as the split itself
+  is (`_shard_bounds`), so the masks sum to N (to the split size when N is larger), and on one
+  process the subset is the split's first N. `shuffle_seed`: shuffle the records first (seeded,
+  `shuffle_buffer` of them at a time, once: every call sees the same order), e.g. to draw
+  BatchNorm-recalibration images from a class-sorted train split with the eval preprocessing.
+  """
   b_local = _check(global_batch_size, process_index, process_count, family)
   info = datasets.get_dataset_info(dataset, data_dir)
   split = split or info.eval_split
   raw, load, sizes = _source(info, data_dir, split, process_index, process_count, cache=False)
+  if shuffle_seed is not None and sizes[process_index]:
+    buffer = max(1, min(int(shuffle_buffer), sizes[process_index]))
+    seed = _epoch_seed(shuffle_seed, 0, process_index)
+    raw = raw.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+  if max_examples:
+    caps = [
+      b - a
+      for a, b in (_shard_bounds(int(max_examples), i, process_count) for i in range(process_count))
+    ]
+    sizes = [min(n, cap) for n, cap in zip(sizes, caps)]
+    raw = raw.take(sizes[process_index])
   total = num_eval_batches(sizes, b_local) * b_local
 
   def process(pos, ex):
