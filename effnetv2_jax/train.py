@@ -323,7 +323,7 @@ def _stage_record(stage: progressive.Stage, prev: dict | None) -> dict:
     "compile_wait_s": 0.0,
   }
   if prev:  # accumulated by earlier (interrupted) runs of this workdir
-    kept = ("wall_s", "compile_s", "compile_wait_s", "eval_top1", "eval_top5")
+    kept = ("wall_s", "compile_s", "compile_wait_s", "eval_top1", "eval_top5", "start_wall_s")
     rec.update({k: prev[k] for k in kept if k in prev})
   return rec
 
