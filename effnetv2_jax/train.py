@@ -7,8 +7,10 @@
 must be closed (workdir lock, preemption flag, metric writer, checkpointer) on one ExitStack,
 restore or init, then for each remaining stage build, compile, train, evaluate and save, and
 report. Three small objects carry what lives across steps: `RunContext` (frozen: the config, the
-resolved run, mesh, optimizer, LR function, RNG, writer, checkpointer), `DivergenceGuard` (the
-one-step-late non-finite flags) and `StageLog` (per-stage records and checkpoint metadata).
+resolved run, mesh, optimizer, LR function, RNG, writer, checkpointer, background compiler,
+evaluator), and in effnetv2_jax/run_log.py `DivergenceGuard` (the one-step-late non-finite flags)
+and `StageLog` (per-stage records, the time-to-accuracy curves, checkpoint metadata). Evaluation
+lives in effnetv2_jax/evaluation.py.
 
 Per stage (effnetv2_jax.progressive): the input pipeline is rebuilt at the stage's image size and
 RandAugment magnitude, the model with the stage's dropout, and the train step is compiled once,
@@ -46,11 +48,13 @@ from effnetv2_jax import state as state_lib
 from effnetv2_jax import steps as steps_lib
 from effnetv2_jax import workdir as workdir_lib
 
+# Re-exported: callers (main, sweep, tests) import the trainer's whole surface from here.
+from effnetv2_jax.evaluation import EVAL_KEYS, Evaluator, run_eval  # noqa: F401
+from effnetv2_jax.evaluation import eval_sizes_of, recalibrated_variables, recalibration_images
+from effnetv2_jax.evaluation import batch_spec
+from effnetv2_jax.run_log import DivergenceGuard, StageLog, TrainingDivergedError  # noqa: F401
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class TrainingDivergedError(RuntimeError):
-  """Too many consecutive non-finite steps; the last good checkpoint is left as it was."""
 
 
 class ResultsWriteError(RuntimeError):
@@ -153,223 +157,8 @@ def init_state(config, model, tx, image_size: int, mesh):
   return sharding.put_replicated(state, mesh)
 
 
-# --- evaluation ------------------------------------------------------------------------------
-
-
-class Evaluator:
-  """Evaluates variables on the eval split at the eval size. Its step compiles once for the whole
-  run: ahead, on the background compiler, when `compile_ahead` is called, else at the first call."""
-
-  KEY = "the eval step"
-
-  def __init__(self, config, run: plan_lib.RunPlan, mesh):
-    self.config, self.run, self.mesh = config, run, mesh
-    model = build_model(config, run.num_classes, run.stages[-1].dropout_rate)  # train=False
-    self._jitted = sharding.jit_eval_step(
-      steps_lib.make_eval_step(model, num_classes=run.num_classes), mesh
-    )
-    self._compiler = None
-    self._compile_fn = None
-    self._step = None
-
-  def compile_ahead(self, compiler: compile_ahead_lib.BackgroundCompiler, state_spec) -> None:
-    """Queue the eval step's compile on `compiler` (once per run; later calls do nothing)."""
-    if self._compiler is not None or self._step is not None:
-      return
-    size, batch = self.config.eval_image_size, self.config.eval_batch_size
-    batch_spec = _batch_spec(self.mesh, batch, size, mask=True)
-    variables_spec = state_lib.eval_variables(state_spec)
-    self._compiler = compiler
-    self._compile_fn = lambda: self._jitted.lower(variables_spec, batch_spec).compile()
-    compiler.submit(self.KEY, self._compile_fn)
-
-  def __call__(self, variables, *, image_size=None, max_examples=None) -> dict:
-    """Eval dict at `image_size` (default config.eval_image_size); `max_examples` (None or 0:
-    the whole split) evaluates the same fixed subset of that many images at every call."""
-    size = image_size or self.config.eval_image_size
-    if size != self.config.eval_image_size:  # the test-resolution search: one compile per size
-      step = self._jitted
-    else:
-      if self._step is None:
-        if self._compiler is None:
-          self._step = self._jitted
-        else:
-          self._step, _, _ = self._compiler.get(self.KEY, self._compile_fn)
-      step = self._step
-    return run_eval(
-      self.config, self.run, step, variables, self.mesh, image_size=size, max_examples=max_examples
-    )
-
-
-def run_eval(
-  config,
-  run: plan_lib.RunPlan,
-  eval_step,
-  variables,
-  mesh,
-  *,
-  image_size: int | None = None,
-  max_examples: int | None = None,
-) -> dict:
-  """Top-1/top-5 over the eval split at `image_size` (default config.eval_image_size), masked
-  padding excluded. `max_examples` = N: only the split's first N images (per process: its
-  shard's first share of N, input_pipeline.eval_iterator), so every eval sees the same N."""
-  from effnetv2_jax.data import input_pipeline
-
-  totals = None
-  for batch in input_pipeline.eval_iterator(
-    dataset=config.dataset,
-    data_dir=config.data_dir,
-    split=run.eval_split,
-    global_batch_size=config.eval_batch_size,
-    image_size=int(image_size or config.eval_image_size),
-    family=run.family,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    max_examples=max_examples or None,
-  ):
-    sums = eval_step(variables, sharding.shard_batch(batch, mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
-    raise RuntimeError(f"evaluation split {run.eval_split!r} of {config.dataset} is empty")
-  t = {k: float(v) for k, v in jax.device_get(totals).items()}
-  n = max(t["count"], 1.0)
-  return {
-    "top1": t["top1_correct"] / n,
-    "top5": t["top5_correct"] / n,
-    "loss": t["loss_sum"] / n,
-    "num_examples": int(round(t["count"])),
-  }
-
-
-def _batch_spec(mesh, batch_size: int, image_size: int, *, mask: bool = False) -> dict:
-  """The global batch the input pipeline delivers (after sharding.shard_batch), as abstract
-  arrays: what a step is compiled for before its first batch exists."""
-  sh = sharding.batch_sharding(mesh)
-  spec = {
-    "image": jax.ShapeDtypeStruct(
-      (batch_size, image_size, image_size, 3), jnp.float32, sharding=sh
-    ),
-    "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sh),
-  }
-  if mask:
-    spec["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sh)
-  return spec
-
-
 def _spec_of(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-# --- what carries state between steps ----------------------------------------------------------
-
-
-class DivergenceGuard:
-  """Counts consecutive non-finite steps and stops the run after `max_bad_steps` in a row.
-
-  The train step itself drops a non-finite update; this object only decides when to give up. Each
-  step's flag is read on the host one step late (after the next step has been dispatched), so the
-  host never waits for the device between steps; `check()` drains what is pending (before a
-  checkpoint, at a stage end).
-  """
-
-  def __init__(self, max_bad_steps: int, checkpoint_dir: str):
-    self.max_bad_steps = max_bad_steps
-    self.checkpoint_dir = checkpoint_dir
-    self.bad_run = 0
-    self._pending: list[tuple[int, jax.Array]] = []
-
-  @property
-  def diverging(self) -> bool:
-    """The last step read was bad: the state is the last good one, but never checkpoint now."""
-    return self.bad_run > 0
-
-  def observe(self, step: int, bad_step: jax.Array) -> None:
-    """Record `step`'s device flag, after reading the previous step's (its device work is done)."""
-    self.check()
-    self._pending.append((step, bad_step))
-
-  def check(self) -> None:
-    while self._pending:
-      step, bad_step = self._pending.pop(0)
-      if float(bad_step) == 0:
-        self.bad_run = 0
-        continue
-      self.bad_run += 1
-      logging.warning(
-        "step %d: non-finite loss or gradient, update skipped (%d in a row)", step, self.bad_run
-      )
-      if self.bad_run >= self.max_bad_steps:
-        raise TrainingDivergedError(
-          f"training diverged: {self.bad_run} consecutive non-finite steps ending at step "
-          f"{step} (max_bad_steps={self.max_bad_steps}); the last good checkpoint in "
-          f"{self.checkpoint_dir} is kept. Lower the learning rate or enable grad_clip_norm."
-        )
-
-
-def _stage_record(stage: progressive.Stage, prev: dict | None) -> dict:
-  rec = {
-    "index": stage.index,
-    "image_size": stage.image_size,
-    "randaug_magnitude": stage.randaug_magnitude,
-    "mixup_alpha": stage.mixup_alpha,
-    "cutmix_alpha": stage.cutmix_alpha,
-    "dropout_rate": stage.dropout_rate,
-    "first_step": stage.first_step,
-    "last_step": stage.last_step,
-    "steps": stage.num_steps,
-    "wall_s": 0.0,
-    "compile_s": 0.0,
-    "compile_wait_s": 0.0,
-  }
-  if prev:  # accumulated by earlier (interrupted) runs of this workdir
-    kept = ("wall_s", "compile_s", "compile_wait_s", "eval_top1", "eval_top5", "start_wall_s")
-    rec.update({k: prev[k] for k in kept if k in prev})
-  return rec
-
-
-class StageLog:
-  """Per-stage records (sizes, steps, wall and compile seconds, evals) and the run's wall clock,
-  carried across interruptions in each checkpoint's metadata."""
-
-  def __init__(self, stages, header: dict, config, meta: dict | None = None, step: int = 0):
-    meta = meta or {}
-    prev = {int(k): v for k, v in meta.get("stages", {}).items()}
-    self.records = {s.index: _stage_record(s, prev.get(s.index)) for s in stages}
-    self.header = dict(header)  # config hash, model name, class count
-    self.prior_wall_s = float(meta.get("total_wall_s", 0.0))
-    self.t0 = time.perf_counter()
-    # Time to accuracy: eval points during training and the train loss per log interval, kept up
-    # to the step resumed from (effnetv2_jax/curves.py).
-    self.curve = curves.Curve.from_config(config, meta.get("curve"), upto_step=step)
-    self.train_curve = curves.TrainCurve.from_list(meta.get("train_curve"), upto_step=step)
-
-  def add_time(self, stage_index: int, **seconds: float) -> None:
-    """Add to the stage's 'wall_s', 'compile_s' (the compile's own duration, wherever it ran)
-    or 'compile_wait_s' (what the loop waited for it)."""
-    rec = self.records[stage_index]
-    for key, value in seconds.items():
-      rec[key] += value
-
-  def set_eval(self, stage_index: int, ev: dict) -> None:
-    self.records[stage_index].update(eval_top1=ev["top1"], eval_top5=ev["top5"])
-
-  def total_wall_s(self) -> float:
-    return self.prior_wall_s + time.perf_counter() - self.t0
-
-  def stages(self) -> list[dict]:
-    return [self.records[i] for i in sorted(self.records)]
-
-  def checkpoint_meta(self, step: int, stage_index: int) -> dict:
-    return dict(
-      self.header,
-      step=step,
-      stage=stage_index,
-      total_wall_s=self.total_wall_s(),
-      stages={str(k): v for k, v in self.records.items()},
-      curve=self.curve.to_dict(),
-      train_curve=self.train_curve.to_list(),
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -522,8 +311,8 @@ def _compile_train_step(ctx: RunContext, stage, state_spec):
   """Lower and compile `stage`'s train step for abstract inputs (runs on the compile thread)."""
   train_step = make_stage_step(ctx.config, ctx.run, stage, ctx.tx, ctx.lr_fn)
   jitted = sharding.jit_train_step(train_step, ctx.mesh, state_spec)
-  batch_spec = _batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
-  return jitted.lower(state_spec, batch_spec, ctx.rng).compile()
+  batch = batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
+  return jitted.lower(state_spec, batch, ctx.rng).compile()
 
 
 def _start_stage(ctx: RunContext, stage, state, step: int):
@@ -548,7 +337,7 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
     cache=config.cache_dataset,
   )
   batch = sharding.shard_batch(next(data), ctx.mesh)
-  expected = _batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
+  expected = batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
   got = {k: (v.shape, v.dtype) for k, v in batch.items()}
   if got != {k: (v.shape, v.dtype) for k, v in expected.items()}:
     raise RuntimeError(
@@ -761,62 +550,6 @@ def _write_curves_png(workdir: str, results: dict) -> None:
 
 
 # --- evaluation only ---------------------------------------------------------------------------
-
-
-EVAL_KEYS = ("top1", "top5", "loss", "num_examples")  # what run_eval returns: final_eval's keys
-
-
-def eval_sizes_of(config, eval_sizes=None) -> list[int]:
-  """The sizes `evaluate` evaluates at: `eval_sizes` in order, duplicates dropped, or
-  [config.eval_image_size] when it is empty or None. ConfigError for a size that is not a
-  positive integer."""
-  sizes = []
-  for size in eval_sizes or [config.eval_image_size]:
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-      raise config_validation.ConfigError(
-        "eval_sizes", f"must be positive integers (image sizes in pixels), got {size!r}"
-      )
-    if size not in sizes:
-      sizes.append(size)
-  return sizes
-
-
-def recalibration_images(config, run: plan_lib.RunPlan) -> int:
-  """How many train images `config.recalibrate_bn` recalibrates from: whole batches of
-  eval_batch_size, no more than the train split holds (0 = off)."""
-  n = min(int(config.recalibrate_bn or 0), run.num_train)
-  return n // config.eval_batch_size * config.eval_batch_size
-
-
-def recalibrated_variables(config, run: plan_lib.RunPlan, model, variables, image_size, mesh):
-  """`variables` with BN statistics recomputed at `image_size` from the first
-  `recalibration_images` of the train split in a seeded shuffle (config.seed; the same images at
-  every size), with the eval preprocessing (effnetv2_jax/recalibrate.py)."""
-  from effnetv2_jax import recalibrate
-  from effnetv2_jax.data import input_pipeline
-
-  n = recalibration_images(config, run)
-  if n <= 0:
-    raise config_validation.ConfigError(
-      "recalibrate_bn",
-      f"the train split {run.train_split!r} ({run.num_train} images) holds no whole batch of "
-      f"eval_batch_size {config.eval_batch_size} to recalibrate from; lower eval_batch_size",
-    )
-  batches = input_pipeline.eval_iterator(
-    dataset=config.dataset,
-    data_dir=config.data_dir,
-    split=run.train_split,
-    global_batch_size=config.eval_batch_size,
-    image_size=int(image_size),
-    family=run.family,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    max_examples=n,
-    shuffle_seed=config.seed,
-    shuffle_buffer=config.shuffle_buffer,
-  )
-  stats = recalibrate.recalibrate_batch_stats(model, variables, batches, mesh=mesh)
-  return {"params": variables["params"], "batch_stats": stats}
 
 
 def evaluate(config, workdir: str, *, eval_sizes=None, devices=None) -> dict:
