@@ -160,14 +160,12 @@ def test_finetune_recipe_per_preset(preset, schedule, wd):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _restore_compilation_cache_setting():
-  """The runs turn the persistent cache on; later modules must not inherit it (see test_train)."""
-  before = jax.config.jax_compilation_cache_dir
-  yield
-  jax.config.update("jax_compilation_cache_dir", before)
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-
-  compilation_cache.reset_cache()
+def _trainer_settings():
+  """The runs check that each config trains end to end, not its numbers: they compile unoptimized
+  (compiling is most of what a 2-step run of a real network costs). The persistent cache they turn
+  on is off again for later modules (see tests/test_train.py)."""
+  with fx.restored_compilation_cache(), fx.unoptimized_xla():
+    yield
 
 
 @pytest.fixture(scope="module")
