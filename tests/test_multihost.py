@@ -3,7 +3,10 @@ what 1 process x 4 devices computes, for the training core alone (tests/test_sha
 steps) and for the whole training loop on the same global batches.
 
 One launch serves both checks: each process of tests/_multihost_worker.py runs the core steps, then
-the loop. The 1-vs-8-device numerics of a single process are pinned in tests/test_sharding.py.
+the loop. Every process compiles unoptimized (fx.UNOPTIMIZED_ENV), the reference too: what makes
+the numbers equal is the sharding (global BatchNorm statistics and loss mean, per-process rows),
+which XLA's SPMD partitioner lays out at any optimization level. The 1-vs-8-device numerics of a
+single process, compiled as the trainer compiles, are pinned in tests/test_sharding.py.
 """
 
 import json
@@ -42,7 +45,7 @@ def launched(tmp_path_factory):
     return subprocess.Popen(
       [sys.executable, *argv, str(STEPS), str(base / f"steps_{name}_")],
       cwd=fx.REPO,
-      env=fx.subprocess_env(num_devices=devices, JAX_PLATFORMS="cpu", **env),
+      env=fx.subprocess_env(num_devices=devices, JAX_PLATFORMS="cpu", **fx.UNOPTIMIZED_ENV, **env),
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
