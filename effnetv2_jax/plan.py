@@ -85,7 +85,7 @@ def resolve(config, *, num_train: int | None = None, num_classes: int | None = N
   )
 
 
-def _schedule_shape(config, run: RunPlan) -> str:
+def schedule_shape(config, run: RunPlan) -> str:
   """One line on stage lengths and the size curve when they are not the preset's equal stages."""
   p = config.progressive
   curve = p.get("size_curve", "linear")
@@ -121,7 +121,7 @@ def format_plan(config, run: RunPlan) -> str:
     f"{run.steps_per_epoch:.2f} steps/epoch), base lr {run.base_lr:.4g}, {run.dtype}, "
     f"eval on {run.eval_split!r} at {config.eval_image_size}px",
   ]
-  shape = _schedule_shape(config, run)
+  shape = schedule_shape(config, run)
   if shape:
     lines.append(shape)
   lines += [

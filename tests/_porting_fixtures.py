@@ -12,7 +12,7 @@ from effnetv2_jax.porting import names
 def random_variables(model_name, seed=0, num_classes=10, **overrides):
   _, specs, leaves = names.build(model_name, num_classes, **overrides)
   rng = np.random.default_rng(seed)
-  items = []
+  values = {}
   for leaf in leaves:
     kind = leaf.path[-1]
     if kind == "kernel":
@@ -24,8 +24,12 @@ def random_variables(model_name, seed=0, num_classes=10, **overrides):
       value = rng.uniform(0.5, 2.0, leaf.shape)
     else:  # bias, mean
       value = rng.normal(0, 0.1, leaf.shape)
-    items.append((leaf, value.astype(np.float32)))
-  return names._unflatten(items), specs, leaves  # pylint: disable=protected-access
+    values[leaf.name] = value.astype(np.float32)
+  # The converters' own assembly, with a table that names each leaf by itself.
+  variables = names.fill_variables(
+    leaves, values, lambda leaf: (leaf.name, None), what="random variables"
+  )
+  return variables, specs, leaves
 
 
 def leaf_value(variables, collection, path):

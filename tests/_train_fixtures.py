@@ -1,9 +1,11 @@
-"""Shared by the trainer tests: a tiny image-folder dataset and a tiny two-stage config.
+"""Shared by the trainer tests: a tiny image-folder dataset, a tiny two-stage config, and the JAX
+settings their end-to-end runs use.
 
 A folder dataset (not tfds.testing.mock_data) because subprocess tests (SIGTERM, SIGKILL,
 multi-host) need data that exists outside the test process.
 """
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -15,6 +17,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One persistent XLA cache for every trainer test run (in-process and subprocesses, and across
 # sessions): only the first run of a program pays for compiling it.
 CACHE_DIR = os.path.join(tempfile.gettempdir(), f"effnetv2_jax_test_xla_cache_{os.getuid()}")
+# End-to-end runs of tiny models spend most of their time in XLA's optimization passes, not in
+# running the programs; these settings skip most of those passes. In-process: `unoptimized_xla()`
+# around a module; subprocesses: `subprocess_env(..., **UNOPTIMIZED_ENV)`. A test that compares
+# numbers must have both sides in the same mode. The mode is part of the persistent cache's key
+# (JAX hashes the compile options, which it sets: tests/test_train.py checks), so optimized and
+# unoptimized programs never share an entry of CACHE_DIR.
+UNOPTIMIZED_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 TINY_BLOCKS = ["r1_k3_s1_e1_i8_o8_c1", "r1_k3_s2_e4_i8_o16_se0.25"]
 
 
@@ -111,3 +120,38 @@ def subprocess_env(num_devices=None, **extra):
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
   env.update({k: str(v) for k, v in extra.items()})
   return env
+
+
+@contextlib.contextmanager
+def unoptimized_xla():
+  """Compile with `jax_disable_most_optimizations` inside; restore the setting on the way out.
+
+  JAX's in-memory caches are not keyed on the setting, so they are cleared on entry and exit: the
+  programs compiled inside are all unoptimized, and none of them is reused after.
+  """
+  import jax
+
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.clear_caches()
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+    jax.clear_caches()
+
+
+@contextlib.contextmanager
+def restored_compilation_cache():
+  """The trainer turns the persistent cache on for this process (config.compilation_cache_dir);
+  later test modules must not inherit it (emulated-device collective programs loaded from it can
+  deadlock, see tests/test_train.py)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+    compilation_cache.reset_cache()

@@ -1,5 +1,13 @@
-"""Multi-host: the whole training loop on 2 processes x 2 CPU devices (jax.distributed on
-localhost, gloo collectives) matches 1 process x 4 devices on the same global batches."""
+"""Multi-host: 2 processes x 2 CPU devices (jax.distributed on localhost, gloo collectives) compute
+what 1 process x 4 devices computes, for the training core alone (tests/test_sharding.py's TinyNet
+steps) and for the whole training loop on the same global batches.
+
+One launch serves both checks: each process of tests/_multihost_worker.py runs the core steps, then
+the loop. Every process compiles unoptimized (fx.UNOPTIMIZED_ENV), the reference too: what makes
+the numbers equal is the sharding (global BatchNorm statistics and loss mean, per-process rows),
+which XLA's SPMD partitioner lays out at any optimization level. The 1-vs-8-device numerics of a
+single process, compiled as the trainer compiles, are pinned in tests/test_sharding.py.
+"""
 
 import json
 import os
@@ -7,6 +15,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -15,6 +24,7 @@ from effnetv2_jax import checkpoint as ckpt_lib
 import _train_fixtures as fx
 
 STEPS = 4
+pytestmark = pytest.mark.slow
 
 
 def _free_port():
@@ -23,26 +33,27 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(wd, data, devices, **env):
-  return subprocess.Popen(
-    [sys.executable, os.path.join(fx.REPO, "tests", "_multihost_worker.py"), wd, data, str(STEPS)],
-    cwd=fx.REPO,
-    env=fx.subprocess_env(num_devices=devices, **env),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
-
-
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-  data = fx.make_folder_dataset(str(tmp_path / "data"))
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+  """Runs the 2x2 processes and the 1x4 process side by side; returns (tmp dir, their outputs)."""
+  base = tmp_path_factory.mktemp("multihost")
+  data = fx.make_folder_dataset(str(base / "data"))
   port = _free_port()
-  multi_wd, single_wd = str(tmp_path / "2x2"), str(tmp_path / "1x4")
+
+  def launch(name, devices, **env):
+    argv = [os.path.join(fx.REPO, "tests", "_multihost_worker.py"), str(base / name), data]
+    return subprocess.Popen(
+      [sys.executable, *argv, str(STEPS), str(base / f"steps_{name}_")],
+      cwd=fx.REPO,
+      env=fx.subprocess_env(num_devices=devices, JAX_PLATFORMS="cpu", **fx.UNOPTIMIZED_ENV, **env),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+
   procs = [
-    _launch(
-      multi_wd,
-      data,
+    launch(
+      "2x2",
       2,
       JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
       JAX_NUM_PROCESSES=2,
@@ -50,7 +61,7 @@ def test_two_processes_match_one(tmp_path):
     )
     for i in range(2)
   ]
-  procs.append(_launch(single_wd, data, 4))
+  procs.append(launch("1x4", 4))
   outs = []
   for p in procs:
     try:
@@ -61,6 +72,22 @@ def test_two_processes_match_one(tmp_path):
       raise
     outs.append(out)
     assert p.returncode == 0, out[-5000:]
+  return base, outs
+
+
+def test_train_steps_on_two_processes_match_one(launched):
+  """Each process fed only its own rows of the global batch: the same losses and final params."""
+  base, _ = launched
+  ref = np.load(base / "steps_1x4_0.npz")
+  for pid in range(2):
+    got = np.load(base / f"steps_2x2_{pid}.npz")
+    np.testing.assert_allclose(got["loss"], ref["loss"], atol=1e-5)
+    np.testing.assert_allclose(got["params"], ref["params"], atol=1e-5)
+
+
+def test_two_processes_match_one(launched):
+  base, outs = launched
+  multi_wd, single_wd = str(base / "2x2"), str(base / "1x4")
   assert "process 0/2, 2 local of 4 devices" in outs[0]
   assert "process 1/2, 2 local of 4 devices" in outs[1]
   assert "process 0/1, 4 local of 4 devices" in outs[2]
@@ -80,7 +107,7 @@ def test_two_processes_match_one(tmp_path):
     assert sm == ss == STEPS
     flat_m = dict(ckpt_lib.flat_shapes(pm))
     assert flat_m == dict(ckpt_lib.flat_shapes(ps))
-    for a, b in zip(__import__("jax").tree.leaves(pm), __import__("jax").tree.leaves(ps)):
+    for a, b in zip(jax.tree.leaves(pm), jax.tree.leaves(ps)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # The multi-process run wrote one set of TensorBoard events (process 0) and released its lock.
   assert len([f for f in os.listdir(multi_wd) if f.startswith("events.out")]) == 1

@@ -143,8 +143,10 @@ def test_cpu_xla_defaults_skip_a_flag_this_xla_does_not_know(monkeypatch):
   monkeypatch.setattr(xla_defaults, "_backend_started", lambda: False)
   known = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
   unknown = "--xla_cpu_no_such_flag_effnetv2=1"
-  assert xla_defaults._known_to_xla([unknown, known]) == (known,)
-  monkeypatch.setattr(xla_defaults, "CPU_FLAGS", xla_defaults.CPU_FLAGS + (unknown,))
+  real_flags = xla_defaults.CPU_FLAGS
+  monkeypatch.setattr(xla_defaults, "CPU_FLAGS", (unknown, known))
+  assert xla_defaults.apply({"JAX_PLATFORMS": "cpu"}) == (known,)  # the known one is kept
+  monkeypatch.setattr(xla_defaults, "CPU_FLAGS", real_flags + (unknown,))
   env = {"JAX_PLATFORMS": "cpu"}
   assert unknown not in xla_defaults.apply(env) and "no_such_flag" not in env["XLA_FLAGS"]
 

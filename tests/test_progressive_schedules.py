@@ -120,13 +120,13 @@ def test_plan_mode_shows_the_lengths():
   assert "| 0 | 128 |" in text and "| 0-300 |" in text
   # The line itself, without counting MACs again.
   c = _config(stage_fractions=(0.5, 0.2, 0.2, 0.1))
-  line = plan._schedule_shape(c, plan.resolve(c, num_train=100_000, num_classes=1000))
+  line = plan.schedule_shape(c, plan.resolve(c, num_train=100_000, num_classes=1000))
   assert (
     line
     == "stage fractions (0.5, 0.2, 0.2, 0.1); stage lengths 50.0%, 20.0%, 20.0%, 10.0% of the steps"
   )
   assert (
-    plan._schedule_shape(_config(), plan.resolve(_config(), num_train=1000, num_classes=10)) == ""
+    plan.schedule_shape(_config(), plan.resolve(_config(), num_train=1000, num_classes=10)) == ""
   )
 
 

@@ -126,7 +126,7 @@ def test_cutout_box_size_and_fill():
 
 def test_level_to_argument_semantics():
   hp, seed = randaug.RANDAUGMENT_HPARAMS, tf.constant([0, 0])
-  args = lambda name, level: randaug._OP_TABLE[name][1](level, hp, seed)  # pylint: disable=protected-access
+  args = lambda name, level: randaug.op_arguments(name, level, seed, hp)
   assert abs(abs(float(args("Rotate", 10.0)[0])) - 30.0) < 1e-5
   assert abs(abs(float(args("Rotate", 15.0)[0])) - 45.0) < 1e-5  # extrapolates above 10
   assert abs(abs(float(args("ShearX", 5.0)[0])) - 0.15) < 1e-6

@@ -99,7 +99,8 @@ class _Cli:
 
   Every run here, the reference included, is such a subprocess: the pytest process has 8 forced
   CPU devices, and XLA:CPU numerics on 1 of 8 devices differ in the last bits from a 1-device
-  process, which would make a bitwise comparison meaningless.
+  process, which would make a bitwise comparison meaningless. All of them compile unoptimized
+  (fx.UNOPTIMIZED_ENV), so the compared runs are in the same mode.
   """
 
   def __init__(self, env, wd, **cfg):
@@ -113,7 +114,7 @@ class _Cli:
     self.proc = subprocess.Popen(
       [sys.executable, "-m", "effnetv2_jax.main", f"--config={path}", f"--workdir={wd}"],
       cwd=fx.REPO,
-      env=fx.subprocess_env(num_devices=1),
+      env=fx.subprocess_env(num_devices=1, **fx.UNOPTIMIZED_ENV),
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,

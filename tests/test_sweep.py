@@ -166,7 +166,7 @@ def test_real_2x2_sweep_end_to_end_then_rerun_skips(tmp_path):
   proc = subprocess.run(
     argv,
     cwd=fx.REPO,
-    env=fx.subprocess_env(num_devices=1),
+    env=fx.subprocess_env(num_devices=1, **fx.UNOPTIMIZED_ENV),
     capture_output=True,
     text=True,
     timeout=300,
@@ -189,7 +189,7 @@ def test_real_2x2_sweep_end_to_end_then_rerun_skips(tmp_path):
   again = subprocess.run(
     argv,
     cwd=fx.REPO,
-    env=fx.subprocess_env(num_devices=1),
+    env=fx.subprocess_env(num_devices=1, **fx.UNOPTIMIZED_ENV),
     capture_output=True,
     text=True,
     timeout=120,

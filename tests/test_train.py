@@ -8,7 +8,8 @@ comes from the persistent cache, see the report in the commit log.
 One uninterrupted run (module fixture) is the reference: it must write TensorBoard events,
 checkpoints and a complete results.json, compile the train step exactly once per stage, and a run
 stopped mid-stage and again just past the stage boundary must end with bitwise-equal params.
-All runs share one persistent compilation cache, so only the first pays for compiling.
+All runs share one persistent compilation cache, so only the first pays for compiling, and all
+compile with most XLA optimizations off (tests/_train_fixtures.py).
 """
 
 import glob
@@ -35,15 +36,13 @@ ONE = jax.devices()[:1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _restore_compilation_cache_setting():
-  """The runs here turn the persistent cache on for this process; later test modules must not
-  inherit it (emulated-device collective programs loaded from it can deadlock, see above)."""
-  before = jax.config.jax_compilation_cache_dir
-  yield
-  jax.config.update("jax_compilation_cache_dir", before)
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-
-  compilation_cache.reset_cache()
+def _trainer_settings():
+  """Every run here compiles unoptimized (compiling, not running, is what these tiny runs cost;
+  the references of the comparisons below are computed in this module too, in the same mode), and
+  the persistent cache the runs turn on is off again for later modules (emulated-device collective
+  programs loaded from it can deadlock, see above)."""
+  with fx.restored_compilation_cache(), fx.unoptimized_xla():
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -357,3 +356,38 @@ def test_checkpoint_of_another_model_is_named(env, reference, capsys, tmp_path):
   err = capsys.readouterr().err
   assert "params.classifier.kernel: checkpoint shape (16, 2) != model shape (16, 7)" in err
   assert "Traceback" not in err
+
+
+def test_optimized_and_unoptimized_programs_never_share_a_cache_entry(tmp_path):
+  """The trainer tests compile unoptimized into the same persistent cache (fx.CACHE_DIR) as runs
+  that compile optimized; JAX must key the two apart, or one mode would load the other's
+  programs."""
+  from jax.experimental.compilation_cache import compilation_cache
+
+  settings = {
+    "jax_compilation_cache_dir": str(tmp_path),
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,
+  }
+  before = {k: getattr(jax.config, k) for k in settings}
+
+  def compile_and_list():
+    jax.clear_caches()  # compile again, through the persistent cache
+    jax.jit(lambda a: jax.numpy.sin(a) @ a.T)(np.ones((8, 8), np.float32)).block_until_ready()
+    return set(os.listdir(tmp_path))
+
+  for k, v in settings.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+  try:
+    unoptimized = compile_and_list()  # this module's mode
+    again = compile_and_list()
+    jax.config.update("jax_disable_most_optimizations", False)
+    optimized = compile_and_list()
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+    for k, v in before.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()
+  assert unoptimized and again == unoptimized  # the same program in the same mode: a cache hit
+  assert len(optimized - unoptimized) == 1  # the other mode: its own entry

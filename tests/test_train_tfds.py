@@ -16,9 +16,18 @@ from effnetv2_jax import plan
 from effnetv2_jax import train
 from effnetv2_jax.data import prepare
 
+import _train_fixtures as fx
 from test_data_prepare import write_idx_set
 
 ONE = jax.devices()[:1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unoptimized():
+  """The runs check the data source, the schedule and the resume, not numbers: they compile
+  unoptimized (compiling is most of what these few steps cost)."""
+  with fx.unoptimized_xla():
+    yield
 
 
 @pytest.fixture(scope="module")

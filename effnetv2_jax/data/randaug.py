@@ -294,12 +294,18 @@ def apply_op(
 ):
   """Apply the op `name` at `level` (0..10 scale, extrapolating above 10). `solarize`/`enhance`:
   the official-vs-corrected switches (module docstring), used by the ops they concern."""
-  fn, args = _OP_TABLE[name]
-  args = args(level, hparams or RANDAUGMENT_HPARAMS, _seed_or_random(seed))
+  fn = _OP_TABLE[name][0]
+  args = op_arguments(name, level, seed, hparams)
   if name in _MODES:
     args += ({"solarize": solarize, "enhance": enhance}[_MODES[name]],)
   out = fn(image, *args)
   return tf.ensure_shape(out, image.shape)
+
+
+def op_arguments(name, level, seed=None, hparams=None) -> tuple:
+  """What `apply_op` passes op `name` after the image at `level`: the level mapped to the op's own
+  units (degrees, pixels, factors, bits), without the mode switch."""
+  return _OP_TABLE[name][1](level, hparams or RANDAUGMENT_HPARAMS, _seed_or_random(seed))
 
 
 def scaled_hparams(image_size: int, reference_size: int = 224) -> dict:
