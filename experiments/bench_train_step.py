@@ -23,9 +23,9 @@ What each contender times (synthetic data already in memory, labels random, 1000
          no EMA. bf16: the 'mixed_bfloat16' policy.
 
 `--jax-variant LABEL:key=val,...` adds further JAX workers to the same run (A/B of a model override
-such as depthwise_impl=xla, or of `prng=rbg`, `xla_flags=...`, `remat=1`, or `src=DIR`: another
-checkout's effnetv2_jax, e.g. a git worktree of the commit before a change); by default one 'jax'
-worker with the defaults. `env_EFFNETV2_JAX_XLA_DEFAULTS=0` measures without the XLA:CPU flags the
+such as depthwise_impl=xla, or of `prng=rbg`, `threefry=unrolled`, `xla_flags=...`, `remat=1`, or
+`src=DIR`: another checkout's effnetv2_jax, e.g. a git worktree of the commit before a change); by
+default one 'jax' worker with the defaults. `env_EFFNETV2_JAX_XLA_DEFAULTS=0` measures without the XLA:CPU flags the
 package adds on import (effnetv2_jax/xla_defaults.py). Results are appended to
 experiments/results/bench_train_step.md.
 """
@@ -192,6 +192,20 @@ def jax_runner(compiled, state, data, rng):
   return run
 
 
+def unroll_threefry_on_cpu():
+  """Lower Threefry-2x32 on CPU unrolled, as JAX does on GPU and TPU, instead of its CPU default,
+  a 5-trip while loop that costs XLA:CPU ~45 thunks per random draw. Same bits. On B0 (batch 32,
+  128 px) it takes the thunks per step from ~3,800 to ~2,250 for ~15% more compile time; the
+  thunks it saves are tiny (~1.4 us each untraced), so it is an experiment switch (a private JAX
+  API), not a default: `--jax-variant LABEL:threefry=unrolled`, profile_train_step.py --threefry."""
+  from jax._src.interpreters import mlir
+  from jax._src.random import threefry2x32
+
+  mlir.register_lowering(
+    threefry2x32.threefry2x32_p, threefry2x32._threefry2x32_lowering_rule, platform="cpu"
+  )
+
+
 def worker_jax(args, opts):
   if "xla_flags" in opts:
     # Several flags in one variant: join them with '+' (commas separate variant options).
@@ -200,11 +214,14 @@ def worker_jax(args, opts):
   for k in [k for k in opts if k.startswith("env_")]:
     os.environ[k[4:]] = opts.pop(k)
   prng = opts.pop("prng", None)
+  threefry = opts.pop("threefry", None)
   opts.pop("src", None)
   import jax
 
   if prng:
     jax.config.update("jax_default_prng_impl", prng)
+  if threefry == "unrolled":
+    unroll_threefry_on_cpu()
   compiled, state, data, rng, times = build_jax_step(
     args.model, args.batch, args.image_size, args.dtype, opts
   )
