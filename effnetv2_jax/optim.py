@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effnetv2_jax import flat
+
 PyTree = Any
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
@@ -175,13 +177,29 @@ def _is_decayed(path, leaf) -> bool:
   return isinstance(name, str) and name.endswith("kernel") and jnp.ndim(leaf) >= 2
 
 
+DECAYED = "decay"  # the group label of decayed leaves in `param_layout`
+
+
+def param_layout(params: PyTree) -> flat.Layout:
+  """How the train step flattens params (and their gradients, optimizer slots and EMA): one buffer
+  of the decayed kernels and one of everything else (per dtype), so the weight-decay mask of a
+  flat tree is one bool per buffer."""
+  return flat.Layout.of(params, group=lambda path, leaf: DECAYED if _is_decayed(path, leaf) else "")
+
+
 def weight_decay_mask(params: PyTree) -> PyTree:
-  """A pytree of bools like `params`: True for conv/dense kernels only (not biases, not BN)."""
+  """A pytree of bools like `params`: True for conv/dense kernels only (not biases, not BN).
+
+  For params flattened by `param_layout` (a `flat.Flat`): one bool per buffer, alike."""
+  if isinstance(params, flat.Flat):
+    return params.map_groups(lambda label, _: label == DECAYED)
   return jax.tree_util.tree_map_with_path(_is_decayed, params)
 
 
 def l2_penalty(params: PyTree, weight_decay: float) -> jax.Array:
-  """`(wd / 2) * sum ||kernel||^2` over the masked leaves, in fp32 (TF's `wd * sum(l2_loss(v))`)."""
+  """`(wd / 2) * sum ||kernel||^2` over the masked leaves, in fp32 (TF's `wd * sum(l2_loss(v))`).
+
+  `params` may be a tree or its `param_layout` Flat (then: one sum over the decayed buffer)."""
   mask = weight_decay_mask(params)
   sq = [
     jnp.sum(jnp.square(p.astype(jnp.float32)))

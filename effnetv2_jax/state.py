@@ -3,6 +3,12 @@
 There is no `apply_fn`/`tx` inside: the model is rebuilt per stage (the dropout rate changes) while
 the weights, optimizer slots, BN statistics, EMA and step carry over, and a pytree of arrays is what
 orbax saves/restores and what `NamedSharding`s are attached to.
+
+What the model reads (`params`, `batch_stats`) are trees, as Flax makes them. What only the update
+touches is flat (`effnetv2_jax.flat.Flat`, a few 1-D buffers): the optimizer slots (the optimizer
+runs on `optim.param_layout(params).ravel(params)`), `ema_params` and `ema_batch_stats`. A Flat
+still reads like its tree (`state.ema_params["stem"]["conv"]["kernel"]`, `.to_tree()`), and
+checkpoints hold the trees, under the same names as when every slot was a tree.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effnetv2_jax import flat, optim
+
 PyTree = Any
 
 
@@ -24,12 +32,29 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: PyTree
   # EMA of params and of BN moving statistics (the official EMA covers both). None when the run
   # was created with `ema=False`; then evaluation uses the raw variables.
-  ema_params: PyTree | None = None
-  ema_batch_stats: PyTree | None = None
+  ema_params: flat.Flat | None = None
+  ema_batch_stats: flat.Flat | None = None
 
 
 def _copy(tree: PyTree) -> PyTree:
   return jax.tree.map(jnp.copy, tree)
+
+
+def new_train_state(
+  params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation, *, ema: bool = True
+) -> TrainState:
+  """Step 0 from these variables: fresh optimizer slots (on the flat params) and, with `ema`,
+  EMA copies of the variables (distinct buffers: donating a state whose EMA aliased the params
+  would donate the same buffer twice)."""
+  flat_params = optim.param_layout(params).ravel(params)
+  return TrainState(
+    step=jnp.zeros([], jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(flat_params),
+    ema_params=_copy(flat_params) if ema else None,
+    ema_batch_stats=_copy(flat.ravel(batch_stats)) if ema else None,
+  )
 
 
 def create_train_state(
@@ -43,21 +68,11 @@ def create_train_state(
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
   # One jitted function for init, optimizer slots and EMA copies: a single compile instead of a
-  # compile per eager op, and the EMA copies are distinct buffers (donating a state whose EMA
-  # aliased the params would donate the same buffer twice).
+  # compile per eager op.
   @jax.jit
   def init(rng):
     variables = model.init(rng, dummy, train=False)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    return TrainState(
-      step=jnp.zeros([], jnp.int32),
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=tx.init(params),
-      ema_params=_copy(params) if ema else None,
-      ema_batch_stats=_copy(batch_stats) if ema else None,
-    )
+    return new_train_state(variables["params"], variables.get("batch_stats", {}), tx, ema=ema)
 
   return init(rng)
 
@@ -78,5 +93,8 @@ def ema_decay_at(step, decay: float) -> jax.Array:
 def eval_variables(state: TrainState, use_ema: bool = True) -> dict:
   """The variables to evaluate: the EMA ones when present (the official recipe), else the raw."""
   if use_ema and state.ema_params is not None:
-    return {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+    return {
+      "params": flat.as_tree(state.ema_params),
+      "batch_stats": flat.as_tree(state.ema_batch_stats),
+    }
   return {"params": state.params, "batch_stats": state.batch_stats}

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from effnetv2_jax.optim import l2_penalty
+from effnetv2_jax.optim import l2_penalty, param_layout
 from effnetv2_jax.state import TrainState, ema_decay_at
 
 Batch = dict[str, jax.Array]
@@ -34,12 +34,6 @@ def _all_finite(tree) -> jax.Array:
   # answers exactly (no overflow), where isfinite + all per leaf cost XLA:CPU three small ops.
   total = sum(jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32) for x in jax.tree.leaves(tree))
   return jnp.isfinite(total)
-
-
-def _select(pred: jax.Array, on_true, on_false):
-  # One conditional over the whole state, not a `where` per leaf: XLA:CPU spent ~20 s of a ~30 s
-  # train-step compile on per-leaf selects (measured on the demo model); the cond compiles in ~1 s.
-  return jax.lax.cond(pred, lambda: on_true, lambda: on_false)
 
 
 def make_train_step(
@@ -71,6 +65,12 @@ def make_train_step(
   Divergence guard: when the loss or any gradient is non-finite the update is dropped (params, BN
   stats, optimizer state and EMA keep their old values), the step still advances and
   `metrics['bad_step'] == 1`; the trainer stops after `config.max_bad_steps` in a row.
+
+  Everything after the backward pass runs on flat buffers (`optim.param_layout`, effnetv2_jax/
+  flat.py): the gradients are raveled once, the L2 term, the optimizer, the guard's checks and
+  selects and the EMA are a few ops on a few long vectors, and the new params are unraveled once
+  into the tree the model reads. (Per parameter, the same update cost XLA:CPU ~2,500 small
+  kernels, and a whole-state `lax.cond` for the guard another ~2,200 copies, on B0.)
   """
   mixing = mixup_alpha > 0 or cutmix_alpha > 0
   if cutmix_label not in ("batch_mean", "per_example"):
@@ -106,48 +106,48 @@ def make_train_step(
       )
       logits = logits.astype(jnp.float32)  # fp32 softmax/loss even when computing in bf16
       ce = jnp.mean(optax.softmax_cross_entropy(logits, targets))
-      l2 = l2_penalty(params, weight_decay)
       # freeze_bn_stats (fine-tuning from pretrained weights on small data): batches are still
       # normalised by their own statistics, but the running statistics keep the pretrained values.
       stats = (
         state.batch_stats if freeze_bn_stats else new_vars.get("batch_stats", state.batch_stats)
       )
-      return ce + l2, (ce, l2, logits, stats)
+      return ce, (logits, stats)
 
-    (loss, (ce, l2, logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params
-    )
+    (ce, (logits, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    layout = param_layout(state.params)
+    params = layout.ravel(state.params)
+    # The L2 term of the loss and its gradient, on the flat decayed-kernel buffer.
+    l2, l2_grads = jax.value_and_grad(lambda p: l2_penalty(p, weight_decay))(params)
+    grads = jax.tree.map(jnp.add, layout.ravel(grads), l2_grads)
+    loss = ce + l2
     ok = jnp.isfinite(loss) & _all_finite(grads)
 
     # The global step drives the LR (optim.scale_by_step_schedule); plain optax transforms that
     # take no extra args are wrapped so they ignore it.
     updates, new_opt_state = optax.with_extra_args_support(tx).update(
-      grads, state.opt_state, state.params, step=state.step
+      grads, state.opt_state, params, step=state.step
     )
-    new_params = optax.apply_updates(state.params, updates)
+    new_params = optax.apply_updates(params, updates)
     # A finite gradient can still produce an overflowing update; never keep non-finite weights.
     ok = ok & _all_finite(new_params)
 
-    new = (new_params, new_batch_stats, new_opt_state)
-    old = (state.params, state.batch_stats, state.opt_state)
+    def keep(new, old):  # the guard: a select per buffer (a few for the flat trees)
+      return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    ema_params = ema_batch_stats = None
     if state.ema_params is not None:
       # TF's EMA reads global_step after the optimizer incremented it: ema_decay_at(t) uses t + 1.
       d = ema_decay_at(state.step, ema_decay)
       avg = lambda e, x: (d * e + (1.0 - d) * x).astype(e.dtype)
-      new += (
-        jax.tree.map(avg, state.ema_params, new_params),
-        jax.tree.map(avg, state.ema_batch_stats, new_batch_stats),
-      )
-      old += (state.ema_params, state.ema_batch_stats)
-    kept = _select(ok, new, old)
-    params, batch_stats, opt_state = kept[:3]
-    ema_params, ema_batch_stats = kept[3:] if len(kept) == 5 else (None, None)
+      ema_params = keep(jax.tree.map(avg, state.ema_params, new_params), state.ema_params)
+      stats = state.ema_batch_stats.layout.ravel(new_batch_stats)
+      ema_batch_stats = keep(jax.tree.map(avg, state.ema_batch_stats, stats), state.ema_batch_stats)
 
     new_state = state.replace(
       step=state.step + 1,
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=opt_state,
+      params=keep(new_params, params).to_tree(),
+      batch_stats=keep(new_batch_stats, state.batch_stats),
+      opt_state=keep(new_opt_state, state.opt_state),
       ema_params=ema_params,
       ema_batch_stats=ema_batch_stats,
     )

@@ -146,14 +146,9 @@ def init_state(config, model, tx, image_size: int, mesh):
     logging.info("init_from %s (step %d)", config.init_from, src_step)
     new_params, _ = ckpt_lib.merge_pretrained(state.params, params)
     new_stats, _ = ckpt_lib.merge_pretrained(state.batch_stats, batch_stats)
-    new_params = jax.tree.map(jnp.asarray, new_params)
-    new_stats = jax.tree.map(jnp.asarray, new_stats)
-    state = state.replace(params=new_params, batch_stats=new_stats, opt_state=tx.init(new_params))
-    if state.ema_params is not None:
-      state = state.replace(
-        ema_params=jax.tree.map(jnp.copy, new_params),
-        ema_batch_stats=jax.tree.map(jnp.copy, new_stats),
-      )
+    state = jax.jit(
+      lambda p, b: state_lib.new_train_state(p, b, tx, ema=state.ema_params is not None)
+    )(new_params, new_stats)
   return sharding.put_replicated(state, mesh)
 
 

@@ -17,7 +17,14 @@ common.timm_train_step: RMSprop, label-smoothed CE, channels-last off, autocast 
 [C, 1, k, k]) and dense by their recorded input shapes.
 
 Thunks can overlap on the two cores, so the summed times can exceed the wall time per step; both
-are shown. Appends to experiments/results/profile_train_step.md unless --no-record.
+are shown, with the count of thunks (jax) or kernels (timm: torch ops that call no other op) per
+step and the time between them: for jax, the traced wall time minus the time at least one thunk was
+running; for timm, the traced wall time minus the summed self time (its ops run one after another).
+The untraced wall time per step is shown too (the tracer has a cost of its own), and for jax how
+much of the idle time lies in gaps over 1 ms: idle time spread over thousands of tiny gaps is
+dispatch overhead, a few long gaps after big convolutions and dots are something else (their
+work on the intra-op thread pool, or a busy machine taking the cores away).
+Appends to experiments/results/profile_train_step.md unless --no-record.
 """
 
 from __future__ import annotations
@@ -125,6 +132,9 @@ def profile_jax(args) -> dict:
   names = hlo_op_names(compiled.as_text())
   run = common.jax_runner(compiled, state, data, rng)
   run(2)
+  t0 = time.perf_counter()
+  run(args.steps)
+  untraced = (time.perf_counter() - t0) / args.steps
   trace_dir = tempfile.mkdtemp(prefix="jaxprof-")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     t0 = time.perf_counter()
@@ -135,22 +145,57 @@ def profile_jax(args) -> dict:
     events = json.load(f)["traceEvents"]
   table = collections.Counter()
   unmapped = 0.0
-  for e in events:
-    a = e.get("args") or {}
-    if e.get("ph") != "X" or "hlo_op" not in a or "train_step" not in a.get("hlo_module", ""):
-      continue
+  thunks = [
+    e
+    for e in events
+    if e.get("ph") == "X"
+    and "hlo_op" in (e.get("args") or {})
+    and "train_step" in e["args"].get("hlo_module", "")
+  ]
+  for e in thunks:
+    a = e["args"]
     op = names.get(a["hlo_op"])
     key = classify(op) if op is not None else classify_unsourced(a["hlo_op"])
     if op is None:
       unmapped += e["dur"]
     table[key] += e["dur"] / 1e6 / args.steps
+  busy = _busy_us([(e["ts"], e["ts"] + e["dur"]) for e in thunks])
   return {
     "wall_s": wall,
+    "untraced_wall_s": untraced,
     "table": table,
     "unmapped_s": unmapped / 1e6 / args.steps,
+    "kernels": len(thunks) / args.steps,
+    "small_kernels": sum(e["dur"] < 20 for e in thunks) / args.steps,
+    # Wall time with no thunk running (the trace's start and end excluded: `wall` is timed inside).
+    "idle_s": max(0.0, wall - busy / 1e6 / args.steps),
+    "long_gaps": _long_gaps_us([(e["ts"], e["ts"] + e["dur"]) for e in thunks], 1000.0),
     "compile_s": times["compile_s"],
     "version": f"jax {jax.__version__}",
   }
+
+
+def _long_gaps_us(intervals, threshold_us: float) -> tuple[int, float]:
+  """(count, total length) of the gaps over `threshold_us` in which none of the intervals ran."""
+  gaps, end = [], None
+  for s, e in sorted(intervals):
+    if end is not None and s - end > threshold_us:
+      gaps.append(s - end)
+    end = e if end is None else max(end, e)
+  return len(gaps), sum(gaps)
+
+
+def _busy_us(intervals) -> float:
+  """Length of the union of (start, end) intervals: the time at least one of them ran."""
+  total, start, end = 0.0, None, None
+  for s, e in sorted(intervals):
+    if end is not None and s <= end:  # overlaps the current run of busy time
+      end = max(end, e)
+      continue
+    if end is not None:
+      total += end - start
+    start, end = s, e
+  return total + (end - start if end is not None else 0.0)
 
 
 def profile_timm(args) -> dict:
@@ -168,14 +213,23 @@ def profile_timm(args) -> dict:
   import timm
 
   run(2)
+  t0 = time.perf_counter()
+  run(args.steps)
+  untraced = (time.perf_counter() - t0) / args.steps
   with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
     t0 = time.perf_counter()
     run(args.steps)
     wall = (time.perf_counter() - t0) / args.steps
   table = collections.Counter()
+  kernels = small = 0
   for ev in prof.events():
+    if ev.key.startswith("phase:"):
+      continue
+    if not ev.cpu_children:  # an op that calls no other op: timm's analogue of a thunk
+      kernels += 1
+      small += ev.cpu_time_total < 20
     secs = ev.self_cpu_time_total / 1e6 / args.steps
-    if secs <= 0 or ev.key.startswith("phase:"):
+    if secs <= 0:
       continue
     phase, up = "other", ev.cpu_parent
     while up is not None:
@@ -186,7 +240,11 @@ def profile_timm(args) -> dict:
     table[(_timm_component(ev.key, ev.input_shapes or [], phase), phase)] += secs
   return {
     "wall_s": wall,
+    "untraced_wall_s": untraced,
     "table": table,
+    "kernels": kernels / args.steps,
+    "small_kernels": small / args.steps,
+    "idle_s": max(0.0, wall - sum(table.values())),  # one op at a time on the Python thread
     "version": f"torch {torch.__version__}, timm {timm.__version__}",
   }
 
@@ -220,7 +278,8 @@ def render(args, jax_res, timm_res) -> str:
   lines = common.heading(
     f"{args.model}, batch {args.batch} at {args.image_size}px, {args.dtype}",
     common.command(MODULE),
-    f"load average {common.load_average()}; {args.steps} traced steps after 2 warm-up steps. "
+    f"load average {common.load_average()}; 2 warm-up steps, {args.steps} untraced, then "
+    f"{args.steps} traced steps. "
     "Seconds per step of summed op time (ops may overlap on the 2 cores).",
   )
   lines.append("")
@@ -236,6 +295,18 @@ def render(args, jax_res, timm_res) -> str:
         if res.get("unmapped_s")
         else ""
       ),
+      "",
+      f"{res['kernels']:.0f} {'thunks' if res is jax_res else 'kernels (leaf ops)'} per step, "
+      f"{res['small_kernels']:.0f} of them under 20 us; {res['idle_s']:.3f} s/step of the traced "
+      f"wall time with none running"
+      + (
+        f" ({res['long_gaps'][0] / args.steps:.0f} gaps over 1 ms hold "
+        f"{res['long_gaps'][1] / 1e6 / args.steps:.3f} s of it)"
+        if "long_gaps" in res
+        else ""
+      )
+      + f"; untraced wall {res['untraced_wall_s']:.3f} s/step "
+      f"({args.batch / res['untraced_wall_s']:.1f} img/s)",
       "",
       "| component | phase | s/step | share |",
       "|---|---|---|---|",

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization, traverse_util
 
 from effnetv2_jax import checkpoint as ckpt_lib
+from effnetv2_jax import flat
 from effnetv2_jax import models
 from effnetv2_jax import optim
 from effnetv2_jax import sharding
@@ -109,6 +111,46 @@ def test_mismatched_model_names_the_arrays(tmp_path, trained_state, other, expec
   ck.close()
   assert expect in str(e.value)
   assert "num_classes" in str(e.value)  # says what to check
+
+
+def _tree_slots_state(model):
+  """A state as create_train_state built it before the optimizer slots and EMA were flat
+  (effnetv2_jax/flat.py): every slot a tree, so this is what such a run wrote to disk."""
+  v = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 16, 16, 3)), train=False)
+  p, b = v["params"], v["batch_stats"]
+  st = state_lib.TrainState(
+    step=jnp.int32(0),
+    params=p,
+    batch_stats=b,
+    opt_state=_tx().init(p),
+    ema_params=jax.tree.map(jnp.copy, p),
+    ema_batch_stats=jax.tree.map(jnp.copy, b),
+  )
+  # Every leaf off its init value, each slot differently, so a restore into the wrong slot shows.
+  leaves, treedef = jax.tree.flatten(st)
+  return treedef.unflatten([x + i + 1 for i, x in enumerate(leaves)])
+
+
+def test_a_checkpoint_with_tree_shaped_slots_restores(tmp_path):
+  model, mesh = _model(), sharding.make_mesh()
+  old = _tree_slots_state(model)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=1)
+  ck.save(4, old, {})
+  ck.wait()
+  # The same arrays under the same names as a checkpoint of today's state.
+  new_names = ckpt_lib.flat_shapes(serialization.to_state_dict(_abstract(model)))
+  assert ck.saved_shapes(4) == new_names
+  assert "opt_state.0.0.nu.stem.conv.kernel" in new_names
+  assert "ema_params.blocks_1.expand.conv.kernel" in new_names
+  restored, _ = ck.restore(4, _abstract(model, mesh))
+  ck.close()
+  assert isinstance(restored.ema_params, flat.Flat)
+  assert isinstance(restored.opt_state[0][0].nu, flat.Flat)
+  want = traverse_util.flatten_dict(serialization.to_state_dict(old), sep=".")
+  got = traverse_util.flatten_dict(serialization.to_state_dict(restored), sep=".")
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
 
 
 def test_keeps_only_the_last_k(tmp_path, trained_state):

@@ -195,3 +195,46 @@ def test_l2_penalty_is_half_wd_sum_of_squared_kernels():
   assert float(optim.l2_penalty(p, 0.0)) == 0.0
   with pytest.raises(ValueError, match="optimizer"):
     optim.make_optimizer(_config(optimizer="lamb"), 10.0, 100)
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "sgd", "adamw"])
+def test_optimizers_on_flat_params_match_the_tree(name):
+  # The train step runs the optimizer on optim.param_layout's flat buffers; per leaf, that is the
+  # same update as on the tree (here with a changing LR, grad clipping and, for adamw, the mask).
+  c = _config(
+    optimizer=name,
+    batch_size=256,
+    lr_per_256=0.1,
+    warmup_epochs=2.0,
+    lr_decay_epochs=0.5,
+    lr_decay_rate=0.5,
+    grad_clip_norm=5.0,
+    weight_decay=0.1,
+  )
+  tx = optim.make_optimizer(c, 2.0, total_steps=100)
+  tree = _params()
+  layout = optim.param_layout(tree)
+  flat_params = layout.ravel(tree)
+  assert len(flat_params.buffers) == 2  # decayed kernels, everything else
+  tree_state, flat_state = tx.init(tree), tx.init(flat_params)
+  rng = np.random.default_rng(3)
+  for t in range(6):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 3, jnp.float32), tree)
+    upd, tree_state = tx.update(grads, tree_state, tree, step=jnp.int32(t))
+    tree = optax.apply_updates(tree, upd)
+    upd, flat_state = tx.update(layout.ravel(grads), flat_state, flat_params, step=jnp.int32(t))
+    flat_params = optax.apply_updates(flat_params, upd)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), flat_params.to_tree(), tree
+  )
+  assert not np.allclose(tree["head"]["kernel"], _params()["head"]["kernel"])
+
+
+def test_decay_mask_and_l2_of_flat_params():
+  p = _params()
+  f = optim.param_layout(p).ravel(p)
+  assert [g for _, g in f.layout.groups] == ["", optim.DECAYED]
+  assert jax.tree.leaves(optim.weight_decay_mask(f)) == [False, True]
+  assert float(optim.l2_penalty(f, 1e-5)) == pytest.approx(
+    float(optim.l2_penalty(p, 1e-5)), rel=1e-6
+  )

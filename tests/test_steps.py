@@ -81,8 +81,8 @@ def test_ema_covers_params_and_batch_stats():
   s1, m = step(s0, _batch(), jax.random.key(1))
   d = 2 / 11  # official decay at step 0: (1 + n) / (10 + n) with n = step + 1 = 1
   for ema0, new, ema1 in (
-    (s0.ema_params, s1.params, s1.ema_params),
-    (s0.ema_batch_stats, s1.batch_stats, s1.ema_batch_stats),
+    (s0.ema_params.to_tree(), s1.params, s1.ema_params.to_tree()),
+    (s0.ema_batch_stats.to_tree(), s1.batch_stats, s1.ema_batch_stats.to_tree()),
   ):
     jax.tree.map(
       lambda e0, x, e1: np.testing.assert_allclose(e1, d * e0 + (1 - d) * x, rtol=1e-6, atol=1e-7),
@@ -104,9 +104,9 @@ def test_ema_decay_through_real_steps_is_2_11_then_3_12_then_4_13():
     new, _ = step(s, _batch(seed=t), jax.random.key(1))
     jax.tree.map(
       lambda e0, x, e1: np.testing.assert_allclose(e1, d * e0 + (1 - d) * x, rtol=1e-6, atol=1e-7),
-      (s.ema_params, s.ema_batch_stats),
+      (s.ema_params.to_tree(), s.ema_batch_stats.to_tree()),
       (new.params, new.batch_stats),
-      (new.ema_params, new.ema_batch_stats),
+      (new.ema_params.to_tree(), new.ema_batch_stats.to_tree()),
     )
     s = new
 
@@ -126,8 +126,8 @@ def test_ema_disabled_representations():
   # ema_decay=0 with EMA slots: they are exact copies of the weights.
   _, s0, step = _setup(ema_decay=0.0)
   s1, _ = step(s0, _batch(), jax.random.key(1))
-  _assert_trees_equal(s1.ema_params, s1.params)
-  _assert_trees_equal(s1.ema_batch_stats, s1.batch_stats)
+  _assert_trees_equal(s1.ema_params.to_tree(), s1.params)
+  _assert_trees_equal(s1.ema_batch_stats.to_tree(), s1.batch_stats)
 
 
 def test_label_smoothing_targets_and_loss():
@@ -151,6 +151,34 @@ def test_label_smoothing_targets_and_loss():
   ce = jnp.mean(optax.softmax_cross_entropy(logits, targets))
   np.testing.assert_allclose(m["ce_loss"], ce, rtol=1e-5)
   np.testing.assert_allclose(m["loss"], ce + optim.l2_penalty(s0.params, 1e-5), rtol=1e-5)
+
+
+def test_update_is_the_optimizer_on_the_tree_gradient():
+  # The step runs the L2 term, the optimizer, the guard and the EMA on flat buffers; the new
+  # params are what the same optimizer makes, leaf by leaf, of the tree gradient of CE + L2.
+  model, s0, step = _setup()
+  _, tx, _ = _init_state()
+  b, rng = _batch(), jax.random.key(1)
+  s1, m = step(s0, b, rng)
+
+  def loss(params):
+    logits, _ = model.apply(
+      {"params": params, "batch_stats": s0.batch_stats},
+      b["image"],
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": _dropout_key(rng, 0)},
+    )
+    targets = steps.smooth_labels(jax.nn.one_hot(b["label"], K), 0.1)
+    ce = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    return ce + optim.l2_penalty(params, 1e-5)
+
+  grads = jax.grad(loss)(s0.params)
+  updates, _ = tx.update(grads, tx.init(s0.params), s0.params, step=s0.step)
+  want = optax.apply_updates(s0.params, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1.params, want)
+  assert not np.allclose(s1.params["Dense_0"]["kernel"], s0.params["Dense_0"]["kernel"])
+  np.testing.assert_allclose(m["grad_norm"], optax.global_norm(grads), rtol=1e-5)
 
 
 def test_smoothing_applies_after_mixing(monkeypatch):
@@ -251,9 +279,7 @@ def test_eval_step_uses_given_variables_and_mask():
   out_ema = ev(state_lib.eval_variables(s1), b)
   out_raw = ev(state_lib.eval_variables(s1, use_ema=False), b)
 
-  logits = model.apply(
-    {"params": s1.ema_params, "batch_stats": s1.ema_batch_stats}, b["image"][:6], train=False
-  )
+  logits = model.apply(state_lib.eval_variables(s1), b["image"][:6], train=False)
   labels = b["label"][:6]
   assert float(out_ema["count"]) == 6.0
   np.testing.assert_allclose(out_ema["top1_correct"], jnp.sum(jnp.argmax(logits, -1) == labels))
