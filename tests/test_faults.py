@@ -43,6 +43,14 @@ def _run(config, workdir, **kw):
   return train.train_and_evaluate(config, workdir, devices=ONE, **kw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _trainer_settings():
+  """Every run compiles unoptimized (the reference of the comparisons is this module's too), and
+  the persistent cache the runs turn on is off again for later modules (see tests/test_train.py)."""
+  with fx.restored_compilation_cache(), fx.unoptimized_xla():
+    yield
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   return fx.make_folder_dataset(str(tmp_path_factory.mktemp("faults") / "data"))
