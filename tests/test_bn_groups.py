@@ -221,7 +221,7 @@ def test_validation_checks_every_stage_batch(monkeypatch):
 
     class StageWithBatch:
       def __init__(self, stage, batch_size):
-        self.index, self.batch_size = stage.index, batch_size
+        self.index, self.batch_size, self.num_steps = stage.index, batch_size, stage.num_steps
 
     return [StageWithBatch(s, 4096 if s.index == 0 else 1536) for s in table]
 
