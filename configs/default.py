@@ -54,6 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
   # own box) | 'per_example' (each example's own pasted fraction, as timm). effnetv2_jax/mixing.py.
   c.cutmix_label = "batch_mean"
   c.cache_dataset = False
+  # Share of skipped records (unreadable: a TFRecord checksum error, a truncated or missing shard;
+  # or undecodable) above which the run stops with one line naming the worst shard, counted over
+  # max(records read, one epoch) per iterator (effnetv2_jax/data/input_pipeline.py). A skipped
+  # train record's slot trains on a neighbouring record; an eval one is left out.
+  c.max_skipped_fraction = 0.001
 
   # Schedule length: epochs (converted with the dataset's train size), or steps when > 0.
   c.batch_size = 4096  # global batch, over all processes and devices

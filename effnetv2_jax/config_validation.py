@@ -281,6 +281,13 @@ def validate_config(
     augment.check_config(config)
   except augment.AugmentError as e:
     raise ConfigError(e.field, e.reason) from None
+  msf = config.max_skipped_fraction
+  _require(
+    isinstance(msf, (int, float)) and not isinstance(msf, bool) and 0 <= msf <= 1,
+    "max_skipped_fraction",
+    f"must be a share in [0, 1] of the records read (0: stop at the first unreadable record), "
+    f"got {msf!r}",
+  )
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_bad_steps"):
     _require(config[field] >= 1, field, f"must be >= 1, got {config[field]}")
   _validate_curve_and_recalibration(config)

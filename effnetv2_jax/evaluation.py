@@ -107,6 +107,7 @@ def run_eval(
     family=run.family,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    max_skipped_fraction=config.get("max_skipped_fraction"),
     max_examples=max_examples or None,
   ):
     sums = eval_step(variables, sharding.shard_batch(batch, mesh))

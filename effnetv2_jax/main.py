@@ -110,6 +110,7 @@ def run(config, workdir, mode, eval_sizes=None) -> int:
     _fail(str(e), EXIT_BAD_INPUT)
   except (
     datasets.DatasetNotPreparedError,
+    datasets.CorruptDataError,
     ckpt_lib.CheckpointMismatchError,
     ckpt_lib.CheckpointUnreadableError,
     workdir_lib.WorkdirLockedError,

@@ -310,28 +310,42 @@ def _compile_train_step(ctx: RunContext, stage, state_spec):
   return jitted.lower(state_spec, batch, ctx.rng).compile()
 
 
+def _next_batch(ctx: RunContext, data) -> dict:
+  """The next host batch; input_pipeline.Interrupted once a preemption is requested meanwhile."""
+  return data.get(should_stop=lambda: ctx.preemption.requested)
+
+
 def _start_stage(ctx: RunContext, stage, state, step: int):
   """-> (compiled step, data iterator, first batch, compile s, compile wait s) for `stage` from
   `step` on; then queues what the run needs next (the eval step, the next stage's step)."""
   from effnetv2_jax.data import augment, input_pipeline
 
   config = ctx.config
-  data = input_pipeline.train_iterator(
-    dataset=config.dataset,
-    data_dir=config.data_dir,
-    split=ctx.run.train_split,
-    global_batch_size=ctx.run.batch_size,
-    image_size=stage.image_size,
-    family=ctx.run.family,
-    augment=augment.for_stage(config, stage),
-    seed=config.seed,
-    start_step=max(step, stage.first_step),
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    shuffle_buffer=config.shuffle_buffer,
-    cache=config.cache_dataset,
+  # One producer thread keeps the batch order; the loop waits for it in short slices, so a
+  # SIGTERM is honoured even while the input pipeline stalls (input_pipeline.Prefetcher).
+  data = input_pipeline.Prefetcher(
+    input_pipeline.train_iterator(
+      dataset=config.dataset,
+      data_dir=config.data_dir,
+      split=ctx.run.train_split,
+      global_batch_size=ctx.run.batch_size,
+      image_size=stage.image_size,
+      family=ctx.run.family,
+      augment=augment.for_stage(config, stage),
+      seed=config.seed,
+      start_step=max(step, stage.first_step),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      shuffle_buffer=config.shuffle_buffer,
+      cache=config.cache_dataset,
+      max_skipped_fraction=config.max_skipped_fraction,
+    )
   )
-  batch = sharding.shard_batch(next(data), ctx.mesh)
+  try:
+    batch = sharding.shard_batch(_next_batch(ctx, data), ctx.mesh)
+  except BaseException:
+    data.close()
+    raise
   expected = batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
   got = {k: (v.shape, v.dtype) for k, v in batch.items()}
   if got != {k: (v.shape, v.dtype) for k, v in expected.items()}:
@@ -353,10 +367,47 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
 def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, eta):
   """Train `stage` from `step` to its end; -> (state, step, status), where status is None when
   the stage finished and 'preempted'/'stopped' when the run stopped inside it (checkpointed)."""
-  num_stages = len(ctx.run.stages)
+  from effnetv2_jax.data import input_pipeline  # TensorFlow: only where data is read
+
   stage_t0 = time.perf_counter()
   log.records[stage.index].setdefault("start_wall_s", log.total_wall_s())  # for curves.png
-  compiled, data, batch, compile_s, wait_s = _start_stage(ctx, stage, state, step)
+  try:
+    compiled, data, batch, compile_s, wait_s = _start_stage(ctx, stage, state, step)
+  except input_pipeline.Interrupted:  # SIGTERM while the first batch was being read
+    return _stop(ctx, stage, state, step, guard, log, stage_t0, "preempted")
+  _announce_stage(ctx, stage, step, log, eta, compile_s, wait_s)
+  meter = reporting.IntervalMeter()
+  with data:  # the stage's input thread ends with the stage
+    while True:
+      state, metrics = compiled(state, batch, ctx.rng)
+      step += 1
+      more = step < stage.last_step
+      if more:  # the host prepares the next batch while the device runs this step
+        try:
+          batch = sharding.shard_batch(_next_batch(ctx, data), ctx.mesh)
+        except input_pipeline.Interrupted:  # the input stalled and a preemption came meanwhile
+          return _stop(ctx, stage, state, step, guard, log, stage_t0, "preempted")
+      meter.add(metrics)
+      guard.observe(step, metrics["bad_step"])
+      ctx.ckpt.check_for_errors()  # a failed async checkpoint write stops the run at the next step
+      if step % ctx.config.log_every_steps == 0 or not more:
+        _log_progress(ctx, stage, step, meter, eta, log)
+      if log.curve.due_everywhere(step, log.total_wall_s()):
+        _curve_point(ctx, stage, step, state, log)
+      status = _stop_requested(ctx, step)
+      if status:
+        return _stop(ctx, stage, state, step, guard, log, stage_t0, status)
+      if not more:
+        break
+      if step % ctx.config.checkpoint_every_steps == 0:
+        _save(ctx, guard, log, step, state, stage.index)
+  guard.check()
+  log.add_time(stage.index, wall_s=time.perf_counter() - stage_t0)
+  return state, step, None
+
+
+def _announce_stage(ctx: RunContext, stage, step: int, log: StageLog, eta, compile_s, wait_s):
+  num_stages = len(ctx.run.stages)
   log.add_time(stage.index, compile_s=compile_s, compile_wait_s=wait_s)
   eta.add_compile(wait_s)
   ahead = f" (waited {wait_s:.1f}s)" if wait_s < 0.95 * compile_s else ""
@@ -367,37 +418,18 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
     f"{stage.last_step}; train step compiled in {compile_s:.1f}s{ahead}"
   )
   ctx.writer.write_scalars(step, {"compile_s": compile_s, "compile_wait_s": wait_s})
-  meter = reporting.IntervalMeter()
-  while True:
-    state, metrics = compiled(state, batch, ctx.rng)
-    step += 1
-    more = step < stage.last_step
-    if more:  # the host prepares the next batch while the device runs this step
-      batch = sharding.shard_batch(next(data), ctx.mesh)
-    meter.add(metrics)
-    guard.observe(step, metrics["bad_step"])
-    ctx.ckpt.check_for_errors()  # a failed async checkpoint write stops the run at the next step
-    if step % ctx.config.log_every_steps == 0 or not more:
-      _log_progress(ctx, stage, step, meter, eta, log)
-    if log.curve.due_everywhere(step, log.total_wall_s()):
-      _curve_point(ctx, stage, step, state, log)
-    status = _stop_requested(ctx, step)
-    if status:
-      log.add_time(stage.index, wall_s=time.perf_counter() - stage_t0)
-      _save(ctx, guard, log, step, state, stage.index)
-      ctx.ckpt.wait()
-      _print(
-        f"{status} at step {step}: checkpoint saved to {ctx.ckpt.directory}/{step}; "
-        "rerun the same command to resume"
-      )
-      return state, step, status
-    if not more:
-      break
-    if step % ctx.config.checkpoint_every_steps == 0:
-      _save(ctx, guard, log, step, state, stage.index)
-  guard.check()
+
+
+def _stop(ctx: RunContext, stage, state, step: int, guard, log: StageLog, stage_t0, status):
+  """Checkpoint the current step and end the run here ('preempted' or 'stopped')."""
   log.add_time(stage.index, wall_s=time.perf_counter() - stage_t0)
-  return state, step, None
+  _save(ctx, guard, log, step, state, stage.index)
+  ctx.ckpt.wait()
+  _print(
+    f"{status} at step {step}: checkpoint saved to {ctx.ckpt.directory}/{step}; "
+    "rerun the same command to resume"
+  )
+  return state, step, status
 
 
 def _stop_requested(ctx: RunContext, step: int) -> str | None:
@@ -425,6 +457,8 @@ def _curve_point(ctx: RunContext, stage, step: int, state, log: StageLog) -> Non
 
 
 def _log_progress(ctx: RunContext, stage, step: int, meter, eta, log: StageLog) -> None:
+  from effnetv2_jax.data import input_pipeline
+
   run, num_stages = ctx.run, len(ctx.run.stages)
   means, dt, n = meter.flush()
   if "loss" in means:
@@ -433,20 +467,23 @@ def _log_progress(ctx: RunContext, stage, step: int, meter, eta, log: StageLog) 
   means["lr"] = means.pop("learning_rate", float("nan"))
   scalars = {f"train/{k}": v for k, v in means.items()}
   scalars["train/steps_per_sec"] = n / max(dt, 1e-9)
+  skipped = input_pipeline.skipped_records()  # unreadable input records, per split
+  scalars.update({f"data/skipped_{split}": float(k) for split, k in skipped.items()})
   ctx.writer.write_scalars(step, scalars)
   remaining = [(stage.last_step - step, stage.image_size)]
   remaining += [(s.num_steps, s.image_size) for s in run.stages[stage.index + 1 :]]
-  _print(
-    reporting.progress_line(
-      stage_index=stage.index,
-      num_stages=num_stages,
-      step=step,
-      total_steps=run.total_steps,
-      metrics=means,
-      images_per_sec=n * run.batch_size / max(dt, 1e-9),
-      eta_s=eta.eta(remaining, num_stages - 1 - stage.index),
-    )
+  line = reporting.progress_line(
+    stage_index=stage.index,
+    num_stages=num_stages,
+    step=step,
+    total_steps=run.total_steps,
+    metrics=means,
+    images_per_sec=n * run.batch_size / max(dt, 1e-9),
+    eta_s=eta.eta(remaining, num_stages - 1 - stage.index),
   )
+  if any(skipped.values()):
+    line += " skipped " + " ".join(f"{k} {split}" for split, k in skipped.items() if k)
+  _print(line)
 
 
 def _write_eval(ctx: RunContext, step: int, ev: dict) -> None:
@@ -505,6 +542,7 @@ def _report(ctx: RunContext, state, step: int, log: StageLog) -> dict:
     "params_checksum": reporting.params_checksum(state.params),
     "dtype": ctx.run.dtype,  # the compute dtype that ran ('auto' resolved)
     "decode_failures": input_pipeline.decode_failures(),
+    "skipped_records": input_pipeline.skipped_records(),  # unreadable records, per split
     "curve": log.curve.to_dict(),  # time to accuracy (effnetv2_jax/curves.py)
     "train_curve": log.train_curve.to_list(),
   }

@@ -55,12 +55,20 @@ def _error(config, **kw):
     ({"randaug_solarize": "wrap"}, "randaug_solarize"),
     ({"randaug_enhance": "pil"}, "randaug_enhance"),
     ({"cutmix_label": "per_batch"}, "cutmix_label"),
+    ({"max_skipped_fraction": 1.5}, "max_skipped_fraction"),
+    ({"max_skipped_fraction": -0.01}, "max_skipped_fraction"),
   ],
 )
 def test_bad_field_is_named(change, field):
   err = _error(_config(**change))
   assert err.field == field
   assert str(err).startswith(field + ":") and "\n" not in str(err)
+
+
+def test_max_skipped_fraction_default_and_range():
+  assert imagenet.get_config("variant=s").max_skipped_fraction == 0.001
+  for ok in (0.0, 0.001, 1.0):
+    cv.validate_config(_config(max_skipped_fraction=ok), num_devices=1, check_dataset=False)
 
 
 def test_batch_not_divisible_by_devices_says_what_to_use():

@@ -224,3 +224,37 @@ def test_full_disk_for_results_json_is_one_line_and_the_rerun_writes_it(
   final = _run(_config(data), wd)
   assert final["params_checksum"] == reference and os.path.exists(results)
   assert all(s["wall_s"] > 0 for s in final["stages"])
+
+
+def test_sigterm_is_honoured_while_the_input_pipeline_stalls(data, tmp_path, monkeypatch):
+  """The input hangs after its first batch (a livelocked reader, here in the prefetch thread): the
+  loop, waiting for batch 2, still sees the preemption request, checkpoints step 1 and stops."""
+  import threading
+  import time
+
+  from effnetv2_jax import workdir as workdir_lib
+  from effnetv2_jax.data import input_pipeline
+
+  real = input_pipeline.train_iterator
+  release = threading.Event()
+  flag = workdir_lib.PreemptionFlag()
+  stalled_at = []
+
+  def stalling(**kw):
+    for i, batch in enumerate(real(**kw)):
+      if i == 1:  # the notice arrives while the reader hangs (it never recovers by itself)
+        stalled_at.append(time.perf_counter())
+        flag.request()
+        release.wait(60)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_iterator", stalling)
+  try:
+    result = _run(_config(data), str(tmp_path / "wd"), preemption=flag)
+  finally:
+    release.set()
+  assert result == {"status": "preempted", "step": 1}
+  assert time.perf_counter() - stalled_at[0] < 10  # the checkpoint write included
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "wd"), read_only=True)
+  assert ck.latest_step() == 1
+  ck.close()

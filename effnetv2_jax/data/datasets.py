@@ -69,6 +69,17 @@ class DatasetNotPreparedError(RuntimeError):
   """The dataset's files are not where TFDS (or the folder reader) looks for them."""
 
 
+class CorruptDataError(RuntimeError):
+  """More than `max_skipped_fraction` of the records an input iterator read were unreadable or
+  undecodable (effnetv2_jax/data/input_pipeline.py). `str()` is one line naming the worst shard;
+  `.shard` is that file ('' when unknown, e.g. undecodable images), `.role` 'train' or 'eval'."""
+
+  def __init__(self, message: str, *, role: str, shard: str):
+    super().__init__(message)
+    self.role = role
+    self.shard = shard
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   name: str

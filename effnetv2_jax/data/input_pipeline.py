@@ -9,24 +9,44 @@ Train order and augmentation are pure functions of (seed, global step, process):
     position) with stateless TF ops.
 So `start_step=k` computes p0 = k * B_local, skips whole epochs arithmetically and `p0 % n` raw records
 (still encoded: skipping costs no decoding), and yields exactly the batches an uninterrupted iterator
-yields from step k on. Exception: records that fail to decode are dropped (and counted), which shifts
-the later examples of that epoch into earlier batches; a resume then matches only if no record
-failed before the resume point within its epoch. TFDS datasets were decoded once when built, so in
-practice this concerns image folders with corrupt files.
+yields from step k on.
 
-Decode failures: the record's local position travels with it; after the failing record is dropped
-(`ignore_errors`), the host iterator sees a gap in positions and counts it (`decode_failures()`).
+Damaged data (a record of a TFDS split that fails to read: a TFRecord checksum error, a truncated or
+missing shard; see records.py): the record keeps its slot in the raw stream, so every other record
+has the position, batch and augmentation a clean shard gives it, and a resume still matches. Train:
+the slot trains on the nearest readable record of the same file instruction (a duplicate); eval: that
+slot is masked out. Only a slot with no readable record in its whole file instruction (an unreadable
+shard) is dropped, as an undecodable record is.
+
+Records that fail to decode (image folders with corrupt files; TFDS images were decoded once when
+built) are dropped (`ignore_errors`), which shifts the later examples of that epoch into earlier
+batches; a resume then matches only if no record failed before the resume point within its epoch.
+The record's local position travels with it, so the host iterator counts a dropped record from the
+gap in positions.
+
+Counting: both kinds are "skipped records", counted per role ('train', 'eval') when their slot is
+delivered (`skipped_records()`, `skipped_by_shard()`; each pass over a damaged record counts again).
+An iterator given `max_skipped_fraction` raises `CorruptDataError` (one line naming the worst shard)
+once its skipped records exceed that share of max(records read, its records per epoch).
+
+`Prefetcher` runs an iterator's `next()` in a thread so a consumer can wait in short slices (and see a
+preemption request) while the input pipeline is slow or stalled.
 """
 
 from __future__ import annotations
 
+import collections
+import queue
 import threading
+import time
+from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from effnetv2_jax.data import datasets
 from effnetv2_jax.data import preprocess
+from effnetv2_jax.data import records
 from effnetv2_jax.data.augment import Augment
 
 NO_AUGMENT = Augment()
@@ -35,44 +55,94 @@ _POS = "_pos"  # position of an example in this process' stream; -1 marks eval p
 _INF = np.iinfo(np.int64).max
 
 
-class DecodeStats:
-  """Thread-safe count of records skipped because they failed to read/decode/preprocess."""
+_BAD = records.BAD  # index of the shard whose unreadable record this slot stands in for; -1: sound
+_DROP = records.DROP  # a slot without any readable record to stand in for it: dropped at decoding
+ROLES = ("train", "eval")
+
+
+# Defined in the TF-free registry module so that the CLI can catch it without importing TF.
+CorruptDataError = datasets.CorruptDataError
+
+
+class SkipStats:
+  """Thread-safe counts of skipped records: in total and per shard ('' = undecodable, no shard)."""
 
   def __init__(self):
     self._lock = threading.Lock()
-    self.failures = 0
+    self.total = 0
+    self.by_shard: collections.Counter = collections.Counter()
 
-  def add(self, n: int, log: bool = False) -> None:
+  def add(self, n: int, shard: str = "") -> None:
     if n > 0:
       with self._lock:
-        self.failures += n
-        total = self.failures
-      if log:
-        tf.get_logger().warning(
-          "input pipeline: skipped %d undecodable image(s) (%d in this process so far)", n, total
-        )
+        self.total += n
+        self.by_shard[shard] += n
+
+  def worst(self) -> tuple[str, int]:
+    with self._lock:
+      named = [(k, v) for k, v in self.by_shard.items() if k]
+      return max(named, key=lambda kv: kv[1]) if named else ("", 0)
 
 
-_TOTAL = DecodeStats()
+_ROLE_STATS = {role: SkipStats() for role in ROLES}
+
+
+def skipped_records() -> dict[str, int]:
+  """{'train': n, 'eval': n}: records skipped (unreadable or undecodable) by this process' iterators
+  of each role so far; a damaged record counts each time its slot comes round. For the progress
+  line, TensorBoard and results.json."""
+  return {role: stats.total for role, stats in _ROLE_STATS.items()}
+
+
+def skipped_by_shard() -> dict[str, dict[str, int]]:
+  """{role: {shard file: skipped records}}; undecodable records, whose shard is not known, under ''."""
+  return {role: dict(stats.by_shard) for role, stats in _ROLE_STATS.items()}
+
+
+def damaged_shards() -> dict[str, int]:
+  """{shard file: distinct unreadable records in it} for the damaged TFRecord files met so far."""
+  return records.damaged_files()
 
 
 def decode_failures() -> int:
-  """Records skipped by every iterator of this process so far (log this with the step metrics)."""
-  return _TOTAL.failures
+  """Records skipped by every iterator of this process so far, all roles together (kept for the
+  callers of the first version; `skipped_records()` splits it by role)."""
+  return sum(skipped_records().values())
 
 
 class BatchIterator:
-  """Host-side iterator of numpy batches; strips the position key and counts skipped records."""
+  """Host-side iterator of numpy batches: strips the bookkeeping keys, counts skipped records (from
+  position gaps and replaced slots) and enforces `max_skipped_fraction`."""
 
-  def __init__(self, ds: tf.data.Dataset, first_pos: int, n_local: int | None = None):
+  def __init__(
+    self,
+    ds: tf.data.Dataset,
+    first_pos: int,
+    *,
+    role: str,
+    n_local: int,
+    shards: list[str] | None = None,
+    name: str = "",
+    max_skipped_fraction: float | None = None,
+    finite: bool = False,
+  ):
     self._it = ds.as_numpy_iterator()
-    self._next_pos = first_pos
-    self._n_local = n_local  # eval only: lets the last batch account for trailing failures
-    self.stats = DecodeStats()
+    self._first_pos = self._next_pos = first_pos
+    self._n_local = n_local  # records per epoch of this process: the fraction's smallest base
+    self._finite = finite  # eval: the last batch accounts for trailing skipped records
+    self._shards = list(shards or [])
+    self._role = role
+    self._name = name
+    self._limit = max_skipped_fraction
+    self.stats = SkipStats()
 
   @property
-  def decode_failures(self) -> int:
-    return self.stats.failures
+  def skipped(self) -> int:
+    return self.stats.total
+
+  @property
+  def decode_failures(self) -> int:  # the first version's name
+    return self.stats.total
 
   def __iter__(self):
     return self
@@ -81,21 +151,53 @@ class BatchIterator:
     try:
       batch = next(self._it)
     except StopIteration:
-      if self._n_local is not None:
+      if self._finite:
         self._count(self._n_local - self._next_pos)
-        self._next_pos = self._n_local
+        self._next_pos = max(self._next_pos, self._n_local)
+        self._check()
       raise
     pos = batch.pop(_POS)
-    real = pos[pos >= 0]
-    if real.size:
-      self._count(int(real.max()) + 1 - self._next_pos - real.size)
-      self._next_pos = int(real.max()) + 1
+    bad = batch.pop(_BAD)
+    real = pos >= 0
+    if real.any():
+      self._count(int(pos[real].max()) + 1 - self._next_pos - int(real.sum()))
+      self._next_pos = int(pos[real].max()) + 1
+    for index, n in zip(*np.unique(bad[bad >= 0], return_counts=True)):
+      self._count(int(n), self._shards[index])
+    self._check()
     return batch
 
-  def _count(self, n):
+  def _count(self, n: int, shard: str = "") -> None:
     if n > 0:
-      self.stats.add(n)
-      _TOTAL.add(n, log=True)  # the warning reaches the logs even if the caller never asks
+      self.stats.add(n, shard)
+      _ROLE_STATS[self._role].add(n, shard)
+      if not shard:  # replaced slots were logged once per file by records.py
+        tf.get_logger().warning(
+          "input pipeline: skipped %d undecodable %s record(s) (%d skipped by this iterator)",
+          n,
+          self._role,
+          self.stats.total,
+        )
+
+  def _check(self) -> None:
+    if self._limit is None or not self.stats.total:
+      return
+    read = self._next_pos - self._first_pos
+    base = max(read, self._n_local, 1)
+    if self.stats.total <= self._limit * base:
+      return
+    shard, n = self.stats.worst()
+    if not shard:  # only drops and decode failures so far: the damaged file the reader met
+      damaged = {p: k for p, k in records.damaged_files().items() if p in self._shards}
+      shard, n = max(damaged.items(), key=lambda kv: kv[1]) if damaged else ("", 0)
+    where = f"worst shard {shard} ({n} skipped)" if shard else "undecodable images (no shard)"
+    raise CorruptDataError(
+      f"{self._name} {self._role} data: {self.stats.total} records skipped as unreadable or "
+      f"undecodable in {read} read, more than max_skipped_fraction={self._limit:g} of {base}; "
+      f"{where}: restore or rebuild the data, or raise max_skipped_fraction",
+      role=self._role,
+      shard=shard,
+    )
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -104,33 +206,70 @@ def _shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
   return n * index // count, n * (index + 1) // count
 
 
-def _source(info, data_dir, split, process_index, process_count, cache):
-  """(raw dataset of {'raw', 'label'}, load_fn raw->bytes, local sizes of every process)."""
+_AUTOCACHE_BYTES = 250 << 20  # TFDS' own auto-cache limit (cifar10 is about 150 MiB)
+
+
+def _source(info, data_dir, split, process_index, process_count, cache, autocache=False):
+  """(raw dataset of {..., '_bad', '_drop'}, decode_fn raw element -> (encoded image, int64 label),
+  local sizes of every process, the shard files '_bad' indexes). Images stay encoded (a folder's
+  are paths) until after skip/shuffle, so resuming and the shuffle buffer handle small byte
+  strings, and the decode_fn runs in the parallel map. `autocache`: cache a TFDS dataset of at
+  most 250 MiB in memory as TFDS' own reader does (from the second epoch on nothing is read or
+  checked again)."""
   if info.is_folder:
     paths, labels = datasets.folder_files(info.folder_root, split, info.class_names)
     sizes = [
       b - a for a, b in (_shard_bounds(len(paths), i, process_count) for i in range(process_count))
     ]
     lo, hi = _shard_bounds(len(paths), process_index, process_count)
+    n = hi - lo
     ds = tf.data.Dataset.from_tensor_slices(
-      {"raw": tf.constant(paths[lo:hi], tf.string), "label": tf.constant(labels[lo:hi], tf.int64)}
+      {
+        "raw": tf.constant(paths[lo:hi], tf.string),
+        "label": tf.constant(labels[lo:hi], tf.int64),
+        _BAD: tf.fill([n], tf.constant(-1, tf.int32)),
+        _DROP: tf.zeros([n], tf.bool),
+      }
     )
-    return (ds.cache() if cache else ds), tf.io.read_file, sizes
+    decode = lambda ex: (tf.io.read_file(ex["raw"]), ex["label"])  # noqa: E731
+    return (ds.cache() if cache else ds), decode, sizes, []
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   datasets.check_prepared(info.name, data_dir)
   builder = tfds.builder(info.tfds_name, data_dir=data_dir)
   subsplits = tfds.even_splits(split, n=process_count)
   sizes = [builder.info.splits[s].num_examples for s in subsplits]
-  # Files in a fixed order (the shuffle below is ours, seeded); images stay encoded until after
-  # skip/shuffle so resuming and the shuffle buffer handle small byte strings, not pixels.
-  ds = builder.as_dataset(
-    split=subsplits[process_index],
-    shuffle_files=False,
-    decoders={"image": tfds.decode.SkipDecoding()},
-  )
-  ds = ds.map(lambda ex: {"raw": ex["image"], "label": ex["label"]})
-  return (ds.cache() if cache else ds), (lambda raw: raw), sizes
+  if records.is_tfrecord(builder):
+    ds, shards = records.split_records(builder, subsplits[process_index], ("image", "label"))
+    decode = lambda ex: (ex["image"], ex["label"])  # noqa: E731
+  else:  # another file format: TFDS' reader (without the cardinality check that livelocks)
+    ds = builder.as_dataset(
+      split=subsplits[process_index],
+      shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding()},  # images are decoded by preprocess
+      read_config=tfds.ReadConfig(assert_cardinality=False),
+    )
+    ds = ds.map(
+      lambda ex: {
+        "raw": ex["image"],
+        "label": ex["label"],
+        _BAD: tf.constant(-1, tf.int32),
+        _DROP: tf.constant(False),
+      }
+    )
+    decode = lambda ex: (ex["raw"], tf.cast(ex["label"], tf.int64))  # noqa: E731
+    shards = []
+  size = int(builder.info.dataset_size or 0)
+  cache = cache or (autocache and 0 < size <= _AUTOCACHE_BYTES)
+  return (ds.cache() if cache else ds), decode, sizes, shards
+
+
+def _decoded(decode, ex):
+  """decode(ex), failing for a `_drop` slot first, so that the `ignore_errors` after the map drops
+  it like an undecodable record (no extra per-record stage for a case that is almost never there)."""
+  keep = tf.debugging.assert_equal(ex[_DROP], False, message="unreadable record dropped")
+  with tf.control_dependencies([keep]):
+    return decode(ex)
 
 
 def _options(private_threadpool_size):
@@ -179,12 +318,14 @@ def train_iterator(
   num_parallel_calls: int = tf.data.AUTOTUNE,
   private_threadpool_size: int | None = None,
   prefetch_batches: int = 2,
+  max_skipped_fraction: float | None = None,
 ) -> BatchIterator:
   """Infinite iterator of this process' share of each global batch: {'image' float32 [B,H,W,3]
   normalised, 'label' int32 [B]}, B = global_batch_size // process_count. See the module docstring
-  for the determinism/resume contract. `.decode_failures` counts skipped records.
+  for the determinism/resume contract and damaged records. `.skipped` counts skipped records.
 
   `augment`: the stage's augmentation (`augment.for_stage(config, stage)`; default none).
+  `max_skipped_fraction`: raise CorruptDataError above this share of skipped records (None: never).
   num_parallel_calls, private_threadpool_size, prefetch_batches: tf.data tuning only, never results.
   """
   if not isinstance(augment, Augment):
@@ -192,7 +333,9 @@ def train_iterator(
   b_local = _check(global_batch_size, process_index, process_count, family)
   info = datasets.get_dataset_info(dataset, data_dir)
   split = split or info.train_split
-  raw, load, sizes = _source(info, data_dir, split, process_index, process_count, cache)
+  raw, decode, sizes, shards = _source(
+    info, data_dir, split, process_index, process_count, cache, autocache=True
+  )
   n_local = sizes[process_index]
   if n_local == 0:
     raise ValueError(
@@ -216,14 +359,23 @@ def train_iterator(
     step, slot = pos // b_local, pos % b_local
     global_pos = step * global_batch_size + process_index * b_local + slot
     ex_seed = tf.random.experimental.stateless_fold_in(base_seed, global_pos)
+    encoded, label = _decoded(decode, ex)
     image = preprocess.train_image(
-      load(ex["raw"]), image_size=image_size, family=family, seed=ex_seed, augment=augment
+      encoded, image_size=image_size, family=family, seed=ex_seed, augment=augment
     )
-    return {"image": image, "label": tf.cast(ex["label"], tf.int32), _POS: pos}
+    return {"image": image, "label": tf.cast(label, tf.int32), _POS: pos, _BAD: ex[_BAD]}
 
   ds = ds.map(process, num_parallel_calls=num_parallel_calls).ignore_errors()
   ds = ds.batch(b_local, drop_remainder=True).prefetch(prefetch_batches)
-  return BatchIterator(ds.with_options(_options(private_threadpool_size)), first_pos)
+  return BatchIterator(
+    ds.with_options(_options(private_threadpool_size)),
+    first_pos,
+    role="train",
+    n_local=n_local,
+    shards=shards,
+    name=f"{dataset}:{split}",
+    max_skipped_fraction=max_skipped_fraction,
+  )
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -248,9 +400,11 @@ def eval_iterator(
   num_parallel_calls: int = tf.data.AUTOTUNE,
   private_threadpool_size: int | None = None,
   prefetch_batches: int = 2,
+  max_skipped_fraction: float | None = None,
 ) -> BatchIterator:
   """One pass of {'image', 'label', 'mask'}; padding examples have mask 0 (and label 0) so the sum of
-  masks over all processes equals the split size (minus skipped undecodable records, if any).
+  masks over all processes equals the split size minus the skipped records (unreadable ones are
+  masked out in their slot, undecodable ones dropped). `max_skipped_fraction`: as train_iterator's.
 
   `max_examples` = N (None or 0: all): a fixed subset of N examples, the same on every call: each
   process takes the first n_i records of its shard, n_i its share of N split as the split itself
@@ -262,7 +416,9 @@ def eval_iterator(
   b_local = _check(global_batch_size, process_index, process_count, family)
   info = datasets.get_dataset_info(dataset, data_dir)
   split = split or info.eval_split
-  raw, load, sizes = _source(info, data_dir, split, process_index, process_count, cache=False)
+  raw, decode, sizes, shards = _source(
+    info, data_dir, split, process_index, process_count, cache=False
+  )
   if shuffle_seed is not None and sizes[process_index]:
     buffer = max(1, min(int(shuffle_buffer), sizes[process_index]))
     seed = _epoch_seed(shuffle_seed, 0, process_index)
@@ -277,12 +433,14 @@ def eval_iterator(
   total = num_eval_batches(sizes, b_local) * b_local
 
   def process(pos, ex):
-    image = preprocess.eval_image(load(ex["raw"]), image_size=image_size, family=family)
+    encoded, label = _decoded(decode, ex)
+    image = preprocess.eval_image(encoded, image_size=image_size, family=family)
     return {
       "image": image,
-      "label": tf.cast(ex["label"], tf.int32),
-      "mask": tf.constant(1.0),
+      "label": tf.cast(label, tf.int32),
+      "mask": tf.where(ex[_BAD] >= 0, 0.0, 1.0),  # a stand-in for an unreadable record
       _POS: pos,
+      _BAD: ex[_BAD],
     }
 
   ds = raw.enumerate().map(process, num_parallel_calls=num_parallel_calls).ignore_errors()
@@ -291,9 +449,125 @@ def eval_iterator(
     "label": tf.constant(0, tf.int32),
     "mask": tf.constant(0.0),
     _POS: tf.constant(-1, tf.int64),
+    _BAD: tf.constant(-1, tf.int32),
   }
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(total)
   ds = ds.batch(b_local, drop_remainder=True).prefetch(prefetch_batches)
   return BatchIterator(
-    ds.with_options(_options(private_threadpool_size)), 0, n_local=sizes[process_index]
+    ds.with_options(_options(private_threadpool_size)),
+    0,
+    role="eval",
+    n_local=sizes[process_index],
+    shards=shards,
+    name=f"{dataset}:{split}",
+    max_skipped_fraction=max_skipped_fraction,
+    finite=True,
   )
+
+
+# --------------------------------------------------------------------------------------- prefetch
+class Interrupted(Exception):
+  """`Prefetcher.get` stopped waiting because `should_stop()` became true."""
+
+
+class Prefetcher:
+  """Runs `next(iterator)` in one daemon thread, `depth` batches ahead, so the consumer can wait in
+  short slices and notice a stop request while the input pipeline is slow or stalled.
+
+    data = Prefetcher(train_iterator(...), depth=2)
+    batch = data.get(should_stop=lambda: preemption.requested)   # raises Interrupted
+
+  Batches come out in the iterator's order (one producer). An exception of the iterator (e.g.
+  CorruptDataError) is raised by the `get` that would have returned the next batch, StopIteration at
+  the end; both again on every later call. `close()` stops the producer at its next batch; a
+  producer blocked inside `next()` cannot be interrupted, but it is a daemon thread and holds at most
+  `depth` + 1 batches.
+  """
+
+  _ITEM, _END, _ERROR = range(3)
+
+  def __init__(self, iterator: Iterator, depth: int = 2, poll_s: float = 0.1):
+    if depth < 1:
+      raise ValueError(f"depth must be >= 1, got {depth}")
+    self._source = iterator
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._closed = threading.Event()
+    self._poll_s = poll_s
+    self._final = None  # (kind, value) once the end or an error was taken off the queue
+    self._thread = threading.Thread(target=self._produce, name="input-prefetch", daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._closed.is_set():
+      try:
+        self._queue.put(item, timeout=self._poll_s)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self) -> None:
+    try:
+      for batch in self._source:
+        if not self._put((self._ITEM, batch)):
+          return
+      self._put((self._END, None))
+    except BaseException as e:  # pylint: disable=broad-except  (handed to the consumer)
+      self._put((self._ERROR, e))
+
+  def get(
+    self, timeout: float | None = None, should_stop: Callable[[], bool] | None = None
+  ) -> dict:
+    """The next batch. Waits at most `timeout` seconds (None: no limit; then TimeoutError); checks
+    `should_stop()` every `poll_s` while no batch is ready and raises Interrupted when it is true."""
+    if self._final is not None:
+      return self._finish(*self._final)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+      try:
+        kind, value = self._queue.get_nowait()
+        break
+      except queue.Empty:
+        pass
+      if should_stop is not None and should_stop():
+        raise Interrupted("stop requested while waiting for the input pipeline")
+      wait = self._poll_s
+      if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+          raise TimeoutError(f"no batch from the input pipeline within {timeout:g}s")
+        wait = min(wait, left)
+      try:
+        kind, value = self._queue.get(timeout=wait)
+        break
+      except queue.Empty:
+        continue
+    if kind == self._ITEM:
+      return value
+    self._final = (kind, value)
+    return self._finish(kind, value)
+
+  def _finish(self, kind, value):
+    if kind == self._END:
+      raise StopIteration
+    raise value
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return self.get()
+
+  def close(self) -> None:
+    self._closed.set()
+    try:
+      while True:
+        self._queue.get_nowait()
+    except queue.Empty:
+      pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -137,9 +137,13 @@ def quiet_build():
 
 
 def prepare_fashion_mnist(
-  data_dir: str | None = None, source_dir: str = DEBIAN_FASHION_MNIST_DIR
+  data_dir: str | None = None,
+  source_dir: str = DEBIAN_FASHION_MNIST_DIR,
+  num_shards: int | None = None,
 ) -> str:
-  """Builds TFDS' fashion_mnist from local idx files; returns the dataset directory written."""
+  """Builds TFDS' fashion_mnist from local idx files; returns the dataset directory written.
+
+  `num_shards`: files per split (None: TFDS' choice, one for Fashion-MNIST); tests use several."""
   import tensorflow_datasets as tfds
   from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
@@ -172,7 +176,7 @@ def prepare_fashion_mnist(
       quiet_build(),
     ):
       builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards)
       )
   return builder.data_dir
 
