@@ -152,7 +152,9 @@ def init_state(config, model, tx, image_size: int, mesh):
   return sharding.put_replicated(state, mesh)
 
 
-def _spec_of(tree):
+def spec_of(tree):
+  """The abstract arrays (shape, dtype, sharding) of a tree of placed arrays: what a step is
+  compiled for."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -302,12 +304,29 @@ def _stage_key(ctx: RunContext, stage) -> str:
   return f"stage {stage.index + 1}/{len(ctx.run.stages)} ({stage.image_size}px)"
 
 
+def compile_stage_step(config, run, stage, *, tx, lr_fn, mesh, state_spec, rng, batch_size: int):
+  """Lower and compile `stage`'s train step for abstract inputs: a global batch of `batch_size`
+  images at the stage's size. What the loop runs; plan mode's probe (effnetv2_jax/plan_probe.py)
+  times the same program."""
+  train_step = make_stage_step(config, run, stage, tx, lr_fn)
+  jitted = sharding.jit_train_step(train_step, mesh, state_spec)
+  batch = batch_spec(mesh, batch_size, stage.image_size)
+  return jitted.lower(state_spec, batch, rng).compile()
+
+
 def _compile_train_step(ctx: RunContext, stage, state_spec):
   """Lower and compile `stage`'s train step for abstract inputs (runs on the compile thread)."""
-  train_step = make_stage_step(ctx.config, ctx.run, stage, ctx.tx, ctx.lr_fn)
-  jitted = sharding.jit_train_step(train_step, ctx.mesh, state_spec)
-  batch = batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
-  return jitted.lower(state_spec, batch, ctx.rng).compile()
+  return compile_stage_step(
+    ctx.config,
+    ctx.run,
+    stage,
+    tx=ctx.tx,
+    lr_fn=ctx.lr_fn,
+    mesh=ctx.mesh,
+    state_spec=state_spec,
+    rng=ctx.rng,
+    batch_size=ctx.run.batch_size,
+  )
 
 
 def _next_batch(ctx: RunContext, data) -> dict:
@@ -352,7 +371,7 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
     raise RuntimeError(
       f"{_stage_key(ctx, stage)}: the input pipeline delivered {got}, not {expected}"
     )
-  state_spec = _spec_of(state)
+  state_spec = spec_of(state)
   compile_fn = functools.partial(_compile_train_step, ctx, stage, state_spec)
   compiled, compile_s, wait_s = ctx.compiler.get(_stage_key(ctx, stage), compile_fn)
   ctx.evaluator.compile_ahead(ctx.compiler, state_spec)  # once: later calls find it queued
