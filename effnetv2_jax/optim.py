@@ -31,8 +31,13 @@ def base_learning_rate(config) -> float:
   return float(config.lr_per_256) * float(config.batch_size) / 256.0
 
 
-def lr_schedule(config, steps_per_epoch: float, total_steps: int | None = None) -> optax.Schedule:
+def lr_schedule(
+  config, steps_per_epoch: float, total_steps: int | None = None, *, xp=jnp
+) -> optax.Schedule:
   """Warmup + decay as in the official `WarmupLearningRateSchedule`.
+
+  `xp` is the array module the schedule computes with: jax.numpy (the train step's), or numpy,
+  so plan mode can print the learning rate of each stage without touching a JAX device.
 
   - warmup: `base * step / warmup_steps` for `step < warmup_steps` (starts at exactly 0), with
     `warmup_steps = int(warmup_epochs * steps_per_epoch)`, an integer as in the official code
@@ -61,18 +66,18 @@ def lr_schedule(config, steps_per_epoch: float, total_steps: int | None = None) 
 
   def schedule(step):
     # float32 is exact for step counts well beyond any real run (2**24 steps).
-    t = jnp.asarray(step, jnp.float32)
+    t = xp.asarray(step, xp.float32)
     if kind == "exponential":
-      lr = base * decay_rate ** jnp.floor(t / decay_steps)
-      lr = jnp.maximum(lr, min_lr)
+      lr = base * decay_rate ** xp.floor(t / decay_steps)
+      lr = xp.maximum(lr, min_lr)
     elif kind == "cosine":
-      frac = jnp.clip(t / float(total_steps), 0.0, 1.0)
-      lr = min_lr + (base - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+      frac = xp.clip(t / float(total_steps), 0.0, 1.0)
+      lr = min_lr + (base - min_lr) * 0.5 * (1.0 + xp.cos(xp.pi * frac))
     else:
-      lr = jnp.full((), base, jnp.float32)
+      lr = xp.full((), base, xp.float32)
     if warmup_steps > 0:
-      lr = jnp.where(t < warmup_steps, base * t / float(warmup_steps), lr)
-    return lr.astype(jnp.float32)
+      lr = xp.where(t < warmup_steps, base * t / float(warmup_steps), lr)
+    return lr.astype(xp.float32)
 
   return schedule
 

@@ -40,6 +40,23 @@ class RunPlan:
     return [s for s in self.stages if step < s.last_step]
 
 
+def stage_batch(run: RunPlan, stage: progressive.Stage) -> int:
+  """The global batch `stage` trains at: its own where the stage table sets one, else the run's.
+  Everything outside the trainer that needs a stage's batch (plan mode, its probe) reads it here."""
+  return int(getattr(stage, "batch_size", None) or run.batch_size)
+
+
+def stage_learning_rates(config, run: RunPlan) -> list[float]:
+  """The learning rate at each stage's first step, from the run's schedule computed in numpy
+  (optim.lr_schedule(xp=numpy)): no JAX device is touched."""
+  import numpy as np
+
+  from effnetv2_jax import optim
+
+  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, xp=np)
+  return [float(lr_fn(s.first_step)) for s in run.stages]
+
+
 def _dataset(config):
   from effnetv2_jax.data import datasets  # lazily: a split size other than the registry's needs TF
 
@@ -104,7 +121,8 @@ def schedule_shape(config, run: RunPlan) -> str:
 
 
 def format_plan(config, run: RunPlan) -> str:
-  """The stage table as markdown: sizes, regularization, steps, epochs, MACs and compute share.
+  """The stage table as markdown: sizes, regularization, steps, batch, learning rate at the
+  stage's first step, epochs, MACs and compute share.
 
   MACs are counted analytically from the architecture (no compilation), so the share of compute
   per stage shows where progressive learning saves time: early stages at small sizes are cheap.
@@ -126,14 +144,19 @@ def format_plan(config, run: RunPlan) -> str:
     lines.append(shape)
   lines += [
     "",
-    "| stage | size | randaug | mixup | cutmix | dropout | steps | epochs | GMACs/img | compute |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    (
+      "| stage | size | randaug | mixup | cutmix | dropout | steps | batch | lr at start | epochs | "
+      "GMACs/img | compute |"
+    ),
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for s, mac, w in zip(run.stages, macs, work):
+  lrs = stage_learning_rates(config, run)
+  for s, mac, w, lr in zip(run.stages, macs, work, lrs):
     lines.append(
       f"| {s.index} | {s.image_size} | {s.randaug_magnitude:.3g} | {s.mixup_alpha:.3g} | "
       f"{s.cutmix_alpha:.3g} | {s.dropout_rate:.3g} | {s.first_step}-{s.last_step} | "
-      f"{s.num_steps / run.steps_per_epoch:.1f} | {mac / 1e9:.3f} | {100 * w / total_work:.1f}% |"
+      f"{stage_batch(run, s)} | {lr:.4g} | {s.num_steps / run.steps_per_epoch:.1f} | "
+      f"{mac / 1e9:.3f} | {100 * w / total_work:.1f}% |"
     )
   # What the same number of steps would cost at the final size alone (the 'none' baseline).
   flat = macs[-1] * run.total_steps
