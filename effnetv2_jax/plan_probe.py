@@ -9,27 +9,29 @@ Measured (`measure`), on the mesh the trainer builds, with the trainer's own fun
   - per stage, the program the loop runs (train.compile_stage_step at the stage's batch and size):
     its compile seconds, XLA's memory per device (compiled.memory_analysis(): the peak when XLA
     reports one, else arguments + outputs - aliased (donated) + temporaries), and seconds per
-    step: `steps` steps timed after `warmup` untimed ones, on one random batch of the stage's
-    shape sharded as real batches are, waiting for the last with block_until_ready. The state is
-    initialised once and carried from stage to stage, as in the run;
+    step: the median of `steps` steps, each waited for with block_until_ready, after `warmup`
+    untimed ones, on one random batch of the stage's shape sharded as real batches are. The
+    state is initialised once and carried from stage to stage, as in the run;
   - the eval step (Evaluator.compile_step): compile seconds and seconds per eval batch.
   Compiles are cold: the probe neither reads nor fills the persistent compilation cache, so a run
   whose config.compilation_cache_dir already holds these programs compiles faster than predicted.
 
 Predicted (`predict`, plain arithmetic on those numbers; tests/test_plan_probe.py):
-  stage k  = compile paid + steps x s/step + its evals (+ the eval compile, at the first eval)
+  stage k  = compile paid + steps x s/step [+ the CPU share of compiles running meanwhile]
+             + its evals (+ the eval compile, at the first eval)
   total    = state init + the stages + the final eval
   Evals: the final eval; a stage-end eval per stage but the last with eval_every_stage; curve
   evals every eval_every_steps (exact count) and every eval_every_seconds (approximate: counted
   on the predicted clock before the stage's own evals), on eval_subset images when set. One eval
   pass = ceil(images / eval_batch_size) batches x s/batch.
   Compile paid: without config.compile_ahead, each stage's whole compile at its start and the
-  eval step's at the first eval. With compile_ahead on an accelerator, the compile thread is
-  simulated: it starts the eval step and stage 1 when stage 0 starts training, stage k+1 when
-  stage k starts, one at a time; a stage pays only what is left of its compile when it starts.
-  With compile_ahead on a CPU the background compile shares the cores with training, so nothing
-  is credited: compiles are charged in full, where they are needed (the run's total is the
-  same; its per-stage records may show a compile in the stage before instead).
+  eval step's at the first eval. With compile_ahead the compile thread is simulated: it starts
+  the eval step and stage 1 when stage 0 starts training, stage k+1 when stage k starts, one at
+  a time; a stage pays only what is left of its compile when it starts (and the first eval what
+  is left of the eval step's). On a CPU the background compile also shares the cores with the
+  stage it overlaps; the model: a compile keeps one of the host's N cores busy, so the stage
+  that queued compiles of C seconds takes C / N longer (`compile_sharing_s`). On this 2-core
+  machine that is half of each compile (experiments/results/plan_vs_run.md).
 
 Not measured: the input pipeline (synthetic batches; a run whose tf.data cannot keep up, or that
 fills a large shuffle buffer at each stage start, takes longer), checkpoint writes, metric
@@ -42,6 +44,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -118,17 +122,18 @@ def synthetic_batch(
 
 
 def _seconds_per_call(call: Callable[[], object], steps: int, warmup: int) -> float:
+  """The median of `steps` timed calls (each waited for), after `warmup` untimed ones: one slow
+  call (another process taking the cores, a first-touch allocation) does not set the rate."""
   import jax
 
-  out = None
   for _ in range(warmup):
-    out = call()
-  jax.block_until_ready(out)
-  t0 = time.perf_counter()
+    jax.block_until_ready(call())
+  times = []
   for _ in range(steps):
-    out = call()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / steps
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
 
 
 def measure(
@@ -155,6 +160,9 @@ def measure(
   lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps)
   out = {
     "backend": jax.default_backend(),
+    "host_cores": len(os.sched_getaffinity(0))
+    if hasattr(os, "sched_getaffinity")
+    else os.cpu_count(),
     "device_kind": mesh.devices.flat[0].device_kind,
     "num_devices": int(mesh.size),
     "steps": int(steps),
@@ -239,7 +247,10 @@ def predict(config, run: plan_lib.RunPlan, measured: dict, *, num_eval: int) -> 
   """The plan table (what plan.json holds) from `measure`'s numbers: per stage what it trains
   and the predicted seconds, the eval costs, and the totals. Pure arithmetic, no device."""
   stages_m, ev = measured["stages"], measured["eval"]
-  overlap = bool(config.compile_ahead) and measured["backend"] != "cpu"
+  overlap = bool(config.compile_ahead)
+  # On a CPU a background compile takes about one of the cores from the step it overlaps.
+  on_cpu = measured["backend"] == "cpu"
+  share = 1.0 / max(int(measured.get("host_cores") or 1), 1) if on_cpu else 0.0
   subset = int(config.get("eval_subset", 0) or 0)
   full_batches = _batches(num_eval, config.eval_batch_size)
   curve_batches = _batches(min(subset, num_eval) if subset else num_eval, config.eval_batch_size)
@@ -254,15 +265,18 @@ def predict(config, run: plan_lib.RunPlan, measured: dict, *, num_eval: int) -> 
     start = clock
     paid = m["compile_s"] if not overlap or k == 0 else max(0.0, ready[k] - clock)
     clock += paid
+    sharing_s = 0.0
     if overlap:  # what the loop queues once this stage's step is compiled
       t = max(thread_free, clock)
+      queued = (ev["compile_s"] if k == 0 else 0.0) + (
+        stages_m[k + 1]["compile_s"] if k + 1 < n else 0.0
+      )
       if k == 0:
-        t += ev["compile_s"]
-        eval_ready = t
+        eval_ready = t + ev["compile_s"]
       if k + 1 < n:
-        t += stages_m[k + 1]["compile_s"]
-        ready[k + 1] = t
-      thread_free = t
+        ready[k + 1] = t + queued
+      thread_free = t + queued
+      sharing_s = queued * share
     batch = plan_lib.stage_batch(run, stage)
     train_s = stage.num_steps * m["step_s"]
     evals = _stage_evals(config, stage, start, clock + train_s, k == n - 1)
@@ -272,7 +286,7 @@ def predict(config, run: plan_lib.RunPlan, measured: dict, *, num_eval: int) -> 
       eval_compile_due = False
       first_eval_at = clock + evals["first_at"] * train_s
       eval_compile_s = max(0.0, eval_ready - first_eval_at) if overlap else ev["compile_s"]
-    predicted = paid + train_s + eval_s + eval_compile_s
+    predicted = paid + train_s + sharing_s + eval_s + eval_compile_s
     clock = start + predicted
     row = dataclasses.asdict(stage)
     row.update(
@@ -285,6 +299,7 @@ def predict(config, run: plan_lib.RunPlan, measured: dict, *, num_eval: int) -> 
       images_per_s=batch / m["step_s"] if m["step_s"] > 0 else None,
       compile_paid_s=paid,
       train_s=train_s,
+      compile_sharing_s=sharing_s,
       curve_evals=evals["curve"],
       stage_end_evals=evals["stage_end"],
       eval_s=eval_s,
@@ -307,7 +322,9 @@ def predict(config, run: plan_lib.RunPlan, measured: dict, *, num_eval: int) -> 
     "probe_steps": measured["steps"],
     "probe_warmup": measured["warmup"],
     "compile_ahead": bool(config.compile_ahead),
+    "host_cores": measured.get("host_cores"),
     "compile_overlap_credited": overlap,
+    "compile_core_share": share,
     "not_measured": NOT_MEASURED,
     "eval": {
       "image_size": int(config.eval_image_size),
@@ -344,13 +361,14 @@ def format_probe(result: dict) -> str:
   """The measured plan as markdown, from `predict`'s dict alone (so plan.json prints the same)."""
   from effnetv2_jax import reporting
 
-  if result["compile_overlap_credited"]:
-    ahead = "compile-ahead on: a stage pays only what is left of its compile"
-  elif result["compile_ahead"]:
+  if result["compile_overlap_credited"] and result.get("compile_core_share"):
     ahead = (
-      "compile-ahead on, but on a CPU the background compile shares the cores: compiles "
-      "charged in full"
+      "compile-ahead on: a stage pays what is left of its compile, and on this CPU the stage "
+      f"it overlaps {result['compile_core_share']:.2g} of it (one of {result['host_cores']} "
+      "cores)"
     )
+  elif result["compile_overlap_credited"]:
+    ahead = "compile-ahead on: a stage pays only what is left of its compile"
   else:
     ahead = "compile-ahead off: each compile paid where it is needed"
   ev = result["eval"]

@@ -85,6 +85,7 @@ def _two_stage_config(**fields):
 def _measured(backend="cpu", step_s=(0.5, 1.0)):
   return {
     "backend": backend,
+    "host_cores": 2,
     "device_kind": "test",
     "num_devices": 1,
     "steps": 3,
@@ -111,9 +112,6 @@ def test_prediction_is_compiles_plus_steps_plus_evals():
   assert r["predicted_run_s"] == 41.5 + 70.0 + 2.5
   assert r["predicted_total_s"] == 3.0 + 41.5 + 70.0 + 2.5
   assert s0["images_per_s"] == 8 / 0.5 and s1["lr"] == pytest.approx(optim.base_learning_rate(c))
-  # On a CPU compile-ahead is credited nothing (the background compile shares the cores).
-  c, run = _two_stage_config(compile_ahead=True, eval_every_stage=True)
-  assert plan_probe.predict(c, run, _measured("cpu"), num_eval=95)["predicted_total_s"] == 117.0
 
 
 def test_curve_evals_by_steps_count_the_multiples_in_each_stage():
@@ -140,6 +138,17 @@ def test_compile_ahead_on_an_accelerator_hides_what_the_previous_stage_outlasts(
   r = plan_probe.predict(c, run, _measured("gpu", step_s=(0.1, 1.0)), num_eval=95)
   assert r["stages"][1]["compile_paid_s"] == pytest.approx(16.5)
   assert r["stages"][0]["predicted_s"] == pytest.approx(10 + 5 + 2.5)
+
+
+def test_compile_ahead_on_a_cpu_also_slows_the_stage_it_overlaps_by_a_cores_share():
+  c, run = _two_stage_config(compile_ahead=True, eval_every_stage=True)
+  r = plan_probe.predict(c, run, _measured("cpu"), num_eval=95)
+  s0, s1 = r["stages"]
+  # Stage 0 queued the eval step (4 s) and stage 1 (20 s): one of the 2 cores for 24 s.
+  assert s0["compile_sharing_s"] == 12.0 and s0["predicted_s"] == 10 + 25 + 12 + 2.5
+  assert s1["compile_paid_s"] == 0.0 and s1["compile_sharing_s"] == 0.0  # nothing left to queue
+  assert r["predicted_total_s"] == 3.0 + 49.5 + 50 + 2.5
+  assert r["compile_core_share"] == 0.5
 
 
 def test_stage_learning_rates_are_the_schedules():
