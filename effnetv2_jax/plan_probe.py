@@ -364,7 +364,7 @@ def format_probe(result: dict) -> str:
   if result["compile_overlap_credited"] and result.get("compile_core_share"):
     ahead = (
       "compile-ahead on: a stage pays what is left of its compile, and on this CPU the stage "
-      f"it overlaps {result['compile_core_share']:.2g} of it (one of {result['host_cores']} "
+      f"it overlaps pays {result['compile_core_share']:.2g} of it (one of {result['host_cores']} "
       "cores)"
     )
   elif result["compile_overlap_credited"]:
