@@ -171,10 +171,14 @@ def format_plan(config, run: RunPlan) -> str:
   macs = [models.count_macs(config.model_name, s.image_size, **overrides) for s in run.stages]
   work = [mac * s.num_examples for mac, s in zip(macs, run.stages)]
   total_work = sum(work) or 1
+  batch, ref = f"batch {run.batch_size}", ""
+  if not run.constant_batch:
+    batch = "batches " + "/".join(str(s.batch_size) for s in run.stages)
+    ref = f" at the reference batch {run.batch_size}"
   lines = [
     f"model {config.model_name}, preset {config.progressive.preset}, {run.total_steps} steps at "
-    f"batch {run.batch_size} ({run.num_train} examples in {run.train_split!r}, "
-    f"{run.steps_per_epoch:.2f} steps/epoch), base lr {run.base_lr:.4g}, {run.dtype}, "
+    f"{batch} ({run.num_train} examples in {run.train_split!r}, "
+    f"{run.steps_per_epoch:.2f} steps/epoch{ref}), base lr {run.base_lr:.4g}{ref}, {run.dtype}, "
     f"eval on {run.eval_split!r} at {config.eval_image_size}px",
   ]
   for extra in (schedule_shape(config, run), batch_line(config, run)):
@@ -200,6 +204,7 @@ def format_plan(config, run: RunPlan) -> str:
   if flat:
     lines += [
       "",
-      f"train compute vs. all steps at {run.stages[-1].image_size}px: {total_work / flat:.2f}x",
+      f"train compute vs. all {'steps' if run.constant_batch else 'images'} at "
+      f"{run.stages[-1].image_size}px: {total_work / flat:.2f}x",
     ]
   return "\n".join(lines)
