@@ -454,7 +454,7 @@ def _announce_stage(ctx: RunContext, stage, step: int, log: StageLog, eta, compi
     f"stage {stage.index + 1}/{num_stages}: {stage.image_size}px, randaug "
     f"{stage.randaug_magnitude:g}, mixup {stage.mixup_alpha:g}, cutmix "
     f"{stage.cutmix_alpha:g}, dropout {stage.dropout_rate:g}, steps {step}-"
-    f"{stage.last_step}; train step compiled in {compile_s:.1f}s{ahead}"
+    f"{stage.last_step} at batch {stage.batch_size}; train step compiled in {compile_s:.1f}s{ahead}"
   )
   ctx.writer.write_scalars(step, {"compile_s": compile_s, "compile_wait_s": wait_s})
 

@@ -389,7 +389,8 @@ import test_stage_batch as t
 from effnetv2_jax import train
 assert jax.device_count() == 8, jax.device_count()
 res = train.train_and_evaluate(t.pixel_config({data!r}, ""), {wd!r})
-print("RESULT " + json.dumps(dict(step=res["step"], stages=res["stages"], loss=res["final_eval"]["loss"])))
+out = dict(step=res["step"], stages=res["stages"], loss=res["final_eval"]["loss"])
+print("RESULT " + json.dumps(out))
 """
 
 

@@ -9,11 +9,11 @@ batch size:
     on, and every random op for that example is seeded from (seed, p * process_count +
     process_index) with stateless TF ops (on one process: from (seed, p)). Batches are consecutive
     runs of positions, whatever their size.
-So `start_example=p0` (the examples of this process' stream already trained on) skips whole epochs
-arithmetically and `p0 % n` raw records (still encoded: skipping costs no decoding), and yields exactly
-the examples an uninterrupted iterator yields from position p0 on, in batches of this iterator's size:
-a progressive stage with its own batch starts where the stage before it stopped. `start_step=k` is
-`start_example=k * B_local` (one batch size throughout).
+So `start_example=p0` (the examples of this process' stream already trained on) skips whole
+epochs arithmetically and `p0 % n` raw records (still encoded: skipping costs no decoding), and
+yields exactly the examples an uninterrupted iterator yields from position p0 on, in batches of
+this iterator's size: a progressive stage with its own batch starts where the stage before it
+stopped. `start_step=k` is `start_example=k * B_local` (one batch size throughout).
 
 Damaged data (a record of a TFDS split that fails to read: a TFRecord checksum error, a truncated or
 missing shard; see records.py): the record keeps its slot in the raw stream, so every other record
