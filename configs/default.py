@@ -95,6 +95,25 @@ def get_config() -> ml_collections.ConfigDict:
   p.size_curve = "linear"
   p.hold_fraction = 0.0  # hold_then_ramp only; 0 = no hold stage
   p.tail_fraction = 0.0  # hold_then_ramp only; 0 = no full-size tail stage
+  # Per-stage global batch (effnetv2_jax/progressive.py). 'constant': every stage at batch_size
+  # (the released code and the paper; every preset's default) | 'pixels': B_i = batch_size *
+  # (S_last / S_i)^2, as many pixels per batch as the last stage's, rounded down to a multiple of
+  # lcm(device count, batch_multiple, bn_group_size), at most max_batch_size; the last stage keeps
+  # batch_size | 'fit': the largest batch that fits in memory (not wired yet: validation refuses
+  # it). batch_size stays the reference batch B_ref: each stage's LR is lr_per_256 * B_i / 256,
+  # the schedule (warmup, decay) runs on images seen, and the EMA per ema_horizon below.
+  p.batch_rule = "constant"
+  # One global batch per stage, e.g. (8192, 6144, 4096, 4096); () = from batch_rule. Only with
+  # batch_rule 'constant'; each must be a multiple of the device count.
+  p.batch_sizes = ()
+  # 'pixels' rounds stage batches to a multiple of this (and of the device count): 64 keeps the
+  # table the same on 1, 2, 4, ..., 64 devices (a resume on another device count must see the
+  # same batches) and the per-device batch a multiple of 8 on 8 devices.
+  p.batch_multiple = 64
+  # 'pixels' cap on a stage's batch (0 = none). Uncapped, the S preset's first stage (171px of
+  # 300) trains at 12544 images from 4096; the linear LR scaling rule is known to hold to about
+  # 8k images, so e.g. 8192 keeps the early stages within it.
+  p.max_batch_size = 0
 
   # Optimizer and learning rate (official recipe: TF RMSProp, 0.016 per 256 images, 5 warmup
   # epochs, staircase decay 0.97 every 2.4 epochs).
@@ -111,6 +130,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.weight_decay = 1e-5  # L2 in the loss, (wd/2)*||w||^2, kernels only
   c.label_smoothing = 0.1
   c.ema_decay = 0.9999  # 0 disables; warmup min(decay, (1+n)/(10+n)), n = step + 1 as in TF
+  # When stages train at different batches (progressive.batch_rule): 'images' keeps the EMA's
+  # horizon in images, per-step decay min(decay, warmup) ** (B_stage / batch_size), the warmup's
+  # n counted in images / batch_size | 'steps': the plain per-step decay above at every batch.
+  # Identical at a constant batch. effnetv2_jax/state.py ema_decay_fn.
+  c.ema_horizon = "images"
   c.grad_clip_norm = 0.0  # 0 disables
 
   # Loop, logging, checkpoints.

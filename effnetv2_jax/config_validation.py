@@ -11,6 +11,7 @@ from effnetv2_jax import optim
 from effnetv2_jax import paths
 from effnetv2_jax import precision
 from effnetv2_jax import progressive
+from effnetv2_jax import state as state_lib
 from effnetv2_jax.data import augment
 
 V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "efficientnetv2-xl")
@@ -173,6 +174,73 @@ def _validate_schedule_shape(p) -> None:
     )
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_stage_batches(config, num_devices: int) -> None:
+  """batch_rule, batch_sizes, batch_multiple, max_batch_size (effnetv2_jax/progressive.py) and
+  ema_horizon."""
+  p = config.progressive
+  rule = p.get("batch_rule", "constant")
+  _require(
+    rule in progressive.BATCH_RULES,
+    "progressive.batch_rule",
+    f"{rule!r} is not one of {', '.join(progressive.BATCH_RULES)}",
+  )
+  _require(
+    rule != "fit",
+    "progressive.batch_rule",
+    "'fit' (each stage's batch from the compiled step's memory) is not wired into the trainer "
+    "yet; use 'constant', 'pixels' or progressive.batch_sizes",
+  )
+  sizes = p.get("batch_sizes", ()) or ()
+  field = "progressive.batch_sizes"
+  _require(
+    isinstance(sizes, (tuple, list)),
+    field,
+    f"must be a tuple of global batch sizes, one per stage, got {sizes!r}",
+  )
+  if sizes:
+    num_stages = 1 if p.preset == "none" else int(p.num_stages)
+    _require(
+      rule == "constant",
+      field,
+      f"sets every stage's batch itself; leave progressive.batch_rule 'constant' (not {rule!r})",
+    )
+    _require(
+      len(sizes) == num_stages,
+      field,
+      f"has {len(sizes)} entries for {num_stages} stages; give one global batch per stage",
+    )
+    for b in sizes:
+      _require(
+        _is_int(b) and b > 0 and b % num_devices == 0,
+        field,
+        f"{b!r} is not a positive multiple of the {num_devices} devices; every stage's "
+        f"global batch must split evenly over them",
+      )
+  m = p.get("batch_multiple", 1)
+  _require(
+    _is_int(m) and m >= 1,
+    "progressive.batch_multiple",
+    f"must be an integer >= 1 ('pixels' rounds stage batches down to multiples of it), got {m!r}",
+  )
+  cap = p.get("max_batch_size", 0)
+  _require(
+    _is_int(cap) and (cap == 0 or cap >= config.batch_size),
+    "progressive.max_batch_size",
+    f"must be 0 (no cap) or an integer >= batch_size {config.batch_size} (the last stage "
+    f"trains at batch_size), got {cap!r}",
+  )
+  horizon = config.get("ema_horizon", "images")
+  _require(
+    horizon in state_lib.EMA_HORIZONS,
+    "ema_horizon",
+    f"{horizon!r} is not one of {', '.join(state_lib.EMA_HORIZONS)}",
+  )
+
+
 def _validate_curve_and_recalibration(config) -> None:
   """eval_every_steps, eval_every_seconds, eval_subset (effnetv2_jax/curves.py), recalibrate_bn."""
   for field, what in (
@@ -258,6 +326,7 @@ def validate_config(
       f"{v} is not divisible by the {num_devices} devices; use a multiple of {num_devices}",
     )
   check_bn_group_size(config.bn_group_size, config.batch_size)
+  _validate_stage_batches(config, num_devices)
   ev = config.eval_image_size
   _require(
     isinstance(ev, int) and ev > 0,
@@ -319,7 +388,7 @@ def validate_config(
     f"{stages} stages need at least {stages} train steps, the run has {n}; "
     "lower num_stages or train longer",
   )
-  table = progressive.stages(config, num_train_examples)
+  table = progressive.stages(config, num_train_examples, num_devices=num_devices)
   empty = [s.index for s in table if s.num_steps <= 0]
   if empty:
     field = (

@@ -71,6 +71,8 @@ def _stage_record(stage: progressive.Stage, prev: dict | None) -> dict:
     "first_step": stage.first_step,
     "last_step": stage.last_step,
     "steps": stage.num_steps,
+    "batch_size": stage.batch_size,  # global; a resume checks it (train._check_stage_table)
+    "first_example": stage.first_example,  # global images trained before the stage
     "wall_s": 0.0,
     "compile_s": 0.0,
     "compile_wait_s": 0.0,

@@ -49,6 +49,7 @@ def make_train_step(
   lr_fn: Callable[[jax.Array], jax.Array] | None = None,
   freeze_bn_stats: bool = False,
   cutmix_label: str = "batch_mean",
+  ema_decay_fn: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """Build `train_step(state, batch, rng) -> (state, metrics)` for one progressive stage.
 
@@ -61,6 +62,8 @@ def make_train_step(
   `freeze_bn_stats` keeps the BN running statistics fixed (fine-tuning). `cutmix_label` is
   `config.cutmix_label`: 'batch_mean' (official: one CutMix label weight per (half-)batch) or
   'per_example' (each example's own pasted fraction); see effnetv2_jax/mixing.py.
+  `ema_decay_fn(step)`, when given, is the EMA decay of each step (`state.ema_decay_fn`: stages
+  with their own batch); otherwise `ema_decay_at(step, ema_decay)`.
 
   Divergence guard: when the loss or any gradient is non-finite the update is dropped (params, BN
   stats, optimizer state and EMA keep their old values), the step still advances and
@@ -137,7 +140,7 @@ def make_train_step(
     ema_params = ema_batch_stats = None
     if state.ema_params is not None:
       # TF's EMA reads global_step after the optimizer incremented it: ema_decay_at(t) uses t + 1.
-      d = ema_decay_at(state.step, ema_decay)
+      d = ema_decay_at(state.step, ema_decay) if ema_decay_fn is None else ema_decay_fn(state.step)
       avg = lambda e, x: (d * e + (1.0 - d) * x).astype(e.dtype)
       ema_params = keep(jax.tree.map(avg, state.ema_params, new_params), state.ema_params)
       stats = state.ema_batch_stats.layout.ravel(new_batch_stats)

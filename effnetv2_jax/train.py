@@ -18,7 +18,11 @@ ahead of time, so a shape change can never silently recompile inside the loop. T
 optimizer slots, EMA, BN statistics, step) and the global LR schedule carry over.
 
 Determinism: one seed. The step key is fold_in(PRNGKey(seed) split, step) inside the step, and the
-data for step t depends only on (seed, t, process), so a restarted run continues bit for bit.
+data for step t depends only on (seed, the positions of its examples, process), so a restarted run
+continues bit for bit. A stage may have its own global batch (`Stage.batch_size`,
+progressive.batch_rule): its input starts at the images the stages before it trained on
+(`Stage.first_example`), its step is compiled for its batch, and the LR and EMA follow the images
+seen (effnetv2_jax/optim.py, state.py); a resume checks the checkpoint's stage table.
 """
 
 from __future__ import annotations
@@ -112,6 +116,9 @@ def make_stage_step(config, run: plan_lib.RunPlan, stage: progressive.Stage, tx,
     label_smoothing=config.label_smoothing,
     weight_decay=optim.loss_weight_decay(config),
     ema_decay=config.ema_decay,
+    ema_decay_fn=state_lib.ema_decay_fn(
+      config.ema_decay, run.stages, run.batch_size, config.get("ema_horizon", "images")
+    ),
     mixup_alpha=stage.mixup_alpha,
     cutmix_alpha=stage.cutmix_alpha,
     lr_fn=lr_fn,
@@ -184,14 +191,15 @@ def _print(msg: str):
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def check_inputs(config) -> plan_lib.RunPlan:
+def check_inputs(config, num_devices: int | None = None) -> plan_lib.RunPlan:
   """Everything that can be rejected before the workdir is touched or anything compiles; returns
-  the resolved run."""
-  config_validation.validate_config(config)
+  the resolved run. `num_devices`: the mesh's (default: every device of every process)."""
+  num_devices = jax.device_count() if num_devices is None else int(num_devices)
+  config_validation.validate_config(config, num_devices=num_devices)
   from effnetv2_jax.data import datasets
 
   datasets.check_prepared(config.dataset, config.data_dir)
-  return plan_lib.resolve(config)
+  return plan_lib.resolve(config, num_devices=num_devices)
 
 
 def train_and_evaluate(
@@ -211,7 +219,7 @@ def train_and_evaluate(
   devices of all processes).
   """
   sharding.init_distributed()
-  run = check_inputs(config)
+  run = check_inputs(config, None if devices is None else len(devices))
   paths.makedirs(workdir)
   # Closed in reverse order whatever happens (divergence, an exception, Ctrl-C): in-flight
   # checkpoint writes finish (a finished one is progress kept), then the writer, the signal
@@ -248,8 +256,8 @@ def _open_run(config, run, workdir, stack, devices, preemption, stop_at_step) ->
     run=run,
     workdir=workdir,
     mesh=mesh,
-    tx=optim.make_optimizer(config, run.steps_per_epoch, run.total_steps),
-    lr_fn=optim.lr_schedule(config, run.steps_per_epoch, run.total_steps),
+    tx=optim.make_optimizer(config, run.steps_per_epoch, run.total_steps, run.stages),
+    lr_fn=optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, run.stages),
     rng=jax.device_put(train_rng, sharding.replicated(mesh)),
     writer=writer,
     ckpt=ckpt,
@@ -283,11 +291,40 @@ def _restore_or_init(ctx: RunContext):
       cfg_hash,
     )
   step = int(jax.device_get(state.step))
+  _check_stage_table(ctx, meta, step)
   _print(
     f"resumed from {ctx.ckpt.directory}/{latest} at step {step} "
     f"(stage {run.stage_at(step).index + 1}/{len(run.stages)})"
   )
   return state, step, StageLog(run.stages, header, config, meta, step)
+
+
+def _check_stage_table(ctx: RunContext, meta: dict, step: int) -> None:
+  """CheckpointMismatchError unless the checkpoint's stage batches are this run's and the images
+  trained before `step` are the same: the data position, LR and EMA of every step depend on them
+  (and a 'pixels' table on the device count). Checkpoints without batches in their stage records
+  (written before stages had their own batch) are not checked; other changes of the table (a
+  longer run) only change the config hash, which warns."""
+  recorded = [v for _, v in sorted((int(k), v) for k, v in (meta.get("stages") or {}).items())]
+  if not recorded or not all("batch_size" in r and "first_example" in r for r in recorded):
+    return
+  why = ""
+  for r, s in zip(recorded, ctx.run.stages):
+    if r["batch_size"] != s.batch_size:
+      why = f"stage {s.index} trained at batch {r['batch_size']}, this run resolves {s.batch_size}"
+      break
+  if not why:
+    last = recorded[-1]
+    here = next((r for r in recorded if r["first_step"] <= step < r["last_step"]), last)
+    was = here["first_example"] + (step - here["first_step"]) * here["batch_size"]
+    if was != ctx.run.examples_at(step):
+      why = f"{was} images before step {step}, this run {ctx.run.examples_at(step)}"
+  if why:
+    raise ckpt_lib.CheckpointMismatchError(
+      f"{ctx.ckpt.directory}: the checkpoint at step {step} was written with another stage "
+      f"table ({why}): the batch rule, batch sizes or device count changed; resume with the "
+      "same config and devices, or train in a new workdir"
+    )
 
 
 def _save(ctx: RunContext, guard: DivergenceGuard, log: StageLog, step: int, state, stage_index):
@@ -306,7 +343,7 @@ def _compile_train_step(ctx: RunContext, stage, state_spec):
   """Lower and compile `stage`'s train step for abstract inputs (runs on the compile thread)."""
   train_step = make_stage_step(ctx.config, ctx.run, stage, ctx.tx, ctx.lr_fn)
   jitted = sharding.jit_train_step(train_step, ctx.mesh, state_spec)
-  batch = batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
+  batch = batch_spec(ctx.mesh, stage.batch_size, stage.image_size)
   return jitted.lower(state_spec, batch, ctx.rng).compile()
 
 
@@ -328,12 +365,14 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
       dataset=config.dataset,
       data_dir=config.data_dir,
       split=ctx.run.train_split,
-      global_batch_size=ctx.run.batch_size,
+      global_batch_size=stage.batch_size,
       image_size=stage.image_size,
       family=ctx.run.family,
       augment=augment.for_stage(config, stage),
       seed=config.seed,
-      start_step=max(step, stage.first_step),
+      # This process' share of the images trained before `step`: every stage's global batch
+      # splits evenly over the processes, so positions run on across a batch change.
+      start_example=stage.examples_at(max(step, stage.first_step)) // jax.process_count(),
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       shuffle_buffer=config.shuffle_buffer,
@@ -346,7 +385,7 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
   except BaseException:
     data.close()
     raise
-  expected = batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
+  expected = batch_spec(ctx.mesh, stage.batch_size, stage.image_size)
   got = {k: (v.shape, v.dtype) for k, v in batch.items()}
   if got != {k: (v.shape, v.dtype) for k, v in expected.items()}:
     raise RuntimeError(
@@ -415,7 +454,7 @@ def _announce_stage(ctx: RunContext, stage, step: int, log: StageLog, eta, compi
     f"stage {stage.index + 1}/{num_stages}: {stage.image_size}px, randaug "
     f"{stage.randaug_magnitude:g}, mixup {stage.mixup_alpha:g}, cutmix "
     f"{stage.cutmix_alpha:g}, dropout {stage.dropout_rate:g}, steps {step}-"
-    f"{stage.last_step}; train step compiled in {compile_s:.1f}s{ahead}"
+    f"{stage.last_step} at batch {stage.batch_size}; train step compiled in {compile_s:.1f}s{ahead}"
   )
   ctx.writer.write_scalars(step, {"compile_s": compile_s, "compile_wait_s": wait_s})
 
@@ -448,7 +487,7 @@ def _curve_point(ctx: RunContext, stage, step: int, state, log: StageLog) -> Non
     state_lib.eval_variables(state),
     wall_clock=log.total_wall_s,
     step=step,
-    images_seen=step * ctx.run.batch_size,
+    images_seen=ctx.run.examples_at(step),
     stage=stage.index,
     image_size=ctx.config.eval_image_size,
     max_examples=ctx.config.eval_subset or None,
@@ -463,22 +502,22 @@ def _log_progress(ctx: RunContext, stage, step: int, meter, eta, log: StageLog) 
   means, dt, n = meter.flush()
   if "loss" in means:
     log.train_curve.add(step, log.total_wall_s(), means["loss"])
-  eta.add_train(dt, n, stage.image_size)
+  eta.add_train(dt, n * stage.batch_size, stage.image_size)  # work: images x pixels
   means["lr"] = means.pop("learning_rate", float("nan"))
   scalars = {f"train/{k}": v for k, v in means.items()}
   scalars["train/steps_per_sec"] = n / max(dt, 1e-9)
   skipped = input_pipeline.skipped_records()  # unreadable input records, per split
   scalars.update({f"data/skipped_{split}": float(k) for split, k in skipped.items()})
   ctx.writer.write_scalars(step, scalars)
-  remaining = [(stage.last_step - step, stage.image_size)]
-  remaining += [(s.num_steps, s.image_size) for s in run.stages[stage.index + 1 :]]
+  remaining = [(stage.last_example - stage.examples_at(step), stage.image_size)]
+  remaining += [(s.num_examples, s.image_size) for s in run.stages[stage.index + 1 :]]
   line = reporting.progress_line(
     stage_index=stage.index,
     num_stages=num_stages,
     step=step,
     total_steps=run.total_steps,
     metrics=means,
-    images_per_sec=n * run.batch_size / max(dt, 1e-9),
+    images_per_sec=n * stage.batch_size / max(dt, 1e-9),
     eta_s=eta.eta(remaining, num_stages - 1 - stage.index),
   )
   if any(skipped.values()):
@@ -520,7 +559,7 @@ def _report(ctx: RunContext, state, step: int, log: StageLog) -> dict:
     log.curve.add(
       step,
       final_wall_s,
-      step * ctx.run.batch_size,
+      ctx.run.examples_at(step),
       final["top1"],
       final["top5"],
       time.perf_counter() - t0,

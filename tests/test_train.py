@@ -277,7 +277,7 @@ def test_divergence_stops_without_checkpointing_a_bad_state(env, monkeypatch, ca
   real = input_pipeline.train_iterator
 
   def poisoned(**kw):
-    step = kw["start_step"]
+    step = kw["start_example"] // kw["global_batch_size"]  # one process: positions are global
     for batch in real(**kw):
       if step >= 5:
         batch = dict(batch, image=np.full_like(batch["image"], np.nan))

@@ -1,15 +1,19 @@
 """tf.data input pipeline: per-process shards, stage-dependent preprocessing, exact resume and eval.
 
-Train order and augmentation are pure functions of (seed, global step, process):
+Train order and augmentation are pure functions of (seed, example position, process), not of the
+batch size:
   * each process reads its own contiguous slice of the split (`tfds.even_splits`, or the same
     arithmetic on a folder's sorted file list), chosen by the process_index/process_count arguments;
   * epoch e of that slice is the raw record stream shuffled with a seed derived from (seed, e, process);
-  * local example position p (0, 1, 2, ... across epochs) lands in local batch p // B_local, i.e. global
-    step t = p // B_local, and every random op for that example is seeded from (seed, global example
-    position) with stateless TF ops.
-So `start_step=k` computes p0 = k * B_local, skips whole epochs arithmetically and `p0 % n` raw records
-(still encoded: skipping costs no decoding), and yields exactly the batches an uninterrupted iterator
-yields from step k on.
+  * local example position p (0, 1, 2, ... across epochs) is the p-th example this process trains
+    on, and every random op for that example is seeded from (seed, p * process_count +
+    process_index) with stateless TF ops (on one process: from (seed, p)). Batches are consecutive
+    runs of positions, whatever their size.
+So `start_example=p0` (the examples of this process' stream already trained on) skips whole
+epochs arithmetically and `p0 % n` raw records (still encoded: skipping costs no decoding), and
+yields exactly the examples an uninterrupted iterator yields from position p0 on, in batches of
+this iterator's size: a progressive stage with its own batch starts where the stage before it
+stopped. `start_step=k` is `start_example=k * B_local` (one batch size throughout).
 
 Damaged data (a record of a TFDS split that fails to read: a TFRecord checksum error, a truncated or
 missing shard; see records.py): the record keeps its slot in the raw stream, so every other record
@@ -311,6 +315,7 @@ def train_iterator(
   augment: Augment = NO_AUGMENT,
   seed: int,
   start_step: int = 0,
+  start_example: int | None = None,
   process_index: int = 0,
   process_count: int = 1,
   shuffle_buffer: int = 16384,
@@ -325,6 +330,8 @@ def train_iterator(
   for the determinism/resume contract and damaged records. `.skipped` counts skipped records.
 
   `augment`: the stage's augmentation (`augment.for_stage(config, stage)`; default none).
+  `start_example`: the local position to start from (this process' examples already trained on);
+  None: `start_step * B`. Give one of the two.
   `max_skipped_fraction`: raise CorruptDataError above this share of skipped records (None: never).
   num_parallel_calls, private_threadpool_size, prefetch_batches: tf.data tuning only, never results.
   """
@@ -341,7 +348,11 @@ def train_iterator(
     raise ValueError(
       f"{dataset}:{split} has no examples for process {process_index}/{process_count}"
     )
-  first_pos = start_step * b_local
+  if start_example is not None and start_step:
+    raise ValueError("give start_step or start_example, not both")
+  first_pos = int(start_step) * b_local if start_example is None else int(start_example)
+  if first_pos < 0:
+    raise ValueError(f"start_example must be >= 0, got {first_pos}")
   first_epoch, first_skip = divmod(first_pos, n_local)
   buffer = max(1, min(shuffle_buffer, n_local))
 
@@ -356,8 +367,8 @@ def train_iterator(
   base_seed = tf.constant([seed, 0x5EED], tf.int64)
 
   def process(pos, ex):
-    step, slot = pos // b_local, pos % b_local
-    global_pos = step * global_batch_size + process_index * b_local + slot
+    # Unique per (process, position) and independent of the batch size.
+    global_pos = pos * process_count + process_index
     ex_seed = tf.random.experimental.stateless_fold_in(base_seed, global_pos)
     encoded, label = _decoded(decode, ex)
     image = preprocess.train_image(
