@@ -178,6 +178,13 @@ def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _require_int(value, low: int, field: str, what: str) -> None:
+  """`field` holds an integer >= low; `what` says what it counts."""
+  _require(
+    _is_int(value) and value >= low, field, f"must be an integer >= {low} ({what}), got {value!r}"
+  )
+
+
 def _validate_stage_batches(config, num_devices: int) -> None:
   """batch_rule, batch_sizes, batch_multiple, max_batch_size (effnetv2_jax/progressive.py) and
   ema_horizon."""
@@ -220,11 +227,11 @@ def _validate_stage_batches(config, num_devices: int) -> None:
         f"{b!r} is not a positive multiple of the {num_devices} devices; every stage's "
         f"global batch must split evenly over them",
       )
-  m = p.get("batch_multiple", 1)
-  _require(
-    _is_int(m) and m >= 1,
+  _require_int(
+    p.get("batch_multiple", 1),
+    1,
     "progressive.batch_multiple",
-    f"must be an integer >= 1 ('pixels' rounds stage batches down to multiples of it), got {m!r}",
+    "'pixels' rounds stage batches down to multiples of it",
   )
   cap = p.get("max_batch_size", 0)
   _require(
@@ -248,12 +255,7 @@ def _validate_curve_and_recalibration(config) -> None:
     ("eval_subset", "eval images per curve eval"),
     ("recalibrate_bn", "train images to recompute the BN statistics from"),
   ):
-    v = config.get(field, 0)
-    _require(
-      isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-      field,
-      f"must be an integer >= 0 ({what}; 0 = off), got {v!r}",
-    )
+    _require_int(config.get(field, 0), 0, field, f"{what}; 0 = off")
   v = config.get("eval_every_seconds", 0.0)
   _require(
     _is_number(v) and v >= 0,

@@ -40,6 +40,7 @@ preemption request) while the input pipeline is slow or stalled.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import queue
 import threading
 import time
@@ -276,15 +277,27 @@ def _decoded(decode, ex):
     return decode(ex)
 
 
-def _options(private_threadpool_size):
-  options = tf.data.Options()
-  options.deterministic = True
-  # One op per element at a time: parallelism comes from the map's parallel calls, and a small
-  # private pool keeps TF from competing with XLA for every core of a small host.
-  options.threading.max_intra_op_parallelism = 1
-  if private_threadpool_size:
-    options.threading.private_threadpool_size = private_threadpool_size
-  return options
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """tf.data knobs that change speed, never results: parallel decode calls, the private thread
+  pool's size (None: TF's default), batches prefetched."""
+
+  num_parallel_calls: int = tf.data.AUTOTUNE
+  private_threadpool_size: int | None = None
+  prefetch_batches: int = 2
+
+  def options(self) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    # One op per element at a time: parallelism comes from the map's parallel calls, and a small
+    # private pool keeps TF from competing with XLA for every core of a small host.
+    options.threading.max_intra_op_parallelism = 1
+    if self.private_threadpool_size:
+      options.threading.private_threadpool_size = self.private_threadpool_size
+    return options
+
+
+DEFAULT_TUNING = Tuning()
 
 
 def _check(global_batch_size, process_index, process_count, family):
@@ -320,10 +333,8 @@ def train_iterator(
   process_count: int = 1,
   shuffle_buffer: int = 16384,
   cache: bool = False,
-  num_parallel_calls: int = tf.data.AUTOTUNE,
-  private_threadpool_size: int | None = None,
-  prefetch_batches: int = 2,
   max_skipped_fraction: float | None = None,
+  tuning: Tuning = DEFAULT_TUNING,
 ) -> BatchIterator:
   """Infinite iterator of this process' share of each global batch: {'image' float32 [B,H,W,3]
   normalised, 'label' int32 [B]}, B = global_batch_size // process_count. See the module docstring
@@ -333,7 +344,7 @@ def train_iterator(
   `start_example`: the local position to start from (this process' examples already trained on);
   None: `start_step * B`. Give one of the two.
   `max_skipped_fraction`: raise CorruptDataError above this share of skipped records (None: never).
-  num_parallel_calls, private_threadpool_size, prefetch_batches: tf.data tuning only, never results.
+  `tuning`: tf.data speed knobs only (`Tuning`), never results.
   """
   if not isinstance(augment, Augment):
     raise TypeError(f"augment must be an augment.Augment, got {type(augment).__name__}")
@@ -376,10 +387,10 @@ def train_iterator(
     )
     return {"image": image, "label": tf.cast(label, tf.int32), _POS: pos, _BAD: ex[_BAD]}
 
-  ds = ds.map(process, num_parallel_calls=num_parallel_calls).ignore_errors()
-  ds = ds.batch(b_local, drop_remainder=True).prefetch(prefetch_batches)
+  ds = ds.map(process, num_parallel_calls=tuning.num_parallel_calls).ignore_errors()
+  ds = ds.batch(b_local, drop_remainder=True).prefetch(tuning.prefetch_batches)
   return BatchIterator(
-    ds.with_options(_options(private_threadpool_size)),
+    ds.with_options(tuning.options()),
     first_pos,
     role="train",
     n_local=n_local,
@@ -400,18 +411,16 @@ def eval_iterator(
   dataset: str,
   data_dir: str | None,
   split: str | None,
+  max_examples: int | None = None,
   global_batch_size: int,
   image_size: int,
   family: str,
   process_index: int = 0,
   process_count: int = 1,
-  max_examples: int | None = None,
   shuffle_seed: int | None = None,
   shuffle_buffer: int = 16384,
-  num_parallel_calls: int = tf.data.AUTOTUNE,
-  private_threadpool_size: int | None = None,
-  prefetch_batches: int = 2,
   max_skipped_fraction: float | None = None,
+  tuning: Tuning = DEFAULT_TUNING,
 ) -> BatchIterator:
   """One pass of {'image', 'label', 'mask'}; padding examples have mask 0 (and label 0) so the sum of
   masks over all processes equals the split size minus the skipped records (unreadable ones are
@@ -454,7 +463,7 @@ def eval_iterator(
       _BAD: ex[_BAD],
     }
 
-  ds = raw.enumerate().map(process, num_parallel_calls=num_parallel_calls).ignore_errors()
+  ds = raw.enumerate().map(process, num_parallel_calls=tuning.num_parallel_calls).ignore_errors()
   pad = {
     "image": tf.zeros([image_size, image_size, 3], tf.float32),
     "label": tf.constant(0, tf.int32),
@@ -463,9 +472,9 @@ def eval_iterator(
     _BAD: tf.constant(-1, tf.int32),
   }
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(total)
-  ds = ds.batch(b_local, drop_remainder=True).prefetch(prefetch_batches)
+  ds = ds.batch(b_local, drop_remainder=True).prefetch(tuning.prefetch_batches)
   return BatchIterator(
-    ds.with_options(_options(private_threadpool_size)),
+    ds.with_options(tuning.options()),
     0,
     role="eval",
     n_local=sizes[process_index],
