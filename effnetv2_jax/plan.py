@@ -103,6 +103,28 @@ def schedule_shape(config, run: RunPlan) -> str:
   return f"{head}; stage lengths {shares} of the steps"
 
 
+def accumulation_line(config, run: RunPlan) -> str:
+  """One line on gradient accumulation (config.grad_accum_steps); "" when it is off."""
+  k = int(config.get("grad_accum_steps", 1))
+  if k == 1:
+    return ""
+  if k > 1:
+    return (
+      f"gradient accumulation: {k} micro-batches of {run.batch_size // k} per step "
+      "(one optimizer and EMA update per step)"
+    )
+  budget = int(config.get("device_memory_bytes", 0))
+  where = (
+    f"{budget / 2**30:.2f} GiB per device (config.device_memory_bytes)"
+    if budget
+    else f"the device's memory less {config.get('device_memory_margin', 0.1):g} of it"
+  )
+  return (
+    "gradient accumulation: chosen per stage when its step compiles, the fewest micro-batches "
+    f"whose step fits {where}"
+  )
+
+
 def format_plan(config, run: RunPlan) -> str:
   """The stage table as markdown: sizes, regularization, steps, epochs, MACs and compute share.
 
@@ -124,6 +146,9 @@ def format_plan(config, run: RunPlan) -> str:
   shape = schedule_shape(config, run)
   if shape:
     lines.append(shape)
+  accum = accumulation_line(config, run)
+  if accum:
+    lines.append(accum)
   lines += [
     "",
     "| stage | size | randaug | mixup | cutmix | dropout | steps | epochs | GMACs/img | compute |",
