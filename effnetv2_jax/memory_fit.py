@@ -15,9 +15,13 @@ batch that fits can be chosen from compiles alone, nothing allocated:
   fit_stage(compile_at, budget, ...) plan_stage over real compiles, checked on the chosen program
 
 Peak memory is close to linear in the batch: the state is a fixed cost and activations grow per
-image. The line is fitted through two measured points and used only between and slightly beyond
-them; the program finally chosen is compiled anyway (it is the step the stage runs), so its own
-peak is checked and one more micro-batch is taken in the rare case the line was optimistic.
+image. The line is fitted through two measured points and used between them; the program finally
+chosen is compiled anyway (it is the step the stage runs), so its own peak is checked and one more
+micro-batch is taken in case the line was optimistic. With accumulation the peak against the
+micro-batch is rather the larger of a floor (the update after the scan: params, gradients,
+optimizer slots, EMA) and a line (experiments/results/bench_memory_accum.md: B0 at 128 px needs
+the same 278 MiB at 4 and at 1 image per micro-batch), a convex curve, so plan_stage's chord lies
+above it: its k fits, at worst one step more micro-batches than the fewest that would.
 
 Nothing here imports TensorFlow or builds a model: the `measure`/`compile_at` callables do.
 """

@@ -224,6 +224,12 @@ def test_plan_stage_picks_the_fewest_micro_batches_that_fit():
   assert m.calls == [64, 8, 32]  # the full batch, the smallest, the largest accumulated
   m = _Linear(100, 10)
   assert memory_fit.plan_stage(m, 200, **kw) == (8, 8)
+  # A floor under the line (the update after the scan; convex, as measured): the chord through
+  # the two accumulated probes lies above the curve, so what it picks fits.
+  floored = lambda mb: max(300, 100 + 10 * mb)
+  for budget in (320, 350, 420, 500):
+    mb, k = memory_fit.plan_stage(floored, budget, **kw)
+    assert floored(mb) <= budget and k in (2, 4, 8)
   # BN groups of 16 must lie inside micro-batches: 8 images are not allowed, 16 are.
   assert memory_fit.accum_candidates(64, 8, 16) == [1, 2, 4]
   assert memory_fit.plan_stage(_Linear(100, 10), 300, group_size=16, **kw) == (16, 4)
