@@ -63,6 +63,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Schedule length: epochs (converted with the dataset's train size), or steps when > 0.
   c.batch_size = 4096  # global batch, over all processes and devices
   c.eval_batch_size = 1024
+  # Gradient accumulation (effnetv2_jax/steps.py): each step trains its global batch as k
+  # micro-batches of batch_size / k inside the one compiled step (a scan: gradients averaged, BN
+  # running statistics updated per micro-batch in sequence, dropout and mixup keys and mixing
+  # pairs per micro-batch, the optimizer and EMA once per step), so activations of one
+  # micro-batch at a time need memory. 1 = off; k > 1 = k micro-batches at every stage (must
+  # divide the batch per device, and batch_size / k must be tiled by bn_group_size); 0 = chosen
+  # per stage: the fewest micro-batches whose compiled step fits the memory budget below
+  # (effnetv2_jax/memory_fit.py; results.json records k per stage).
+  c.grad_accum_steps = 1
+  # Per-device memory budget for grad_accum_steps = 0 (effnetv2_jax/memory_fit.py), in bytes:
+  # 0 = what the device reports (GPU/TPU: the allocator's bytes_limit; CPU: host RAM / CPU
+  # devices) less `device_memory_margin` of it, kept for what XLA's analysis of the step does not
+  # count (the next batch on the device, fragmentation, the eval step); > 0 = exactly this many.
+  c.device_memory_bytes = 0
+  c.device_memory_margin = 0.1
   c.num_epochs = 350.0
   c.num_train_steps = -1
   c.eval_image_size = 384

@@ -290,6 +290,54 @@ def check_bn_group_size(group_size, batch_size: int, field: str = "batch_size") 
     )
 
 
+def check_grad_accum(config, batch_size: int, num_devices: int, field: str = "batch_size") -> None:
+  """ConfigError unless config.grad_accum_steps is 0 (chosen per stage) or a k >= 1 that splits
+  `batch_size` into equal micro-batches spread evenly over `num_devices` (k divides the batch
+  per device) and tiled by config.bn_group_size. The trainer can call it per stage batch."""
+  k = config.get("grad_accum_steps", 1)
+  _require(
+    isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+    "grad_accum_steps",
+    f"must be an integer >= 0 (micro-batches per step: 1 = off, 0 = chosen per stage to fit "
+    f"device memory), got {k!r}",
+  )
+  if k <= 1:
+    return
+  per_device = batch_size // num_devices
+  _require(
+    per_device % k == 0,
+    "grad_accum_steps",
+    f"{k} does not divide the {per_device} images per device of {field} {batch_size} on "
+    f"{num_devices} devices: every micro-batch must have the same share on every device; use a "
+    f"divisor of {per_device}",
+  )
+  g = config.bn_group_size
+  if isinstance(g, int) and g > 0:
+    _require(
+      (batch_size // k) % g == 0,
+      "grad_accum_steps",
+      f"micro-batches of {batch_size // k} ({field} {batch_size} / {k}) are not tiled by "
+      f"bn_group_size {g}: BatchNorm groups lie inside a micro-batch; use fewer micro-batches or "
+      "a smaller bn_group_size",
+    )
+
+
+def _validate_memory_budget(config) -> None:
+  """device_memory_bytes, device_memory_margin (effnetv2_jax/memory_fit.py)."""
+  b = config.get("device_memory_bytes", 0)
+  _require(
+    isinstance(b, int) and not isinstance(b, bool) and b >= 0,
+    "device_memory_bytes",
+    f"must be an integer >= 0 (bytes per device; 0 = what the device reports), got {b!r}",
+  )
+  m = config.get("device_memory_margin", 0.1)
+  _require(
+    _is_number(m) and 0 <= m < 1,
+    "device_memory_margin",
+    f"must be a fraction in [0, 1) of the device's memory kept free, got {m!r}",
+  )
+
+
 def validate_config(
   config,
   *,
@@ -329,6 +377,8 @@ def validate_config(
     )
   check_bn_group_size(config.bn_group_size, config.batch_size)
   _validate_stage_batches(config, num_devices)
+  check_grad_accum(config, config.batch_size, num_devices)
+  _validate_memory_budget(config)
   ev = config.eval_image_size
   _require(
     isinstance(ev, int) and ev > 0,
@@ -403,8 +453,7 @@ def validate_config(
       field,
       f"stage {empty[0]} gets no train steps of the run's {n}; lengthen it or train longer",
     )
-  # Stages that carry their own batch size must be tiled by the BN groups too.
+  # Stages that carry their own batch size must be tiled by the BN groups (and micro-batches) too.
   for stage in table:
-    stage_batch = getattr(stage, "batch_size", None)
-    if stage_batch is not None:
-      check_bn_group_size(config.bn_group_size, int(stage_batch), f"stage {stage.index}'s batch")
+    check_bn_group_size(config.bn_group_size, stage.batch_size, f"stage {stage.index}'s batch")
+    check_grad_accum(config, stage.batch_size, num_devices, f"stage {stage.index}'s batch")

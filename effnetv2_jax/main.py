@@ -86,6 +86,7 @@ def run(config, workdir, mode, eval_sizes=None) -> int:
   # Imported here so `--help` and flag errors stay fast.
   from effnetv2_jax import checkpoint as ckpt_lib
   from effnetv2_jax import config_validation
+  from effnetv2_jax import memory_fit
   from effnetv2_jax import plan
   from effnetv2_jax import train
   from effnetv2_jax import workdir as workdir_lib
@@ -114,6 +115,7 @@ def run(config, workdir, mode, eval_sizes=None) -> int:
     ckpt_lib.CheckpointMismatchError,
     ckpt_lib.CheckpointUnreadableError,
     workdir_lib.WorkdirLockedError,
+    memory_fit.DoesNotFitError,
     FileNotFoundError,
   ) as e:
     _fail(str(e), EXIT_BAD_INPUT)

@@ -158,6 +158,29 @@ def batch_line(config, run: RunPlan) -> str:
   )
 
 
+def accumulation_line(config, run: RunPlan) -> str:
+  """One line on gradient accumulation (config.grad_accum_steps); "" when it is off."""
+  k = int(config.get("grad_accum_steps", 1))
+  if k == 1:
+    return ""
+  if k > 1:
+    micro = "/".join(str(s.batch_size // k) for s in run.stages)
+    return (
+      f"gradient accumulation: {k} micro-batches of {micro} per step "
+      "(one optimizer and EMA update per step)"
+    )
+  budget = int(config.get("device_memory_bytes", 0))
+  where = (
+    f"{budget / 2**30:.2f} GiB per device (config.device_memory_bytes)"
+    if budget
+    else f"the device's memory less {config.get('device_memory_margin', 0.1):g} of it"
+  )
+  return (
+    "gradient accumulation: chosen per stage when its step compiles, the fewest micro-batches "
+    f"whose step fits {where}"
+  )
+
+
 def format_plan(config, run: RunPlan) -> str:
   """The stage table as markdown: sizes, regularization, steps, batch and LR, epochs, MACs and
   compute share.
@@ -181,7 +204,11 @@ def format_plan(config, run: RunPlan) -> str:
     f"{run.steps_per_epoch:.2f} steps/epoch{ref}), base lr {run.base_lr:.4g}{ref}, {run.dtype}, "
     f"eval on {run.eval_split!r} at {config.eval_image_size}px",
   ]
-  for extra in (schedule_shape(config, run), batch_line(config, run)):
+  for extra in (
+    schedule_shape(config, run),
+    batch_line(config, run),
+    accumulation_line(config, run),
+  ):
     if extra:
       lines.append(extra)
   lines += [

@@ -79,6 +79,9 @@ def _stage_record(stage: progressive.Stage, prev: dict | None) -> dict:
   }
   if prev:  # accumulated by earlier (interrupted) runs of this workdir
     kept = ("wall_s", "compile_s", "compile_wait_s", "eval_top1", "eval_top5", "start_wall_s")
+    # How an earlier run trained the stage (train.StageStep.record): a stage finished before
+    # the restart is not compiled again, so its micro-batching is only known from there.
+    kept += ("grad_accum_steps", "micro_batch", "peak_bytes", "memory_budget_bytes")
     rec.update({k: prev[k] for k in kept if k in prev})
   return rec
 

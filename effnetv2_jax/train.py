@@ -42,6 +42,7 @@ from effnetv2_jax import checkpoint as ckpt_lib
 from effnetv2_jax import compile_ahead as compile_ahead_lib
 from effnetv2_jax import config_validation
 from effnetv2_jax import curves
+from effnetv2_jax import memory_fit
 from effnetv2_jax import optim
 from effnetv2_jax import paths
 from effnetv2_jax import plan as plan_lib
@@ -103,12 +104,23 @@ def build_model(config, num_classes: int, dropout_rate: float):
   )
 
 
-def make_stage_step(config, run: plan_lib.RunPlan, stage: progressive.Stage, tx, lr_fn) -> Callable:
+def make_stage_step(
+  config,
+  run: plan_lib.RunPlan,
+  stage: progressive.Stage,
+  tx,
+  lr_fn,
+  *,
+  grad_accum_steps: int | None = None,
+) -> Callable:
   """The (unjitted) train step of `stage`: its model (dropout) and mixing, the run's loss and EMA.
 
   The trainer jits it with `sharding.jit_train_step`; benchmarks build their step here too, so
-  what they time is what trains.
+  what they time is what trains. `grad_accum_steps`: micro-batches per step (default
+  config.grad_accum_steps; its 0, 'chosen per stage', builds the plain step: the trainer passes
+  the k it chose, see `compile_stage_step`).
   """
+  k = config.grad_accum_steps if grad_accum_steps is None else grad_accum_steps
   return steps_lib.make_train_step(
     build_model(config, run.num_classes, stage.dropout_rate),
     tx,
@@ -124,7 +136,79 @@ def make_stage_step(config, run: plan_lib.RunPlan, stage: progressive.Stage, tx,
     lr_fn=lr_fn,
     freeze_bn_stats=config.freeze_bn_stats,
     cutmix_label=config.cutmix_label,
+    grad_accum_steps=max(1, int(k)),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStep:
+  """A stage's compiled train step and how it trains its batch."""
+
+  compiled: Any
+  grad_accum_steps: int  # micro-batches per step (1: none)
+  peak_bytes: int | None  # per device, from XLA's buffer assignment (None: backend reports none)
+  budget_bytes: int | None = None  # the memory budget k was chosen for (config.grad_accum_steps=0)
+
+  def record(self, batch_size: int) -> dict:
+    """What the stage log keeps of it (results.json's per-stage records)."""
+    rec = {
+      "grad_accum_steps": self.grad_accum_steps,
+      "micro_batch": batch_size // self.grad_accum_steps,
+      "peak_bytes": self.peak_bytes,
+    }
+    if self.budget_bytes is not None:
+      rec["memory_budget_bytes"] = self.budget_bytes
+    return rec
+
+
+def _peak_or_none(compiled) -> int | None:
+  try:
+    return memory_fit.peak_bytes(compiled)
+  except Exception:  # pylint: disable=broad-except  (a backend without the analysis)
+    return None
+
+
+def compile_stage_step(
+  config, run, stage, tx, lr_fn, mesh, state_spec, rng, batch_size: int | None = None
+) -> StageStep:
+  """Lower and compile `stage`'s train step for abstract inputs: the global batch of
+  `batch_size` (default the stage's) at the stage's image size.
+
+  config.grad_accum_steps = k >= 1 compiles that step. 0 chooses k for this stage: the fewest
+  micro-batches whose step fits the per-device budget (memory_fit.budget_bytes), from the peaks
+  of a few compiles of this very step (memory_fit.fit_stage; the chosen compile is the one
+  returned), or memory_fit.DoesNotFitError naming the stage when one image per device is too much.
+  """
+  batch_size = batch_size or stage.batch_size
+  batch = batch_spec(mesh, batch_size, stage.image_size)
+
+  def compile_at(k: int):
+    train_step = make_stage_step(config, run, stage, tx, lr_fn, grad_accum_steps=k)
+    jitted = sharding.jit_train_step(train_step, mesh, state_spec)
+    return jitted.lower(state_spec, batch, rng).compile()
+
+  k = int(config.grad_accum_steps)
+  if k >= 1:
+    compiled = compile_at(k)
+    return StageStep(compiled, k, _peak_or_none(compiled))
+  fit = memory_fit.fit_stage(
+    compile_at,
+    memory_fit.budget_bytes(config, mesh.local_devices[0]),
+    batch_size=batch_size,
+    num_devices=mesh.size,
+    stage_index=stage.index,
+    image_size=stage.image_size,
+    group_size=int(config.bn_group_size),
+  )
+  logging.info(
+    "stage %d: %d micro-batches of %d (peaks measured %s, budget %d bytes)",
+    stage.index,
+    fit.grad_accum_steps,
+    fit.micro_batch,
+    fit.measured,
+    fit.budget_bytes,
+  )
+  return StageStep(fit.compiled, fit.grad_accum_steps, fit.peak_bytes, fit.budget_bytes)
 
 
 def _rngs(config):
@@ -339,12 +423,11 @@ def _stage_key(ctx: RunContext, stage) -> str:
   return f"stage {stage.index + 1}/{len(ctx.run.stages)} ({stage.image_size}px)"
 
 
-def _compile_train_step(ctx: RunContext, stage, state_spec):
-  """Lower and compile `stage`'s train step for abstract inputs (runs on the compile thread)."""
-  train_step = make_stage_step(ctx.config, ctx.run, stage, ctx.tx, ctx.lr_fn)
-  jitted = sharding.jit_train_step(train_step, ctx.mesh, state_spec)
-  batch = batch_spec(ctx.mesh, stage.batch_size, stage.image_size)
-  return jitted.lower(state_spec, batch, ctx.rng).compile()
+def _compile_train_step(ctx: RunContext, stage, state_spec) -> StageStep:
+  """`stage`'s compiled step (runs on the compile thread): `compile_stage_step`."""
+  return compile_stage_step(
+    ctx.config, ctx.run, stage, ctx.tx, ctx.lr_fn, ctx.mesh, state_spec, ctx.rng
+  )
 
 
 def _next_batch(ctx: RunContext, data) -> dict:
@@ -353,7 +436,7 @@ def _next_batch(ctx: RunContext, data) -> dict:
 
 
 def _start_stage(ctx: RunContext, stage, state, step: int):
-  """-> (compiled step, data iterator, first batch, compile s, compile wait s) for `stage` from
+  """-> (StageStep, data iterator, first batch, compile s, compile wait s) for `stage` from
   `step` on; then queues what the run needs next (the eval step, the next stage's step)."""
   from effnetv2_jax.data import augment, input_pipeline
 
@@ -393,7 +476,11 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
     )
   state_spec = _spec_of(state)
   compile_fn = functools.partial(_compile_train_step, ctx, stage, state_spec)
-  compiled, compile_s, wait_s = ctx.compiler.get(_stage_key(ctx, stage), compile_fn)
+  try:  # a step that fails to compile (or to fit in memory) ends the stage's input thread too
+    compiled, compile_s, wait_s = ctx.compiler.get(_stage_key(ctx, stage), compile_fn)
+  except BaseException:
+    data.close()
+    raise
   ctx.evaluator.compile_ahead(ctx.compiler, state_spec)  # once: later calls find it queued
   if stage.index + 1 < len(ctx.run.stages):
     nxt = ctx.run.stages[stage.index + 1]
@@ -411,10 +498,12 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
   stage_t0 = time.perf_counter()
   log.records[stage.index].setdefault("start_wall_s", log.total_wall_s())  # for curves.png
   try:
-    compiled, data, batch, compile_s, wait_s = _start_stage(ctx, stage, state, step)
+    stage_step, data, batch, compile_s, wait_s = _start_stage(ctx, stage, state, step)
   except input_pipeline.Interrupted:  # SIGTERM while the first batch was being read
     return _stop(ctx, stage, state, step, guard, log, stage_t0, "preempted")
-  _announce_stage(ctx, stage, step, log, eta, compile_s, wait_s)
+  compiled = stage_step.compiled
+  log.records[stage.index].update(stage_step.record(stage.batch_size))
+  _announce_stage(ctx, stage, step, log, eta, compile_s, wait_s, stage_step.grad_accum_steps)
   meter = reporting.IntervalMeter()
   with data:  # the stage's input thread ends with the stage
     while True:
@@ -445,16 +534,18 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
   return state, step, None
 
 
-def _announce_stage(ctx: RunContext, stage, step: int, log: StageLog, eta, compile_s, wait_s):
+def _announce_stage(ctx: RunContext, stage, step: int, log: StageLog, eta, compile_s, wait_s, k=1):
   num_stages = len(ctx.run.stages)
   log.add_time(stage.index, compile_s=compile_s, compile_wait_s=wait_s)
   eta.add_compile(wait_s)
   ahead = f" (waited {wait_s:.1f}s)" if wait_s < 0.95 * compile_s else ""
+  accum = f" ({k} micro-batches of {stage.batch_size // k})" if k > 1 else ""
   _print(
     f"stage {stage.index + 1}/{num_stages}: {stage.image_size}px, randaug "
     f"{stage.randaug_magnitude:g}, mixup {stage.mixup_alpha:g}, cutmix "
     f"{stage.cutmix_alpha:g}, dropout {stage.dropout_rate:g}, steps {step}-"
-    f"{stage.last_step} at batch {stage.batch_size}; train step compiled in {compile_s:.1f}s{ahead}"
+    f"{stage.last_step} at batch {stage.batch_size}{accum}; train step compiled in "
+    f"{compile_s:.1f}s{ahead}"
   )
   ctx.writer.write_scalars(step, {"compile_s": compile_s, "compile_wait_s": wait_s})
 
