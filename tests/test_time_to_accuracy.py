@@ -5,6 +5,7 @@ speed-ups and seed aggregation are the stated arithmetic (on synthetic results d
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 
@@ -213,8 +214,6 @@ def test_the_idle_statement_names_the_runs_that_shared_the_machine():
 
 def test_the_machine_record_feeds_the_report(tmp_path):
   (p,) = tta.plan_runs(["v2"], [tta.ARMS[2]], "short", [0], str(tmp_path))
-  import os
-
   os.makedirs(p.run.workdir)
   with open(os.path.join(p.run.workdir, "results.json"), "w") as f:
     json.dump(_res([(100, 0.8), (500, 0.9)], 0.9), f)
@@ -226,3 +225,14 @@ def test_the_machine_record_feeds_the_report(tmp_path):
   assert loads == {p.run.name: 0.4}
   assert "28px 0.9050, 32px 0.9100" in text and "| 0.40 |" in text
   assert (tmp_path / "time_to_accuracy_v2_short.png").exists()
+
+
+def test_the_dry_run_counts_finished_runs_as_done_and_sums_the_predicted_hours(tmp_path):
+  planned = tta.plan_runs(["v2"], tta.ARMS[4:6], "short", [0, 1], str(tmp_path))
+  os.makedirs(planned[0].run.workdir)
+  with open(os.path.join(planned[0].run.workdir, "results.json"), "w") as f:
+    json.dump({"status": "completed"}, f)
+  text = tta.dry_run(planned)
+  assert text.count("[done]") == 1 and "4 runs, 3 still to train" in text
+  # Two progressive arms without post-evals: every run is counted at the 600 s budget.
+  assert "predicted 0.7 h in all, 0.5 h left" in text
