@@ -33,6 +33,11 @@ import os
 from experiments import common
 
 MODULE = "experiments.bench_memory"
+REMAT_RESULTS = (
+  "bench_memory.md",
+  "Peak train-step memory per image, with and without rematerialisation",
+)
+ACCUM_RESULTS = ("bench_memory_accum.md", "Train-step peak memory with gradient accumulation")
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 MiB = 2.0**20
 
@@ -99,15 +104,7 @@ def main():
       f"{1 - b['temp'] / a['temp']:.0%} | {a['args'] / MiB:.0f} | "
       f"{a['compile_s']:.0f} / {b['compile_s']:.0f} |"
     )
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if not args.no_record:
-    common.append_result(
-      "bench_memory.md",
-      "Peak train-step memory per image, with and without rematerialisation",
-      MODULE,
-      text,
-    )
+  common.publish("\n".join(lines) + "\n", *REMAT_RESULTS, MODULE, record=not args.no_record)
 
 
 def accum_peaks(model, batch, size, dtype, ks):
@@ -171,12 +168,7 @@ def accum_table(args):
         f"| {size} | {k} | {args.batch // k} | {peak / MiB:.0f} | {pred / MiB:.0f} | {err} | "
         f"{compile_s:.0f} |"
       )
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if not args.no_record:
-    common.append_result(
-      "bench_memory_accum.md", "Train-step peak memory with gradient accumulation", MODULE, text
-    )
+  common.publish("\n".join(lines) + "\n", *ACCUM_RESULTS, MODULE, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from experiments import common
 
 MODULE = "experiments.bench_stage_switch"
 RESULTS = "bench_stage_switch.md"
+TITLE = "Stage switches: compile-ahead off vs on (same machine, same run)"
 
 
 def _runs(args):
@@ -132,11 +133,7 @@ def main(argv):
       "one after another",
     )
     text = "\n".join([*head, "", *_rule_report(args, runs, results), ""])
-    print(text)
-    if not args.no_record:
-      common.append_result(
-        RESULTS, "Stage switches: compile-ahead off vs on (same machine, same run)", MODULE, text
-      )
+    common.publish(text, RESULTS, TITLE, MODULE, record=not args.no_record)
     return
   from configs import demo
 
@@ -170,11 +167,7 @@ def main(argv):
     f"load average before {load}; persistent compilation cache off; runs alternate, each alone",
   )
   text = "\n".join([*head, "", *lines, *summary, ""])
-  print(text)
-  if not args.no_record:
-    common.append_result(
-      RESULTS, "Stage switches: compile-ahead off vs on (same machine, same run)", MODULE, text
-    )
+  common.publish(text, RESULTS, TITLE, MODULE, record=not args.no_record)
 
 
 if __name__ == "__main__":

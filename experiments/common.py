@@ -109,6 +109,14 @@ def append_result(name: str, title: str, module: str, text: str) -> str:
   return path
 
 
+def publish(text: str, name: str, title: str, module: str, *, record: bool = True) -> None:
+  """Print a measured block and, unless `record` is off (`--no-record`), append it to
+  experiments/results/`name` (`append_result`)."""
+  print(text)
+  if record:
+    append_result(name, title, module, text)
+
+
 def markdown_table(header, rows) -> str:
   """A markdown table of any cells (str() of each), as the sweep runner writes its table."""
   from effnetv2_jax import sweep
