@@ -63,6 +63,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Schedule length: epochs (converted with the dataset's train size), or steps when > 0.
   c.batch_size = 4096  # global batch, over all processes and devices
   c.eval_batch_size = 1024
+  # Gradient accumulation (effnetv2_jax/steps.py): each step trains its global batch as k
+  # micro-batches of batch_size / k inside the one compiled step (a scan: gradients averaged, BN
+  # running statistics updated per micro-batch in sequence, dropout and mixup keys and mixing
+  # pairs per micro-batch, the optimizer and EMA once per step), so activations of one
+  # micro-batch at a time need memory. 1 = off; k > 1 = k micro-batches at every stage (must
+  # divide the batch per device, and batch_size / k must be tiled by bn_group_size); 0 = chosen
+  # per stage: the fewest micro-batches whose compiled step fits the memory budget below
+  # (effnetv2_jax/memory_fit.py; results.json records k per stage).
+  c.grad_accum_steps = 1
+  # Per-device memory budget for grad_accum_steps = 0 (effnetv2_jax/memory_fit.py), in bytes:
+  # 0 = what the device reports (GPU/TPU: the allocator's bytes_limit; CPU: host RAM / CPU
+  # devices) less `device_memory_margin` of it, kept for what XLA's analysis of the step does not
+  # count (the next batch on the device, fragmentation, the eval step); > 0 = exactly this many.
+  c.device_memory_bytes = 0
+  c.device_memory_margin = 0.1
   c.num_epochs = 350.0
   c.num_train_steps = -1
   c.eval_image_size = 384
@@ -95,6 +110,25 @@ def get_config() -> ml_collections.ConfigDict:
   p.size_curve = "linear"
   p.hold_fraction = 0.0  # hold_then_ramp only; 0 = no hold stage
   p.tail_fraction = 0.0  # hold_then_ramp only; 0 = no full-size tail stage
+  # Per-stage global batch (effnetv2_jax/progressive.py). 'constant': every stage at batch_size
+  # (the released code and the paper; every preset's default) | 'pixels': B_i = batch_size *
+  # (S_last / S_i)^2, as many pixels per batch as the last stage's, rounded down to a multiple of
+  # lcm(device count, batch_multiple, bn_group_size), at most max_batch_size; the last stage keeps
+  # batch_size | 'fit': the largest batch that fits in memory (not wired yet: validation refuses
+  # it). batch_size stays the reference batch B_ref: each stage's LR is lr_per_256 * B_i / 256,
+  # the schedule (warmup, decay) runs on images seen, and the EMA per ema_horizon below.
+  p.batch_rule = "constant"
+  # One global batch per stage, e.g. (8192, 6144, 4096, 4096); () = from batch_rule. Only with
+  # batch_rule 'constant'; each must be a multiple of the device count.
+  p.batch_sizes = ()
+  # 'pixels' rounds stage batches to a multiple of this (and of the device count): 64 keeps the
+  # table the same on 1, 2, 4, ..., 64 devices (a resume on another device count must see the
+  # same batches) and the per-device batch a multiple of 8 on 8 devices.
+  p.batch_multiple = 64
+  # 'pixels' cap on a stage's batch (0 = none). Uncapped, the S preset's first stage (171px of
+  # 300) trains at 12544 images from 4096; the linear LR scaling rule is known to hold to about
+  # 8k images, so e.g. 8192 keeps the early stages within it.
+  p.max_batch_size = 0
 
   # Optimizer and learning rate (official recipe: TF RMSProp, 0.016 per 256 images, 5 warmup
   # epochs, staircase decay 0.97 every 2.4 epochs).
@@ -111,6 +145,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.weight_decay = 1e-5  # L2 in the loss, (wd/2)*||w||^2, kernels only
   c.label_smoothing = 0.1
   c.ema_decay = 0.9999  # 0 disables; warmup min(decay, (1+n)/(10+n)), n = step + 1 as in TF
+  # When stages train at different batches (progressive.batch_rule): 'images' keeps the EMA's
+  # horizon in images, per-step decay min(decay, warmup) ** (B_stage / batch_size), the warmup's
+  # n counted in images / batch_size | 'steps': the plain per-step decay above at every batch.
+  # Identical at a constant batch. effnetv2_jax/state.py ema_decay_fn.
+  c.ema_horizon = "images"
   c.grad_clip_norm = 0.0  # 0 disables
 
   # Loop, logging, checkpoints.

@@ -9,7 +9,8 @@ whether the compile happened ahead: tests/test_train.py checks the params bitwis
 
 On a CPU the background compile shares the cores with training, so it slows the stage it overlaps;
 `config.compile_ahead=False` compiles at the switch instead (experiments/bench_stage_switch.py
-measures both). A compile that fails in the background is raised at the switch, naming the stage.
+measures both). A compile that fails in the background is raised at the switch, naming the stage
+(a stage that cannot fit in memory, memory_fit.DoesNotFitError, as itself: it names it already).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from typing import Any, Callable, Hashable
+
+from effnetv2_jax import memory_fit
 
 
 class StageCompileError(RuntimeError):
@@ -50,6 +53,8 @@ class BackgroundCompiler:
     future = self._futures.pop(key, None)
     try:
       compiled, compile_s = future.result() if future is not None else _timed(compile_fn)
+    except memory_fit.DoesNotFitError:
+      raise  # already one line naming the stage, its size and the bytes: a bad input, not a bug
     except Exception as e:  # pylint: disable=broad-except
       first = (str(e).strip().splitlines() or [type(e).__name__])[0]
       raise StageCompileError(f"compiling {key} failed: {type(e).__name__}: {first}") from e

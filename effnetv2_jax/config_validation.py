@@ -11,6 +11,7 @@ from effnetv2_jax import optim
 from effnetv2_jax import paths
 from effnetv2_jax import precision
 from effnetv2_jax import progressive
+from effnetv2_jax import state as state_lib
 from effnetv2_jax.data import augment
 
 V2_FULL_MODELS = ("efficientnetv2-s", "efficientnetv2-m", "efficientnetv2-l", "efficientnetv2-xl")
@@ -173,6 +174,80 @@ def _validate_schedule_shape(p) -> None:
     )
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _require_int(value, low: int, field: str, what: str) -> None:
+  """`field` holds an integer >= low; `what` says what it counts."""
+  _require(
+    _is_int(value) and value >= low, field, f"must be an integer >= {low} ({what}), got {value!r}"
+  )
+
+
+def _validate_stage_batches(config, num_devices: int) -> None:
+  """batch_rule, batch_sizes, batch_multiple, max_batch_size (effnetv2_jax/progressive.py) and
+  ema_horizon."""
+  p = config.progressive
+  rule = p.get("batch_rule", "constant")
+  _require(
+    rule in progressive.BATCH_RULES,
+    "progressive.batch_rule",
+    f"{rule!r} is not one of {', '.join(progressive.BATCH_RULES)}",
+  )
+  _require(
+    rule != "fit",
+    "progressive.batch_rule",
+    "'fit' (each stage's batch from the compiled step's memory) is not wired into the trainer "
+    "yet; use 'constant', 'pixels' or progressive.batch_sizes",
+  )
+  sizes = p.get("batch_sizes", ()) or ()
+  field = "progressive.batch_sizes"
+  _require(
+    isinstance(sizes, (tuple, list)),
+    field,
+    f"must be a tuple of global batch sizes, one per stage, got {sizes!r}",
+  )
+  if sizes:
+    num_stages = 1 if p.preset == "none" else int(p.num_stages)
+    _require(
+      rule == "constant",
+      field,
+      f"sets every stage's batch itself; leave progressive.batch_rule 'constant' (not {rule!r})",
+    )
+    _require(
+      len(sizes) == num_stages,
+      field,
+      f"has {len(sizes)} entries for {num_stages} stages; give one global batch per stage",
+    )
+    for b in sizes:
+      _require(
+        _is_int(b) and b > 0 and b % num_devices == 0,
+        field,
+        f"{b!r} is not a positive multiple of the {num_devices} devices; every stage's "
+        f"global batch must split evenly over them",
+      )
+  _require_int(
+    p.get("batch_multiple", 1),
+    1,
+    "progressive.batch_multiple",
+    "'pixels' rounds stage batches down to multiples of it",
+  )
+  cap = p.get("max_batch_size", 0)
+  _require(
+    _is_int(cap) and (cap == 0 or cap >= config.batch_size),
+    "progressive.max_batch_size",
+    f"must be 0 (no cap) or an integer >= batch_size {config.batch_size} (the last stage "
+    f"trains at batch_size), got {cap!r}",
+  )
+  horizon = config.get("ema_horizon", "images")
+  _require(
+    horizon in state_lib.EMA_HORIZONS,
+    "ema_horizon",
+    f"{horizon!r} is not one of {', '.join(state_lib.EMA_HORIZONS)}",
+  )
+
+
 def _validate_curve_and_recalibration(config) -> None:
   """eval_every_steps, eval_every_seconds, eval_subset (effnetv2_jax/curves.py), recalibrate_bn."""
   for field, what in (
@@ -180,12 +255,7 @@ def _validate_curve_and_recalibration(config) -> None:
     ("eval_subset", "eval images per curve eval"),
     ("recalibrate_bn", "train images to recompute the BN statistics from"),
   ):
-    v = config.get(field, 0)
-    _require(
-      isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-      field,
-      f"must be an integer >= 0 ({what}; 0 = off), got {v!r}",
-    )
+    _require_int(config.get(field, 0), 0, field, f"{what}; 0 = off")
   v = config.get("eval_every_seconds", 0.0)
   _require(
     _is_number(v) and v >= 0,
@@ -218,6 +288,54 @@ def check_bn_group_size(group_size, batch_size: int, field: str = "batch_size") 
       f"{group_size} does not divide {field} {batch_size}: BatchNorm groups must tile the batch; "
       f"use a divisor of {batch_size} (or 0 for the whole batch)",
     )
+
+
+def check_grad_accum(config, batch_size: int, num_devices: int, field: str = "batch_size") -> None:
+  """ConfigError unless config.grad_accum_steps is 0 (chosen per stage) or a k >= 1 that splits
+  `batch_size` into equal micro-batches spread evenly over `num_devices` (k divides the batch
+  per device) and tiled by config.bn_group_size. The trainer can call it per stage batch."""
+  k = config.get("grad_accum_steps", 1)
+  _require(
+    isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+    "grad_accum_steps",
+    f"must be an integer >= 0 (micro-batches per step: 1 = off, 0 = chosen per stage to fit "
+    f"device memory), got {k!r}",
+  )
+  if k <= 1:
+    return
+  per_device = batch_size // num_devices
+  _require(
+    per_device % k == 0,
+    "grad_accum_steps",
+    f"{k} does not divide the {per_device} images per device of {field} {batch_size} on "
+    f"{num_devices} devices: every micro-batch must have the same share on every device; use a "
+    f"divisor of {per_device}",
+  )
+  g = config.bn_group_size
+  if isinstance(g, int) and g > 0:
+    _require(
+      (batch_size // k) % g == 0,
+      "grad_accum_steps",
+      f"micro-batches of {batch_size // k} ({field} {batch_size} / {k}) are not tiled by "
+      f"bn_group_size {g}: BatchNorm groups lie inside a micro-batch; use fewer micro-batches or "
+      "a smaller bn_group_size",
+    )
+
+
+def _validate_memory_budget(config) -> None:
+  """device_memory_bytes, device_memory_margin (effnetv2_jax/memory_fit.py)."""
+  b = config.get("device_memory_bytes", 0)
+  _require(
+    isinstance(b, int) and not isinstance(b, bool) and b >= 0,
+    "device_memory_bytes",
+    f"must be an integer >= 0 (bytes per device; 0 = what the device reports), got {b!r}",
+  )
+  m = config.get("device_memory_margin", 0.1)
+  _require(
+    _is_number(m) and 0 <= m < 1,
+    "device_memory_margin",
+    f"must be a fraction in [0, 1) of the device's memory kept free, got {m!r}",
+  )
 
 
 def validate_config(
@@ -258,6 +376,9 @@ def validate_config(
       f"{v} is not divisible by the {num_devices} devices; use a multiple of {num_devices}",
     )
   check_bn_group_size(config.bn_group_size, config.batch_size)
+  _validate_stage_batches(config, num_devices)
+  check_grad_accum(config, config.batch_size, num_devices)
+  _validate_memory_budget(config)
   ev = config.eval_image_size
   _require(
     isinstance(ev, int) and ev > 0,
@@ -319,7 +440,7 @@ def validate_config(
     f"{stages} stages need at least {stages} train steps, the run has {n}; "
     "lower num_stages or train longer",
   )
-  table = progressive.stages(config, num_train_examples)
+  table = progressive.stages(config, num_train_examples, num_devices=num_devices)
   empty = [s.index for s in table if s.num_steps <= 0]
   if empty:
     field = (
@@ -332,8 +453,7 @@ def validate_config(
       field,
       f"stage {empty[0]} gets no train steps of the run's {n}; lengthen it or train longer",
     )
-  # Stages that carry their own batch size must be tiled by the BN groups too.
+  # Stages that carry their own batch size must be tiled by the BN groups (and micro-batches) too.
   for stage in table:
-    stage_batch = getattr(stage, "batch_size", None)
-    if stage_batch is not None:
-      check_bn_group_size(config.bn_group_size, int(stage_batch), f"stage {stage.index}'s batch")
+    check_bn_group_size(config.bn_group_size, stage.batch_size, f"stage {stage.index}'s batch")
+    check_grad_accum(config, stage.batch_size, num_devices, f"stage {stage.index}'s batch")

@@ -97,6 +97,8 @@ def parse_eval_sizes(values) -> list[int]:
 
 
 def _run_plan_probe(config, workdir, steps) -> None:
+  import jax
+
   from effnetv2_jax import config_validation
   from effnetv2_jax import paths
   from effnetv2_jax import plan
@@ -109,8 +111,9 @@ def _run_plan_probe(config, workdir, steps) -> None:
     )
   plan_probe.check_probe_steps(steps)
   sharding.init_distributed()  # before anything asks for the devices
-  config_validation.validate_config(config)
-  print(plan.format_plan(config, plan.resolve(config)) + "\n", flush=True)
+  num_devices = jax.device_count()
+  config_validation.validate_config(config, num_devices=num_devices)
+  print(plan.format_plan(config, plan.resolve(config, num_devices=num_devices)) + "\n", flush=True)
   _, table = plan_probe.run_probe(config, workdir, steps=steps, log=lambda m: print(m, flush=True))
   print("\n" + table, flush=True)
   print(f"written to {paths.join(workdir, paths.PLAN_NAME)}", flush=True)
@@ -120,6 +123,7 @@ def run(config, workdir, mode, eval_sizes=None, *, plan_probe=False, plan_probe_
   # Imported here so `--help` and flag errors stay fast.
   from effnetv2_jax import checkpoint as ckpt_lib
   from effnetv2_jax import config_validation
+  from effnetv2_jax import memory_fit
   from effnetv2_jax import plan
   from effnetv2_jax import train
   from effnetv2_jax import workdir as workdir_lib
@@ -153,6 +157,7 @@ def run(config, workdir, mode, eval_sizes=None, *, plan_probe=False, plan_probe_
     ckpt_lib.CheckpointMismatchError,
     ckpt_lib.CheckpointUnreadableError,
     workdir_lib.WorkdirLockedError,
+    memory_fit.DoesNotFitError,
     FileNotFoundError,
   ) as e:
     _fail(str(e), EXIT_BAD_INPUT)

@@ -8,6 +8,13 @@ The learning rate is a function of the *global* train step, not of an optimizer-
 the train step passes `step=state.step` to `tx.update`. This keeps the LR aligned with the step
 (and with the progressive stage table) even when the divergence guard skips an update and leaves
 the optimizer state untouched.
+
+Stages with their own batch size (effnetv2_jax/progressive.py, `batch_rule`): the schedule is a
+function of the images seen, counted in reference steps t = images / config.batch_size (so warmup
+and decay epochs mean epochs of data), and each step's LR is scaled by its stage's batch:
+lr(step) = schedule(t(step)) * B_stage / B_ref, i.e. lr_per_256 * B_stage / 256 at the peak.
+`stage_clock` maps a step to (t, B_stage / B_ref) through the stage table. With one batch for
+every stage the schedule is the plain function of the step, unchanged.
 """
 
 from __future__ import annotations
@@ -31,13 +38,39 @@ def base_learning_rate(config) -> float:
   return float(config.lr_per_256) * float(config.batch_size) / 256.0
 
 
+def stage_clock(stages, batch_size: int):
+  """step -> (t, r) as float32: t = global images seen before `step` / batch_size, r = the batch
+  of the stage training `step` / batch_size. Piecewise linear over the stage table (a few selects,
+  jit-friendly); past the last stage it extrapolates the last one. None when every stage trains
+  at `batch_size` (then t is the step and r is 1: callers keep their exact step formulas)."""
+  if not stages or all(int(s.batch_size) == int(batch_size) for s in stages):
+    return None
+  b_ref = float(batch_size)
+  rows = [(int(s.first_step), s.first_example / b_ref, s.batch_size / b_ref) for s in stages]
+
+  def clock(step):
+    step = jnp.asarray(step, jnp.int32)
+    t = jnp.zeros((), jnp.float32)
+    r = jnp.ones((), jnp.float32)
+    for first, offset, ratio in rows:  # stages in order: the last one that started wins
+      started = step >= first
+      here = jnp.float32(offset) + (step - first).astype(jnp.float32) * jnp.float32(ratio)
+      t = jnp.where(started, here, t)
+      r = jnp.where(started, jnp.float32(ratio), r)
+    return t, r
+
+  return clock
+
+
 def lr_schedule(
-  config, steps_per_epoch: float, total_steps: int | None = None, *, xp=jnp
+  config, steps_per_epoch: float, total_steps: int | None = None, stages=None
 ) -> optax.Schedule:
   """Warmup + decay as in the official `WarmupLearningRateSchedule`.
 
-  `xp` is the array module the schedule computes with: jax.numpy (the train step's), or numpy,
-  so plan mode can print the learning rate of each stage without touching a JAX device.
+  `stages` (the run's stage table): when their batches differ, the schedule below runs on the
+  images seen in reference steps, times the stage's batch / config.batch_size (module docstring;
+  'cosine' then ends at the table's last image). Otherwise, and without `stages`, it is exactly
+  the function of the step described here.
 
   - warmup: `base * step / warmup_steps` for `step < warmup_steps` (starts at exactly 0), with
     `warmup_steps = int(warmup_epochs * steps_per_epoch)`, an integer as in the official code
@@ -58,6 +91,9 @@ def lr_schedule(
   warmup_steps = int(float(config.warmup_epochs) * float(steps_per_epoch))
   decay_steps = float(config.lr_decay_epochs) * float(steps_per_epoch)
   decay_rate = float(config.lr_decay_rate)
+  clock = stage_clock(stages, config.batch_size)
+  if clock is not None and kind == "cosine":  # over the images the table trains, in ref. steps
+    total_steps = stages[-1].last_example / float(config.batch_size)
   if kind == "cosine":
     if not total_steps or total_steps <= 0:
       raise ValueError("lr_schedule: 'cosine' needs total_steps > 0")
@@ -66,20 +102,27 @@ def lr_schedule(
 
   def schedule(step):
     # float32 is exact for step counts well beyond any real run (2**24 steps).
-    t = xp.asarray(step, xp.float32)
+    t = jnp.asarray(step, jnp.float32)
     if kind == "exponential":
-      lr = base * decay_rate ** xp.floor(t / decay_steps)
-      lr = xp.maximum(lr, min_lr)
+      lr = base * decay_rate ** jnp.floor(t / decay_steps)
+      lr = jnp.maximum(lr, min_lr)
     elif kind == "cosine":
-      frac = xp.clip(t / float(total_steps), 0.0, 1.0)
-      lr = min_lr + (base - min_lr) * 0.5 * (1.0 + xp.cos(xp.pi * frac))
+      frac = jnp.clip(t / float(total_steps), 0.0, 1.0)
+      lr = min_lr + (base - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
     else:
-      lr = xp.full((), base, xp.float32)
+      lr = jnp.full((), base, jnp.float32)
     if warmup_steps > 0:
-      lr = xp.where(t < warmup_steps, base * t / float(warmup_steps), lr)
-    return lr.astype(xp.float32)
+      lr = jnp.where(t < warmup_steps, base * t / float(warmup_steps), lr)
+    return lr.astype(jnp.float32)
 
-  return schedule
+  if clock is None:
+    return schedule
+
+  def staged(step):
+    t, ratio = clock(step)
+    return (schedule(t) * ratio).astype(jnp.float32)
+
+  return staged
 
 
 class StepLRState(NamedTuple):
@@ -129,9 +172,10 @@ def tf1_rmsprop(
 
 
 def make_optimizer(
-  config, steps_per_epoch: float, total_steps: int
+  config, steps_per_epoch: float, total_steps: int, stages=None
 ) -> optax.GradientTransformationExtraArgs:
-  """The optimizer named by `config.optimizer`, with the config's LR schedule.
+  """The optimizer named by `config.optimizer`, with the config's LR schedule (over `stages`, the
+  run's stage table, when its batches differ: `lr_schedule`).
 
   Gradients arriving here already include the L2 term of the loss (see `l2_penalty`), except for
   'adamw', which decays weights decoupled from the gradient (use `loss_weight_decay(config)` to get
@@ -140,7 +184,7 @@ def make_optimizer(
   name = config.optimizer
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer: unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
-  schedule = lr_schedule(config, steps_per_epoch, total_steps)
+  schedule = lr_schedule(config, steps_per_epoch, total_steps, stages)
   parts = []
   if config.grad_clip_norm and config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))

@@ -81,19 +81,23 @@ def read_text(path: str) -> str:
 
 def write_text(path: str, text: str) -> None:
   """Write a whole file. A GCS object write is atomic: readers see the old or the new object."""
-  if is_remote(path):
-    _epath(path).write_text(text)
-  else:
-    with open(path, "w") as f:
-      f.write(text)
+  _write(path, text, "w")
 
 
 def write_bytes(path: str, data: bytes) -> None:
   """`write_text` for binary contents (a plot)."""
+  _write(path, data, "wb")
+
+
+def _write(path: str, data, mode: str) -> None:
   if is_remote(path):
-    _epath(path).write_bytes(data)
+    target = _epath(path)
+    if mode == "wb":
+      target.write_bytes(data)
+    else:
+      target.write_text(data)
   else:
-    with open(path, "wb") as f:
+    with open(path, mode) as f:
       f.write(data)
 
 

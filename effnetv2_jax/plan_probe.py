@@ -85,19 +85,14 @@ def cold_compiles():
 
 
 def peak_bytes(compiled) -> int | None:
-  """Bytes per device XLA's buffer assignment needs for `compiled`; None where it cannot say."""
+  """memory_fit.peak_bytes (per device, from XLA's buffer assignment); None where the backend
+  reports no memory analysis."""
+  from effnetv2_jax import memory_fit
+
   try:
-    m = compiled.memory_analysis()
+    return memory_fit.peak_bytes(compiled)
   except (NotImplementedError, RuntimeError):
     return None
-  if m is None:
-    return None
-  peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
-  if peak > 0:
-    return peak
-  return int(
-    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-  )
 
 
 def synthetic_batch(
@@ -156,8 +151,9 @@ def measure(
 
   log = log or (lambda _: None)
   mesh = sharding.make_mesh(devices)
-  tx = optim.make_optimizer(config, run.steps_per_epoch, run.total_steps)
-  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps)
+  # As train._open_run builds them: the schedule follows the stage table's images.
+  tx = optim.make_optimizer(config, run.steps_per_epoch, run.total_steps, run.stages)
+  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, run.stages)
   out = {
     "backend": jax.default_backend(),
     "host_cores": len(os.sched_getaffinity(0))
@@ -179,20 +175,12 @@ def measure(
     state_spec = train.spec_of(state)
     rng = jax.device_put(jax.random.PRNGKey(config.seed), sharding.replicated(mesh))
     for stage in run.stages:
-      batch_size = plan_lib.stage_batch(run, stage)
+      batch_size = stage.batch_size
       t0 = time.perf_counter()
-      compiled = train.compile_stage_step(
-        config,
-        run,
-        stage,
-        tx=tx,
-        lr_fn=lr_fn,
-        mesh=mesh,
-        state_spec=state_spec,
-        rng=rng,
-        batch_size=batch_size,
-      )
+      # With grad_accum_steps=0 this compiles the few candidates memory_fit tries, as the run does.
+      stage_step = train.compile_stage_step(config, run, stage, tx, lr_fn, mesh, state_spec, rng)
       compile_s = time.perf_counter() - t0
+      compiled = stage_step.compiled
       batch = synthetic_batch(mesh, batch_size, stage.image_size, run.num_classes, seed=stage.index)
       holder = [state]
 
@@ -203,7 +191,12 @@ def measure(
       step_s = _seconds_per_call(step, steps, warmup)
       state = holder[0]
       out["stages"].append(
-        {"compile_s": compile_s, "peak_bytes": peak_bytes(compiled), "step_s": step_s}
+        {
+          "compile_s": compile_s,
+          "peak_bytes": stage_step.peak_bytes,
+          "grad_accum_steps": stage_step.grad_accum_steps,
+          "step_s": step_s,
+        }
       )
       log(
         f"probe: stage {stage.index + 1}/{len(run.stages)} ({stage.image_size}px, batch "
@@ -255,7 +248,6 @@ def predict(config, run: plan_lib.RunPlan, measured: dict, *, num_eval: int) -> 
   full_batches = _batches(num_eval, config.eval_batch_size)
   curve_batches = _batches(min(subset, num_eval) if subset else num_eval, config.eval_batch_size)
   full_pass_s, curve_pass_s = full_batches * ev["step_s"], curve_batches * ev["step_s"]
-  lrs = plan_lib.stage_learning_rates(config, run)
   n = len(run.stages)
   clock = 0.0  # the run's clock: starts once the state is built
   thread_free, ready, eval_ready = 0.0, {}, 0.0  # the compile thread (compile-ahead only)
@@ -277,7 +269,7 @@ def predict(config, run: plan_lib.RunPlan, measured: dict, *, num_eval: int) -> 
         ready[k + 1] = t + queued
       thread_free = t + queued
       sharing_s = queued * share
-    batch = plan_lib.stage_batch(run, stage)
+    batch = stage.batch_size
     train_s = stage.num_steps * m["step_s"]
     evals = _stage_evals(config, stage, start, clock + train_s, k == n - 1)
     eval_s = evals["curve"] * curve_pass_s + evals["stage_end"] * full_pass_s
@@ -292,7 +284,8 @@ def predict(config, run: plan_lib.RunPlan, measured: dict, *, num_eval: int) -> 
     row.update(
       steps=stage.num_steps,
       batch_size=batch,
-      lr=lrs[k],
+      lr=run.stage_lr(stage),  # the stage's peak LR, as the plan table shows it
+      grad_accum_steps=m.get("grad_accum_steps", 1),
       compile_s=m["compile_s"],
       peak_bytes=m["peak_bytes"],
       step_s=m["step_s"],
@@ -380,7 +373,7 @@ def format_probe(result: dict) -> str:
     ),
     "",
     (
-      "| stage | size | batch | steps | lr at start | peak MiB/device | compile s | s/step | "
+      "| stage | size | batch | steps | peak lr | peak MiB/device | compile s | s/step | "
       "img/s | evals | predicted s |"
     ),
     "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -433,8 +426,9 @@ def run_probe(
 
   check_probe_steps(steps)
   sharding.init_distributed()
-  config_validation.validate_config(config, num_devices=len(devices) if devices else None)
-  run = plan_lib.resolve(config)
+  num_devices = len(devices) if devices else jax.device_count()
+  config_validation.validate_config(config, num_devices=num_devices)
+  run = plan_lib.resolve(config, num_devices=num_devices)  # as train.check_inputs resolves it
   num_eval = datasets.split_num_examples(config.dataset, run.eval_split, config.data_dir)
   paths.makedirs(workdir)  # before minutes of compiling: an unusable workdir fails now
   measured = measure(config, run, steps=steps, warmup=warmup, devices=devices, log=log)

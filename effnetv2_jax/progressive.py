@@ -39,17 +39,41 @@ Beyond equal linear stages (both optional; the defaults give exactly the tables 
   it needs M >= 1 + (hold > 0) + (tail > 0) stages, and `stage_fractions` must stay empty (the
   fractions follow from hold and tail). Neither applies to 'none' (one stage; validation).
 
+Per-stage batch size (`progressive.batch_rule`, `progressive.batch_sizes`; the defaults keep
+every stage at `config.batch_size`, the reference batch B_ref, in every preset):
+
+- 'constant': every stage trains at B_ref (the released code and the paper).
+- 'pixels': B_i = B_ref * (S_last / S_i)^2, so a batch holds about as many pixels as the last
+  stage's: rounded down to a multiple of lcm(device count, `batch_multiple`, `bn_group_size`),
+  at most `max_batch_size` (0: no cap), at least one multiple; the last stage keeps B_ref.
+- 'fit': the largest batch that fits in memory, measured from the compiled step; chosen outside
+  this module and passed in as `stage_batches` (not wired into the trainer yet: validation).
+- `batch_sizes`: one global batch per stage, given explicitly (with batch_rule 'constant').
+
+The run's length is counted in images: N_ref = total_steps(config) reference steps of B_ref
+images, split into stages by the preset / fractions exactly as above (stage i ends at image
+b_i * B_ref, b_i its reference-step boundary). Stage i then trains round((b_i * B_ref - P_i) /
+B_i) steps of B_i images, P_i the images the stages before it actually trained (so a rounding
+error is made up by the next stage and the run's images stay within half a batch of
+N_ref * B_ref), and at least one step when its share of images is not empty. With a constant
+batch every stage is exactly the table above, bit for bit. `Stage.first_example` is the number
+of (global) images trained on before the stage starts: the input pipeline resumes from it, and
+the LR schedule and EMA count images through it (effnetv2_jax/optim.py, state.py).
+
 This is pure configuration: it neither touches JAX devices nor reads the dataset (the train
-split's size is passed in; `effnetv2_jax.plan.resolve` looks it up once per run).
+split's size and the device count are passed in; `effnetv2_jax.plan.resolve` looks the size up
+once per run).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 PRESETS = ("paper", "official", "none")
 SIZE_CURVES = ("linear", "hold_then_ramp")
+BATCH_RULES = ("constant", "pixels", "fit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +86,24 @@ class Stage:
   dropout_rate: float
   first_step: int
   last_step: int  # exclusive
+  batch_size: int  # global images per step of this stage
+  first_example: int  # global images trained on before this stage
 
   @property
   def num_steps(self) -> int:
     return self.last_step - self.first_step
+
+  @property
+  def num_examples(self) -> int:
+    return self.num_steps * self.batch_size
+
+  @property
+  def last_example(self) -> int:
+    return self.first_example + self.num_examples
+
+  def examples_at(self, step: int) -> int:
+    """Global images trained on once `step` steps are done (a step of this stage, or its end)."""
+    return self.first_example + (step - self.first_step) * self.batch_size
 
 
 def total_steps(config, num_train_examples: int | None = None) -> int:
@@ -135,8 +173,80 @@ def stage_fractions(config) -> tuple[float, ...] | None:
   return fractions or None
 
 
-def stages(config, num_train_examples: int | None = None) -> list[Stage]:
-  """The stage table for `config` (see the module docstring for the presets and curves)."""
+def batch_multiple(config, num_devices: int = 1) -> int:
+  """What 'pixels' rounds every stage's batch to: lcm(num_devices, progressive.batch_multiple,
+  bn_group_size), so each batch splits evenly over the devices and into whole BatchNorm groups."""
+  m = math.lcm(max(int(num_devices), 1), max(int(_get(config.progressive, "batch_multiple", 1)), 1))
+  group = int(config.get("bn_group_size", 0) or 0) if hasattr(config, "get") else 0
+  return math.lcm(m, group) if group > 0 else m
+
+
+def stage_batch_sizes(config, image_sizes: Sequence[int], num_devices: int = 1) -> tuple[int, ...]:
+  """The global batch of each stage of sizes `image_sizes` under the config's batch rule (module
+  docstring). ValueError for 'fit' (its batches are measured elsewhere: pass `stage_batches`)."""
+  p = config.progressive
+  b_ref, m = int(config.batch_size), len(image_sizes)
+  explicit = tuple(_get(p, "batch_sizes", ()) or ())
+  if explicit:
+    if len(explicit) != m:
+      raise ValueError(f"progressive.batch_sizes has {len(explicit)} entries for {m} stages")
+    return tuple(int(b) for b in explicit)
+  rule = _get(p, "batch_rule", "constant")
+  if rule == "constant":
+    return (b_ref,) * m
+  if rule == "fit":
+    raise ValueError(
+      "progressive.batch_rule 'fit' takes its batches from the compiled step's memory: pass "
+      "them as stage_batches (effnetv2_jax.plan.resolve)"
+    )
+  if rule != "pixels":
+    raise ValueError(f"progressive.batch_rule must be one of {BATCH_RULES}, got {rule!r}")
+  multiple = batch_multiple(config, num_devices)
+  cap = int(_get(p, "max_batch_size", 0) or 0)
+  last = int(image_sizes[-1])
+  out = []
+  for i, size in enumerate(image_sizes):
+    if i == m - 1:  # the reference stage
+      out.append(b_ref)
+      continue
+    b = b_ref * last * last // (int(size) * int(size))  # integers: exact, no float rounding
+    if cap > 0:
+      b = min(b, cap)
+    out.append(max(multiple, b // multiple * multiple))
+  return tuple(out)
+
+
+def _steps_in_images(ref_bounds: Sequence[int], b_ref: int, batches: Sequence[int]):
+  """[(first_step, last_step, first_example)] per stage: stage i trains the images up to
+  ref_bounds[i + 1] * b_ref in steps of batches[i] (module docstring; exact at a constant batch)."""
+  out, step, seen = [], 0, 0
+  for i, b in enumerate(batches):
+    n = 0
+    if ref_bounds[i + 1] > ref_bounds[i]:  # an empty share stays empty (validation names it)
+      n = max(1, (ref_bounds[i + 1] * b_ref - seen + b // 2) // b)
+    out.append((step, step + n, seen))
+    step, seen = step + n, seen + n * b
+  return out
+
+
+def examples_at(table: Sequence[Stage], step: int) -> int:
+  """Global images trained on once `step` steps are done (the sum over the stages so far)."""
+  return stage_at(table, step).examples_at(step)
+
+
+def stages(
+  config,
+  num_train_examples: int | None = None,
+  *,
+  num_devices: int = 1,
+  stage_batches: Sequence[int] | None = None,
+) -> list[Stage]:
+  """The stage table for `config` (see the module docstring for the presets, curves and batches).
+
+  `num_devices`: the devices a global batch is split over ('pixels' rounds to it; the other
+  rules ignore it). `stage_batches`: each stage's global batch, chosen by the caller (the 'fit'
+  rule); overrides the config's rule.
+  """
   p = config.progressive
   n = total_steps(config, num_train_examples)
   preset = p.preset
@@ -154,7 +264,7 @@ def stages(config, num_train_examples: int | None = None) -> list[Stage]:
   else:
     bounds = _cumulative_bounds(fractions, n)
 
-  out = []
+  rows = []
   for i in range(m):
     if preset == "none":
       size, t_reg, dropout_t = p.max_image_size, 1.0, 1.0
@@ -169,19 +279,27 @@ def stages(config, num_train_examples: int | None = None) -> list[Stage]:
       size = p.min_image_size + (p.max_image_size - p.min_image_size) * ratio
       t_reg = i / (m - 1) if m > 1 else 1.0  # linspace(min, max, m)[i]
       dropout_t = 1.0  # the released code keeps dropout at its final value
-    out.append(
-      Stage(
-        index=i,
-        image_size=_round_size(size, p.size_multiple),
-        randaug_magnitude=_lerp(p.min_randaug, p.max_randaug, t_reg),
-        mixup_alpha=_lerp(p.min_mixup, p.max_mixup, t_reg),
-        cutmix_alpha=_lerp(p.min_cutmix, p.max_cutmix, t_reg),
-        dropout_rate=_lerp(p.min_dropout, p.max_dropout, dropout_t),
-        first_step=bounds[i],
-        last_step=bounds[i + 1],
-      )
+    rows.append(
+      {
+        "index": i,
+        "image_size": _round_size(size, p.size_multiple),
+        "randaug_magnitude": _lerp(p.min_randaug, p.max_randaug, t_reg),
+        "mixup_alpha": _lerp(p.min_mixup, p.max_mixup, t_reg),
+        "cutmix_alpha": _lerp(p.min_cutmix, p.max_cutmix, t_reg),
+        "dropout_rate": _lerp(p.min_dropout, p.max_dropout, dropout_t),
+      }
     )
-  return out
+  if stage_batches is not None:
+    batches = tuple(int(b) for b in stage_batches)
+    if len(batches) != m or min(batches) < 1:
+      raise ValueError(f"stage_batches {batches} must be {m} positive global batch sizes")
+  else:
+    batches = stage_batch_sizes(config, [r["image_size"] for r in rows], num_devices)
+  spans = _steps_in_images(bounds, int(config.batch_size), batches)
+  return [
+    Stage(**row, first_step=a, last_step=b, batch_size=batch, first_example=seen)
+    for row, batch, (a, b, seen) in zip(rows, batches, spans)
+  ]
 
 
 def stage_at(table: Sequence[Stage], step: int) -> Stage:

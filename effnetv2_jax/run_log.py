@@ -71,12 +71,17 @@ def _stage_record(stage: progressive.Stage, prev: dict | None) -> dict:
     "first_step": stage.first_step,
     "last_step": stage.last_step,
     "steps": stage.num_steps,
+    "batch_size": stage.batch_size,  # global; a resume checks it (train._check_stage_table)
+    "first_example": stage.first_example,  # global images trained before the stage
     "wall_s": 0.0,
     "compile_s": 0.0,
     "compile_wait_s": 0.0,
   }
   if prev:  # accumulated by earlier (interrupted) runs of this workdir
     kept = ("wall_s", "compile_s", "compile_wait_s", "eval_top1", "eval_top5", "start_wall_s")
+    # How an earlier run trained the stage (train.StageStep.record): a stage finished before
+    # the restart is not compiled again, so its micro-batching is only known from there.
+    kept += ("grad_accum_steps", "micro_batch", "peak_bytes", "memory_budget_bytes")
     rec.update({k: prev[k] for k in kept if k in prev})
   return rec
 

@@ -90,6 +90,34 @@ def ema_decay_at(step, decay: float) -> jax.Array:
   return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
 
 
+EMA_HORIZONS = ("images", "steps")
+
+
+def ema_decay_fn(decay: float, stages=None, batch_size: int | None = None, horizon="images"):
+  """step -> the EMA decay that step applies, over a stage table whose batches may differ.
+
+  'images' (config.ema_horizon's default): the average spans a fixed number of images whatever
+  the stage's batch B: the per-step decay is `min(decay, (1 + n) / (10 + n)) ** (B / B_ref)`,
+  B_ref = `batch_size` (config.batch_size, the batch `decay` is meant for) and n the images seen
+  after the step / B_ref (the official warmup on that clock: n = step + 1 at a constant batch).
+  'steps': `ema_decay_at(step, decay)` at every batch (the official per-step decay). With one
+  batch for every stage both are exactly `ema_decay_at`.
+  """
+  if horizon not in EMA_HORIZONS:
+    raise ValueError(f"ema_horizon must be one of {EMA_HORIZONS}, got {horizon!r}")
+  clock = None if horizon == "steps" else optim.stage_clock(stages, batch_size)
+  if clock is None:
+    return lambda step: ema_decay_at(step, decay)
+
+  def per_step(step):
+    t, ratio = clock(step)
+    n = t + ratio  # images seen once this step's update is done, in B_ref steps
+    warm = jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+    return jnp.power(warm, ratio).astype(jnp.float32)
+
+  return per_step
+
+
 def eval_variables(state: TrainState, use_ema: bool = True) -> dict:
   """The variables to evaluate: the EMA ones when present (the official recipe), else the raw."""
   if use_ema and state.ema_params is not None:

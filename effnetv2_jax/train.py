@@ -18,7 +18,11 @@ ahead of time, so a shape change can never silently recompile inside the loop. T
 optimizer slots, EMA, BN statistics, step) and the global LR schedule carry over.
 
 Determinism: one seed. The step key is fold_in(PRNGKey(seed) split, step) inside the step, and the
-data for step t depends only on (seed, t, process), so a restarted run continues bit for bit.
+data for step t depends only on (seed, the positions of its examples, process), so a restarted run
+continues bit for bit. A stage may have its own global batch (`Stage.batch_size`,
+progressive.batch_rule): its input starts at the images the stages before it trained on
+(`Stage.first_example`), its step is compiled for its batch, and the LR and EMA follow the images
+seen (effnetv2_jax/optim.py, state.py); a resume checks the checkpoint's stage table.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from effnetv2_jax import checkpoint as ckpt_lib
 from effnetv2_jax import compile_ahead as compile_ahead_lib
 from effnetv2_jax import config_validation
 from effnetv2_jax import curves
+from effnetv2_jax import memory_fit
 from effnetv2_jax import optim
 from effnetv2_jax import paths
 from effnetv2_jax import plan as plan_lib
@@ -99,12 +104,23 @@ def build_model(config, num_classes: int, dropout_rate: float):
   )
 
 
-def make_stage_step(config, run: plan_lib.RunPlan, stage: progressive.Stage, tx, lr_fn) -> Callable:
+def make_stage_step(
+  config,
+  run: plan_lib.RunPlan,
+  stage: progressive.Stage,
+  tx,
+  lr_fn,
+  *,
+  grad_accum_steps: int | None = None,
+) -> Callable:
   """The (unjitted) train step of `stage`: its model (dropout) and mixing, the run's loss and EMA.
 
   The trainer jits it with `sharding.jit_train_step`; benchmarks build their step here too, so
-  what they time is what trains.
+  what they time is what trains. `grad_accum_steps`: micro-batches per step (default
+  config.grad_accum_steps; its 0, 'chosen per stage', builds the plain step: the trainer passes
+  the k it chose, see `compile_stage_step`).
   """
+  k = config.grad_accum_steps if grad_accum_steps is None else grad_accum_steps
   return steps_lib.make_train_step(
     build_model(config, run.num_classes, stage.dropout_rate),
     tx,
@@ -112,12 +128,87 @@ def make_stage_step(config, run: plan_lib.RunPlan, stage: progressive.Stage, tx,
     label_smoothing=config.label_smoothing,
     weight_decay=optim.loss_weight_decay(config),
     ema_decay=config.ema_decay,
+    ema_decay_fn=state_lib.ema_decay_fn(
+      config.ema_decay, run.stages, run.batch_size, config.get("ema_horizon", "images")
+    ),
     mixup_alpha=stage.mixup_alpha,
     cutmix_alpha=stage.cutmix_alpha,
     lr_fn=lr_fn,
     freeze_bn_stats=config.freeze_bn_stats,
     cutmix_label=config.cutmix_label,
+    grad_accum_steps=max(1, int(k)),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStep:
+  """A stage's compiled train step and how it trains its batch."""
+
+  compiled: Any
+  grad_accum_steps: int  # micro-batches per step (1: none)
+  peak_bytes: int | None  # per device, from XLA's buffer assignment (None: backend reports none)
+  budget_bytes: int | None = None  # the memory budget k was chosen for (config.grad_accum_steps=0)
+
+  def record(self, batch_size: int) -> dict:
+    """What the stage log keeps of it (results.json's per-stage records)."""
+    rec = {
+      "grad_accum_steps": self.grad_accum_steps,
+      "micro_batch": batch_size // self.grad_accum_steps,
+      "peak_bytes": self.peak_bytes,
+    }
+    if self.budget_bytes is not None:
+      rec["memory_budget_bytes"] = self.budget_bytes
+    return rec
+
+
+def _peak_or_none(compiled) -> int | None:
+  try:
+    return memory_fit.peak_bytes(compiled)
+  except Exception:  # pylint: disable=broad-except  (a backend without the analysis)
+    return None
+
+
+def compile_stage_step(
+  config, run, stage, tx, lr_fn, mesh, state_spec, rng, batch_size: int | None = None
+) -> StageStep:
+  """Lower and compile `stage`'s train step for abstract inputs: the global batch of
+  `batch_size` (default the stage's) at the stage's image size.
+
+  config.grad_accum_steps = k >= 1 compiles that step. 0 chooses k for this stage: the fewest
+  micro-batches whose step fits the per-device budget (memory_fit.budget_bytes), from the peaks
+  of a few compiles of this very step (memory_fit.fit_stage; the chosen compile is the one
+  returned), or memory_fit.DoesNotFitError naming the stage when one image per device is too much.
+  """
+  batch_size = batch_size or stage.batch_size
+  batch = batch_spec(mesh, batch_size, stage.image_size)
+
+  def compile_at(k: int):
+    train_step = make_stage_step(config, run, stage, tx, lr_fn, grad_accum_steps=k)
+    jitted = sharding.jit_train_step(train_step, mesh, state_spec)
+    return jitted.lower(state_spec, batch, rng).compile()
+
+  k = int(config.grad_accum_steps)
+  if k >= 1:
+    compiled = compile_at(k)
+    return StageStep(compiled, k, _peak_or_none(compiled))
+  fit = memory_fit.fit_stage(
+    compile_at,
+    memory_fit.budget_bytes(config, mesh.local_devices[0]),
+    batch_size=batch_size,
+    num_devices=mesh.size,
+    stage_index=stage.index,
+    image_size=stage.image_size,
+    group_size=int(config.bn_group_size),
+  )
+  logging.info(
+    "stage %d: %d micro-batches of %d (peaks measured %s, budget %d bytes)",
+    stage.index,
+    fit.grad_accum_steps,
+    fit.micro_batch,
+    fit.measured,
+    fit.budget_bytes,
+  )
+  return StageStep(fit.compiled, fit.grad_accum_steps, fit.peak_bytes, fit.budget_bytes)
 
 
 def _rngs(config):
@@ -153,8 +244,7 @@ def init_state(config, model, tx, image_size: int, mesh):
 
 
 def spec_of(tree):
-  """The abstract arrays (shape, dtype, sharding) of a tree of placed arrays: what a step is
-  compiled for."""
+  """The abstract arrays (shape, dtype, sharding) of placed arrays: what a step compiles for."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -186,14 +276,15 @@ def _print(msg: str):
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def check_inputs(config) -> plan_lib.RunPlan:
+def check_inputs(config, num_devices: int | None = None) -> plan_lib.RunPlan:
   """Everything that can be rejected before the workdir is touched or anything compiles; returns
-  the resolved run."""
-  config_validation.validate_config(config)
+  the resolved run. `num_devices`: the mesh's (default: every device of every process)."""
+  num_devices = jax.device_count() if num_devices is None else int(num_devices)
+  config_validation.validate_config(config, num_devices=num_devices)
   from effnetv2_jax.data import datasets
 
   datasets.check_prepared(config.dataset, config.data_dir)
-  return plan_lib.resolve(config)
+  return plan_lib.resolve(config, num_devices=num_devices)
 
 
 def train_and_evaluate(
@@ -213,7 +304,7 @@ def train_and_evaluate(
   devices of all processes).
   """
   sharding.init_distributed()
-  run = check_inputs(config)
+  run = check_inputs(config, None if devices is None else len(devices))
   paths.makedirs(workdir)
   # Closed in reverse order whatever happens (divergence, an exception, Ctrl-C): in-flight
   # checkpoint writes finish (a finished one is progress kept), then the writer, the signal
@@ -250,8 +341,8 @@ def _open_run(config, run, workdir, stack, devices, preemption, stop_at_step) ->
     run=run,
     workdir=workdir,
     mesh=mesh,
-    tx=optim.make_optimizer(config, run.steps_per_epoch, run.total_steps),
-    lr_fn=optim.lr_schedule(config, run.steps_per_epoch, run.total_steps),
+    tx=optim.make_optimizer(config, run.steps_per_epoch, run.total_steps, run.stages),
+    lr_fn=optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, run.stages),
     rng=jax.device_put(train_rng, sharding.replicated(mesh)),
     writer=writer,
     ckpt=ckpt,
@@ -285,11 +376,40 @@ def _restore_or_init(ctx: RunContext):
       cfg_hash,
     )
   step = int(jax.device_get(state.step))
+  _check_stage_table(ctx, meta, step)
   _print(
     f"resumed from {ctx.ckpt.directory}/{latest} at step {step} "
     f"(stage {run.stage_at(step).index + 1}/{len(run.stages)})"
   )
   return state, step, StageLog(run.stages, header, config, meta, step)
+
+
+def _check_stage_table(ctx: RunContext, meta: dict, step: int) -> None:
+  """CheckpointMismatchError unless the checkpoint's stage batches are this run's and the images
+  trained before `step` are the same: the data position, LR and EMA of every step depend on them
+  (and a 'pixels' table on the device count). Checkpoints without batches in their stage records
+  (written before stages had their own batch) are not checked; other changes of the table (a
+  longer run) only change the config hash, which warns."""
+  recorded = [v for _, v in sorted((int(k), v) for k, v in (meta.get("stages") or {}).items())]
+  if not recorded or not all("batch_size" in r and "first_example" in r for r in recorded):
+    return
+  why = ""
+  for r, s in zip(recorded, ctx.run.stages):
+    if r["batch_size"] != s.batch_size:
+      why = f"stage {s.index} trained at batch {r['batch_size']}, this run resolves {s.batch_size}"
+      break
+  if not why:
+    last = recorded[-1]
+    here = next((r for r in recorded if r["first_step"] <= step < r["last_step"]), last)
+    was = here["first_example"] + (step - here["first_step"]) * here["batch_size"]
+    if was != ctx.run.examples_at(step):
+      why = f"{was} images before step {step}, this run {ctx.run.examples_at(step)}"
+  if why:
+    raise ckpt_lib.CheckpointMismatchError(
+      f"{ctx.ckpt.directory}: the checkpoint at step {step} was written with another stage "
+      f"table ({why}): the batch rule, batch sizes or device count changed; resume with the "
+      "same config and devices, or train in a new workdir"
+    )
 
 
 def _save(ctx: RunContext, guard: DivergenceGuard, log: StageLog, step: int, state, stage_index):
@@ -304,28 +424,10 @@ def _stage_key(ctx: RunContext, stage) -> str:
   return f"stage {stage.index + 1}/{len(ctx.run.stages)} ({stage.image_size}px)"
 
 
-def compile_stage_step(config, run, stage, *, tx, lr_fn, mesh, state_spec, rng, batch_size: int):
-  """Lower and compile `stage`'s train step for abstract inputs: a global batch of `batch_size`
-  images at the stage's size. What the loop runs; plan mode's probe (effnetv2_jax/plan_probe.py)
-  times the same program."""
-  train_step = make_stage_step(config, run, stage, tx, lr_fn)
-  jitted = sharding.jit_train_step(train_step, mesh, state_spec)
-  batch = batch_spec(mesh, batch_size, stage.image_size)
-  return jitted.lower(state_spec, batch, rng).compile()
-
-
-def _compile_train_step(ctx: RunContext, stage, state_spec):
-  """Lower and compile `stage`'s train step for abstract inputs (runs on the compile thread)."""
+def _compile_train_step(ctx: RunContext, stage, state_spec) -> StageStep:
+  """`stage`'s compiled step (runs on the compile thread): `compile_stage_step`."""
   return compile_stage_step(
-    ctx.config,
-    ctx.run,
-    stage,
-    tx=ctx.tx,
-    lr_fn=ctx.lr_fn,
-    mesh=ctx.mesh,
-    state_spec=state_spec,
-    rng=ctx.rng,
-    batch_size=ctx.run.batch_size,
+    ctx.config, ctx.run, stage, ctx.tx, ctx.lr_fn, ctx.mesh, state_spec, ctx.rng
   )
 
 
@@ -335,7 +437,7 @@ def _next_batch(ctx: RunContext, data) -> dict:
 
 
 def _start_stage(ctx: RunContext, stage, state, step: int):
-  """-> (compiled step, data iterator, first batch, compile s, compile wait s) for `stage` from
+  """-> (StageStep, data iterator, first batch, compile s, compile wait s) for `stage` from
   `step` on; then queues what the run needs next (the eval step, the next stage's step)."""
   from effnetv2_jax.data import augment, input_pipeline
 
@@ -347,12 +449,14 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
       dataset=config.dataset,
       data_dir=config.data_dir,
       split=ctx.run.train_split,
-      global_batch_size=ctx.run.batch_size,
+      global_batch_size=stage.batch_size,
       image_size=stage.image_size,
       family=ctx.run.family,
       augment=augment.for_stage(config, stage),
       seed=config.seed,
-      start_step=max(step, stage.first_step),
+      # This process' share of the images trained before `step`: every stage's global batch
+      # splits evenly over the processes, so positions run on across a batch change.
+      start_example=stage.examples_at(max(step, stage.first_step)) // jax.process_count(),
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       shuffle_buffer=config.shuffle_buffer,
@@ -365,7 +469,7 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
   except BaseException:
     data.close()
     raise
-  expected = batch_spec(ctx.mesh, ctx.run.batch_size, stage.image_size)
+  expected = batch_spec(ctx.mesh, stage.batch_size, stage.image_size)
   got = {k: (v.shape, v.dtype) for k, v in batch.items()}
   if got != {k: (v.shape, v.dtype) for k, v in expected.items()}:
     raise RuntimeError(
@@ -373,7 +477,11 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
     )
   state_spec = spec_of(state)
   compile_fn = functools.partial(_compile_train_step, ctx, stage, state_spec)
-  compiled, compile_s, wait_s = ctx.compiler.get(_stage_key(ctx, stage), compile_fn)
+  try:  # a step that fails to compile (or to fit in memory) ends the stage's input thread too
+    compiled, compile_s, wait_s = ctx.compiler.get(_stage_key(ctx, stage), compile_fn)
+  except BaseException:
+    data.close()
+    raise
   ctx.evaluator.compile_ahead(ctx.compiler, state_spec)  # once: later calls find it queued
   if stage.index + 1 < len(ctx.run.stages):
     nxt = ctx.run.stages[stage.index + 1]
@@ -391,10 +499,12 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
   stage_t0 = time.perf_counter()
   log.records[stage.index].setdefault("start_wall_s", log.total_wall_s())  # for curves.png
   try:
-    compiled, data, batch, compile_s, wait_s = _start_stage(ctx, stage, state, step)
+    stage_step, data, batch, compile_s, wait_s = _start_stage(ctx, stage, state, step)
   except input_pipeline.Interrupted:  # SIGTERM while the first batch was being read
     return _stop(ctx, stage, state, step, guard, log, stage_t0, "preempted")
-  _announce_stage(ctx, stage, step, log, eta, compile_s, wait_s)
+  compiled = stage_step.compiled
+  log.records[stage.index].update(stage_step.record(stage.batch_size))
+  _announce_stage(ctx, stage, step, log, eta, compile_s, wait_s, stage_step.grad_accum_steps)
   meter = reporting.IntervalMeter()
   with data:  # the stage's input thread ends with the stage
     while True:
@@ -425,16 +535,18 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
   return state, step, None
 
 
-def _announce_stage(ctx: RunContext, stage, step: int, log: StageLog, eta, compile_s, wait_s):
+def _announce_stage(ctx: RunContext, stage, step: int, log: StageLog, eta, compile_s, wait_s, k=1):
   num_stages = len(ctx.run.stages)
   log.add_time(stage.index, compile_s=compile_s, compile_wait_s=wait_s)
   eta.add_compile(wait_s)
   ahead = f" (waited {wait_s:.1f}s)" if wait_s < 0.95 * compile_s else ""
+  accum = f" ({k} micro-batches of {stage.batch_size // k})" if k > 1 else ""
   _print(
     f"stage {stage.index + 1}/{num_stages}: {stage.image_size}px, randaug "
     f"{stage.randaug_magnitude:g}, mixup {stage.mixup_alpha:g}, cutmix "
     f"{stage.cutmix_alpha:g}, dropout {stage.dropout_rate:g}, steps {step}-"
-    f"{stage.last_step}; train step compiled in {compile_s:.1f}s{ahead}"
+    f"{stage.last_step} at batch {stage.batch_size}{accum}; train step compiled in "
+    f"{compile_s:.1f}s{ahead}"
   )
   ctx.writer.write_scalars(step, {"compile_s": compile_s, "compile_wait_s": wait_s})
 
@@ -467,7 +579,7 @@ def _curve_point(ctx: RunContext, stage, step: int, state, log: StageLog) -> Non
     state_lib.eval_variables(state),
     wall_clock=log.total_wall_s,
     step=step,
-    images_seen=step * ctx.run.batch_size,
+    images_seen=ctx.run.examples_at(step),
     stage=stage.index,
     image_size=ctx.config.eval_image_size,
     max_examples=ctx.config.eval_subset or None,
@@ -482,22 +594,22 @@ def _log_progress(ctx: RunContext, stage, step: int, meter, eta, log: StageLog) 
   means, dt, n = meter.flush()
   if "loss" in means:
     log.train_curve.add(step, log.total_wall_s(), means["loss"])
-  eta.add_train(dt, n, stage.image_size)
+  eta.add_train(dt, n * stage.batch_size, stage.image_size)  # work: images x pixels
   means["lr"] = means.pop("learning_rate", float("nan"))
   scalars = {f"train/{k}": v for k, v in means.items()}
   scalars["train/steps_per_sec"] = n / max(dt, 1e-9)
   skipped = input_pipeline.skipped_records()  # unreadable input records, per split
   scalars.update({f"data/skipped_{split}": float(k) for split, k in skipped.items()})
   ctx.writer.write_scalars(step, scalars)
-  remaining = [(stage.last_step - step, stage.image_size)]
-  remaining += [(s.num_steps, s.image_size) for s in run.stages[stage.index + 1 :]]
+  remaining = [(stage.last_example - stage.examples_at(step), stage.image_size)]
+  remaining += [(s.num_examples, s.image_size) for s in run.stages[stage.index + 1 :]]
   line = reporting.progress_line(
     stage_index=stage.index,
     num_stages=num_stages,
     step=step,
     total_steps=run.total_steps,
     metrics=means,
-    images_per_sec=n * run.batch_size / max(dt, 1e-9),
+    images_per_sec=n * stage.batch_size / max(dt, 1e-9),
     eta_s=eta.eta(remaining, num_stages - 1 - stage.index),
   )
   if any(skipped.values()):
@@ -539,7 +651,7 @@ def _report(ctx: RunContext, state, step: int, log: StageLog) -> dict:
     log.curve.add(
       step,
       final_wall_s,
-      step * ctx.run.batch_size,
+      ctx.run.examples_at(step),
       final["top1"],
       final["top5"],
       time.perf_counter() - t0,

@@ -55,7 +55,7 @@ def bench_tf(root, image_size, magnitude, seconds, batch, cores):
     family="v2",
     augment=Augment(magnitude=magnitude),
     seed=0,
-    private_threadpool_size=cores,
+    tuning=input_pipeline.Tuning(private_threadpool_size=cores),
   )
   next(it)  # tracing + shuffle buffer fill
   n, start = 0, time.perf_counter()

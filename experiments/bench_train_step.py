@@ -305,9 +305,7 @@ def bench(args):
 
 def _report(args, text):
   print()
-  print(text)
-  if not args.no_record:
-    common.append_result(RESULTS, TITLE, MODULE, text)
+  common.publish(text, RESULTS, TITLE, MODULE, record=not args.no_record)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -109,6 +109,14 @@ def append_result(name: str, title: str, module: str, text: str) -> str:
   return path
 
 
+def publish(text: str, name: str, title: str, module: str, *, record: bool = True) -> None:
+  """Print a measured block and, unless `record` is off (`--no-record`), append it to
+  experiments/results/`name` (`append_result`)."""
+  print(text)
+  if record:
+    append_result(name, title, module, text)
+
+
 def markdown_table(header, rows) -> str:
   """A markdown table of any cells (str() of each), as the sweep runner writes its table."""
   from effnetv2_jax import sweep
@@ -211,8 +219,8 @@ def compile_stage(config, run, stage, *, log: Callable[[str], None] | None = Non
   from effnetv2_jax import optim, sharding, train
 
   log = log or (lambda _: None)
-  tx = optim.make_optimizer(config, run.steps_per_epoch, run.total_steps)
-  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps)
+  tx = optim.make_optimizer(config, run.steps_per_epoch, run.total_steps, run.stages)
+  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, run.stages)
   step = train.make_stage_step(config, run, stage, tx, lr_fn)
   mesh = sharding.make_mesh()
   model = train.build_model(config, run.num_classes, stage.dropout_rate)
@@ -220,8 +228,8 @@ def compile_stage(config, run, stage, *, log: Callable[[str], None] | None = Non
   r = np.random.default_rng(0)
   size = stage.image_size
   host = {
-    "image": r.normal(size=(run.batch_size, size, size, 3)).astype(np.float32),
-    "label": r.integers(0, run.num_classes, size=run.batch_size).astype(np.int32),
+    "image": r.normal(size=(stage.batch_size, size, size, 3)).astype(np.float32),
+    "label": r.integers(0, run.num_classes, size=stage.batch_size).astype(np.int32),
   }
   data = sharding.shard_batch(host, mesh)
   rng = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(mesh))

@@ -335,15 +335,13 @@ def main():
       timm_res = profile_timm(args)
     except ImportError as e:
       print(f"timm not profiled: {e}", file=sys.stderr)
-  text = render(args, jax_res, timm_res)
-  print(text)
-  if not args.no_record:
-    common.append_result(
-      "profile_train_step.md",
-      "Where the train step spends its time: effnetv2_jax vs timm on this CPU",
-      MODULE,
-      text,
-    )
+  common.publish(
+    render(args, jax_res, timm_res),
+    "profile_train_step.md",
+    "Where the train step spends its time: effnetv2_jax vs timm on this CPU",
+    MODULE,
+    record=not args.no_record,
+  )
 
 
 if __name__ == "__main__":

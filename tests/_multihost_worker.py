@@ -51,7 +51,8 @@ _real = input_pipeline.train_iterator
 
 def _same_global_batches(**kw):
   index, count = kw["process_index"], kw["process_count"]
-  kw.update(process_index=0, process_count=1)
+  # The global stream: this process' position times the processes (every process is as far).
+  kw.update(process_index=0, process_count=1, start_example=kw["start_example"] * count)
   for batch in _real(**kw):
     rows = len(batch["label"]) // count
     yield {k: v[index * rows : (index + 1) * rows] for k, v in batch.items()}

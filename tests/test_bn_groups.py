@@ -216,8 +216,8 @@ def test_validation_names_the_field():
 def test_validation_checks_every_stage_batch(monkeypatch):
   real = progressive.stages
 
-  def with_batches(config, num_train_examples=None):
-    table = real(config, num_train_examples)
+  def with_batches(config, num_train_examples=None, **kw):
+    table = real(config, num_train_examples, **kw)
 
     class StageWithBatch:
       def __init__(self, stage, batch_size):

@@ -15,7 +15,7 @@ K = 10
 GLOBAL_BATCH = 16
 
 
-def train_tiny(devices, num_steps=3, bn_group_size=0):
+def train_tiny(devices, num_steps=3, bn_group_size=0, grad_accum_steps=1):
   """Train a few steps on a mesh over `devices`; return (metrics per step, final state, jitted)."""
   c = default.get_config()
   c.batch_size, c.warmup_epochs = GLOBAL_BATCH, 1.0  # warmup: a changing LR inside the run
@@ -34,6 +34,7 @@ def train_tiny(devices, num_steps=3, bn_group_size=0):
       weight_decay=1e-5,
       ema_decay=0.9999,
       lr_fn=optim.lr_schedule(c, 2.0),
+      grad_accum_steps=grad_accum_steps,
     ),
     mesh,
     state,

@@ -109,6 +109,33 @@ def test_results_json_is_complete(reference):
   assert not os.path.exists(os.path.join(wd, ".lock"))  # released at the end
 
 
+def test_results_record_each_stages_micro_batches_and_peak_memory(env, reference):
+  """results.json says per stage how its batch was trained (config.grad_accum_steps) and the
+  step's per-device peak from XLA's buffer assignment; a fixed k reaches every stage's step."""
+  _, ref, _ = reference
+  for s in ref["stages"]:
+    assert (s["grad_accum_steps"], s["micro_batch"]) == (1, 8) and s["peak_bytes"] > 0
+  cfg = _config(env)
+  cfg.grad_accum_steps = 2
+  accum = train.train_and_evaluate(cfg, str(env["base"] / "accum"), devices=ONE)
+  assert accum["status"] == "completed"
+  for s, r in zip(accum["stages"], ref["stages"]):
+    assert (s["grad_accum_steps"], s["micro_batch"]) == (2, 4)
+    assert 0 < s["peak_bytes"] < r["peak_bytes"]  # activations of 4 images at a time, not 8
+  assert accum["params_checksum"] != ref["params_checksum"]  # BN over 4 images: another run
+
+
+def test_a_stage_that_cannot_fit_is_one_line_and_exit_2(env, capsys):
+  cfg = _config(env)
+  cfg.grad_accum_steps, cfg.device_memory_bytes = 0, 1024  # 1 KiB per device: nothing fits
+  with pytest.raises(SystemExit) as e:
+    main_lib.run(cfg, str(env["base"] / "too_small"), "train")
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: stage 0 (16px) does not fit"), err
+  assert "1 per device" in err[0] and "(1024 bytes)" in err[0]
+
+
 def test_checksum_is_of_the_final_checkpointed_params(reference):
   wd, results, _ = reference
   ck = ckpt_lib.Checkpointer(wd, read_only=True)
@@ -164,10 +191,10 @@ def test_a_background_compile_error_surfaces_at_the_switch_naming_the_stage(env,
 
   real = train.make_stage_step
 
-  def broken(config, run, stage, tx, lr_fn):
+  def broken(config, run, stage, tx, lr_fn, **kw):
     if stage.index == 1:
       raise ValueError("no such op")
-    return real(config, run, stage, tx, lr_fn)
+    return real(config, run, stage, tx, lr_fn, **kw)
 
   monkeypatch.setattr(train, "make_stage_step", broken)
   wd = str(env["base"] / "broken_compile")
@@ -277,7 +304,7 @@ def test_divergence_stops_without_checkpointing_a_bad_state(env, monkeypatch, ca
   real = input_pipeline.train_iterator
 
   def poisoned(**kw):
-    step = kw["start_step"]
+    step = kw["start_example"] // kw["global_batch_size"]  # one process: positions are global
     for batch in real(**kw):
       if step >= 5:
         batch = dict(batch, image=np.full_like(batch["image"], np.nan))

@@ -144,25 +144,13 @@ _IMAGENET21K_HINT = (
 _REGISTRY: dict[str, DatasetInfo] = {}
 
 
-def _register(
-  name,
-  tfds_name,
-  num_classes,
-  train_split,
-  eval_split,
-  num_train,
-  num_eval,
-  hint=None,
-  split_sizes=(),
-):
+def _register(name, tfds_name, *counts_and_splits, hint=None, split_sizes=()):
+  """Add a TFDS dataset: (name, tfds_name, num_classes, train_split, eval_split, num_train,
+  num_eval) in DatasetInfo's field order, then how to prepare it and further known split sizes."""
   _REGISTRY[name] = DatasetInfo(
-    name=name,
-    tfds_name=tfds_name,
-    num_classes=num_classes,
-    train_split=train_split,
-    eval_split=eval_split,
-    num_train=num_train,
-    num_eval=num_eval,
+    name,
+    tfds_name,
+    *counts_and_splits,
     prepare_hint=hint or _tfds_hint(tfds_name),
     split_sizes=tuple(split_sizes),
   )
@@ -176,8 +164,8 @@ _register(
   IMAGENET_VALIDATION,
   IMAGENET_TRAIN_SIZE,
   IMAGENET_VALIDATION_SIZE,
-  _IMAGENET_HINT,
-  _IMAGENET_SPLIT_SIZES,
+  hint=_IMAGENET_HINT,
+  split_sizes=_IMAGENET_SPLIT_SIZES,
 )
 # Trains on every training image outside minival (1,256,146: two more than the official split, see
 # above) and evaluates on minival.
@@ -189,8 +177,8 @@ _register(
   IMAGENET_MINIVAL,
   IMAGENET_TRAIN_SIZE - IMAGENET_MINIVAL_SIZE,
   IMAGENET_MINIVAL_SIZE,
-  _IMAGENET_HINT,
-  _IMAGENET_SPLIT_SIZES,
+  hint=_IMAGENET_HINT,
+  split_sizes=_IMAGENET_SPLIT_SIZES,
 )
 _register(
   "imagenet2012_subset/1pct",
@@ -200,7 +188,7 @@ _register(
   "validation",
   12_811,
   50_000,
-  _IMAGENET_HINT.replace("imagenet2012 ", "imagenet2012_subset/1pct "),
+  hint=_IMAGENET_HINT.replace("imagenet2012 ", "imagenet2012_subset/1pct "),
 )
 _register(
   "imagenet2012_subset/10pct",
@@ -210,7 +198,7 @@ _register(
   "validation",
   128_116,
   50_000,
-  _IMAGENET_HINT.replace("imagenet2012 ", "imagenet2012_subset/10pct "),
+  hint=_IMAGENET_HINT.replace("imagenet2012 ", "imagenet2012_subset/10pct "),
 )
 _register("cifar10", "cifar10", 10, "train", "test", 50_000, 10_000)
 _register("cifar100", "cifar100", 100, "train", "test", 50_000, 10_000)
@@ -234,9 +222,9 @@ _register(
   "validation",
   IMAGENET21K_TRAIN_SIZE,
   IMAGENET21K_EVAL_SIZE,
-  _IMAGENET21K_HINT,
+  hint=_IMAGENET21K_HINT,
 )
-_register("fashion_mnist", "fashion_mnist", 10, "train", "test", 60_000, 10_000, _FASHION_HINT)
+_register("fashion_mnist", "fashion_mnist", 10, "train", "test", 60_000, 10_000, hint=_FASHION_HINT)
 
 
 def known_names() -> list[str]:

@@ -1,15 +1,19 @@
 """tf.data input pipeline: per-process shards, stage-dependent preprocessing, exact resume and eval.
 
-Train order and augmentation are pure functions of (seed, global step, process):
+Train order and augmentation are pure functions of (seed, example position, process), not of the
+batch size:
   * each process reads its own contiguous slice of the split (`tfds.even_splits`, or the same
     arithmetic on a folder's sorted file list), chosen by the process_index/process_count arguments;
   * epoch e of that slice is the raw record stream shuffled with a seed derived from (seed, e, process);
-  * local example position p (0, 1, 2, ... across epochs) lands in local batch p // B_local, i.e. global
-    step t = p // B_local, and every random op for that example is seeded from (seed, global example
-    position) with stateless TF ops.
-So `start_step=k` computes p0 = k * B_local, skips whole epochs arithmetically and `p0 % n` raw records
-(still encoded: skipping costs no decoding), and yields exactly the batches an uninterrupted iterator
-yields from step k on.
+  * local example position p (0, 1, 2, ... across epochs) is the p-th example this process trains
+    on, and every random op for that example is seeded from (seed, p * process_count +
+    process_index) with stateless TF ops (on one process: from (seed, p)). Batches are consecutive
+    runs of positions, whatever their size.
+So `start_example=p0` (the examples of this process' stream already trained on) skips whole
+epochs arithmetically and `p0 % n` raw records (still encoded: skipping costs no decoding), and
+yields exactly the examples an uninterrupted iterator yields from position p0 on, in batches of
+this iterator's size: a progressive stage with its own batch starts where the stage before it
+stopped. `start_step=k` is `start_example=k * B_local` (one batch size throughout).
 
 Damaged data (a record of a TFDS split that fails to read: a TFRecord checksum error, a truncated or
 missing shard; see records.py): the record keeps its slot in the raw stream, so every other record
@@ -36,6 +40,7 @@ preemption request) while the input pipeline is slow or stalled.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import queue
 import threading
 import time
@@ -272,15 +277,27 @@ def _decoded(decode, ex):
     return decode(ex)
 
 
-def _options(private_threadpool_size):
-  options = tf.data.Options()
-  options.deterministic = True
-  # One op per element at a time: parallelism comes from the map's parallel calls, and a small
-  # private pool keeps TF from competing with XLA for every core of a small host.
-  options.threading.max_intra_op_parallelism = 1
-  if private_threadpool_size:
-    options.threading.private_threadpool_size = private_threadpool_size
-  return options
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """tf.data knobs that change speed, never results: parallel decode calls, the private thread
+  pool's size (None: TF's default), batches prefetched."""
+
+  num_parallel_calls: int = tf.data.AUTOTUNE
+  private_threadpool_size: int | None = None
+  prefetch_batches: int = 2
+
+  def options(self) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    # One op per element at a time: parallelism comes from the map's parallel calls, and a small
+    # private pool keeps TF from competing with XLA for every core of a small host.
+    options.threading.max_intra_op_parallelism = 1
+    if self.private_threadpool_size:
+      options.threading.private_threadpool_size = self.private_threadpool_size
+    return options
+
+
+DEFAULT_TUNING = Tuning()
 
 
 def _check(global_batch_size, process_index, process_count, family):
@@ -311,22 +328,23 @@ def train_iterator(
   augment: Augment = NO_AUGMENT,
   seed: int,
   start_step: int = 0,
+  start_example: int | None = None,
   process_index: int = 0,
   process_count: int = 1,
   shuffle_buffer: int = 16384,
   cache: bool = False,
-  num_parallel_calls: int = tf.data.AUTOTUNE,
-  private_threadpool_size: int | None = None,
-  prefetch_batches: int = 2,
   max_skipped_fraction: float | None = None,
+  tuning: Tuning = DEFAULT_TUNING,
 ) -> BatchIterator:
   """Infinite iterator of this process' share of each global batch: {'image' float32 [B,H,W,3]
   normalised, 'label' int32 [B]}, B = global_batch_size // process_count. See the module docstring
   for the determinism/resume contract and damaged records. `.skipped` counts skipped records.
 
   `augment`: the stage's augmentation (`augment.for_stage(config, stage)`; default none).
+  `start_example`: the local position to start from (this process' examples already trained on);
+  None: `start_step * B`. Give one of the two.
   `max_skipped_fraction`: raise CorruptDataError above this share of skipped records (None: never).
-  num_parallel_calls, private_threadpool_size, prefetch_batches: tf.data tuning only, never results.
+  `tuning`: tf.data speed knobs only (`Tuning`), never results.
   """
   if not isinstance(augment, Augment):
     raise TypeError(f"augment must be an augment.Augment, got {type(augment).__name__}")
@@ -341,7 +359,11 @@ def train_iterator(
     raise ValueError(
       f"{dataset}:{split} has no examples for process {process_index}/{process_count}"
     )
-  first_pos = start_step * b_local
+  if start_example is not None and start_step:
+    raise ValueError("give start_step or start_example, not both")
+  first_pos = int(start_step) * b_local if start_example is None else int(start_example)
+  if first_pos < 0:
+    raise ValueError(f"start_example must be >= 0, got {first_pos}")
   first_epoch, first_skip = divmod(first_pos, n_local)
   buffer = max(1, min(shuffle_buffer, n_local))
 
@@ -356,8 +378,8 @@ def train_iterator(
   base_seed = tf.constant([seed, 0x5EED], tf.int64)
 
   def process(pos, ex):
-    step, slot = pos // b_local, pos % b_local
-    global_pos = step * global_batch_size + process_index * b_local + slot
+    # Unique per (process, position) and independent of the batch size.
+    global_pos = pos * process_count + process_index
     ex_seed = tf.random.experimental.stateless_fold_in(base_seed, global_pos)
     encoded, label = _decoded(decode, ex)
     image = preprocess.train_image(
@@ -365,10 +387,10 @@ def train_iterator(
     )
     return {"image": image, "label": tf.cast(label, tf.int32), _POS: pos, _BAD: ex[_BAD]}
 
-  ds = ds.map(process, num_parallel_calls=num_parallel_calls).ignore_errors()
-  ds = ds.batch(b_local, drop_remainder=True).prefetch(prefetch_batches)
+  ds = ds.map(process, num_parallel_calls=tuning.num_parallel_calls).ignore_errors()
+  ds = ds.batch(b_local, drop_remainder=True).prefetch(tuning.prefetch_batches)
   return BatchIterator(
-    ds.with_options(_options(private_threadpool_size)),
+    ds.with_options(tuning.options()),
     first_pos,
     role="train",
     n_local=n_local,
@@ -389,18 +411,16 @@ def eval_iterator(
   dataset: str,
   data_dir: str | None,
   split: str | None,
+  max_examples: int | None = None,
   global_batch_size: int,
   image_size: int,
   family: str,
   process_index: int = 0,
   process_count: int = 1,
-  max_examples: int | None = None,
   shuffle_seed: int | None = None,
   shuffle_buffer: int = 16384,
-  num_parallel_calls: int = tf.data.AUTOTUNE,
-  private_threadpool_size: int | None = None,
-  prefetch_batches: int = 2,
   max_skipped_fraction: float | None = None,
+  tuning: Tuning = DEFAULT_TUNING,
 ) -> BatchIterator:
   """One pass of {'image', 'label', 'mask'}; padding examples have mask 0 (and label 0) so the sum of
   masks over all processes equals the split size minus the skipped records (unreadable ones are
@@ -443,7 +463,7 @@ def eval_iterator(
       _BAD: ex[_BAD],
     }
 
-  ds = raw.enumerate().map(process, num_parallel_calls=num_parallel_calls).ignore_errors()
+  ds = raw.enumerate().map(process, num_parallel_calls=tuning.num_parallel_calls).ignore_errors()
   pad = {
     "image": tf.zeros([image_size, image_size, 3], tf.float32),
     "label": tf.constant(0, tf.int32),
@@ -452,9 +472,9 @@ def eval_iterator(
     _BAD: tf.constant(-1, tf.int32),
   }
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(total)
-  ds = ds.batch(b_local, drop_remainder=True).prefetch(prefetch_batches)
+  ds = ds.batch(b_local, drop_remainder=True).prefetch(tuning.prefetch_batches)
   return BatchIterator(
-    ds.with_options(_options(private_threadpool_size)),
+    ds.with_options(tuning.options()),
     0,
     role="eval",
     n_local=sizes[process_index],

@@ -19,6 +19,7 @@ portable form; the default 'auto' would pick the CPU-only shifted-sum rewrite on
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -49,46 +50,49 @@ def inference_fn(variables: Dict[str, dict], model_name: str, **model_kwargs):
   return infer, model
 
 
-def _input_spec(batch_size: Optional[int], image_size: int):
-  batch = jax.export.symbolic_shape("b")[0] if batch_size is None else int(batch_size)
-  return jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class InputContract:
+  """What an exported function takes: float32 NHWC [batch, size, size, 3]; batch None = any."""
+
+  image_size: int
+  batch_size: Optional[int] = None
+  platforms: Sequence[str] = PLATFORMS
+
+  @property
+  def batch_dim(self) -> str:
+    return "b" if self.batch_size is None else str(int(self.batch_size))
+
+  def spec(self) -> jax.ShapeDtypeStruct:
+    """The argument jax.export lowers for (a symbolic batch when any batch is allowed)."""
+    n = self.image_size
+    batch = jax.export.symbolic_shape("b")[0] if self.batch_size is None else int(self.batch_size)
+    return jax.ShapeDtypeStruct((batch, n, n, 3), jnp.float32)
+
+  def describe(self) -> str:
+    n = self.image_size
+    return f"float32 NHWC [{self.batch_size or 'any'}, {n}, {n}, 3]"
 
 
-def export_stablehlo(
-  infer,
-  image_size: int,
-  path: str,
-  *,
-  batch_size: Optional[int] = None,
-  platforms: Sequence[str] = PLATFORMS,
-) -> str:
-  exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(
-    _input_spec(batch_size, image_size)
-  )
+def export_stablehlo(infer, contract: InputContract, path: str) -> str:
+  exported = jax.export.export(jax.jit(infer), platforms=tuple(contract.platforms))(contract.spec())
   _write_atomic(path, exported.serialize())
   return path
 
 
 def export_saved_model(
-  variables: Dict[str, dict],
-  model,
-  image_size: int,
-  path: str,
-  *,
-  batch_size: Optional[int] = None,
-  platforms: Sequence[str] = PLATFORMS,
+  variables: Dict[str, dict], model, contract: InputContract, path: str
 ) -> str:
   """jax2tf SavedModel with a `serving_default` signature images -> logits."""
   import tensorflow as tf  # late: only the SavedModel needs TensorFlow
   from jax.experimental import jax2tf
 
+  n = contract.image_size
   apply = lambda v, x: model.apply(v, x, train=False)
-  batch = "b" if batch_size is None else str(int(batch_size))
   converted = jax2tf.convert(
     apply,
     with_gradient=False,
-    native_serialization_platforms=tuple(platforms),
-    polymorphic_shapes=[None, f"({batch}, {image_size}, {image_size}, 3)"],
+    native_serialization_platforms=tuple(contract.platforms),
+    polymorphic_shapes=[None, f"({contract.batch_dim}, {n}, {n}, 3)"],
   )
   module = tf.Module()
   module.variables_tree = tf.nest.map_structure(
@@ -98,9 +102,7 @@ def export_saved_model(
 
   @tf.function(
     autograph=False,
-    input_signature=[
-      tf.TensorSpec([batch_size, image_size, image_size, 3], tf.float32, name="images")
-    ],
+    input_signature=[tf.TensorSpec([contract.batch_size, n, n, 3], tf.float32, name="images")],
   )
   def serve(images):
     return {"logits": converted(module.variables_tree, images)}
@@ -124,31 +126,17 @@ def export_inference(
   """Write the StableHLO export (and a SavedModel) of `variables` to `out_dir`; returns export.json."""
   os.makedirs(out_dir, exist_ok=True)
   infer, model = inference_fn(variables, model_name, **model_kwargs)
-  files = {
-    "stablehlo": export_stablehlo(
-      infer,
-      image_size,
-      os.path.join(out_dir, STABLEHLO_FILE),
-      batch_size=batch_size,
-      platforms=platforms,
-    )
-  }
+  contract = InputContract(image_size, batch_size, tuple(platforms))
+  files = {"stablehlo": export_stablehlo(infer, contract, os.path.join(out_dir, STABLEHLO_FILE))}
   if saved_model:
-    files["saved_model"] = export_saved_model(
-      variables,
-      model,
-      image_size,
-      os.path.join(out_dir, SAVED_MODEL_DIR),
-      batch_size=batch_size,
-      platforms=platforms,
-    )
+    path = os.path.join(out_dir, SAVED_MODEL_DIR)
+    files["saved_model"] = export_saved_model(variables, model, contract, path)
   record = {
     "model_name": model_name,
     "model_kwargs": {k: v for k, v in model_kwargs.items()},
     "image_size": int(image_size),
     "num_classes": int(model.num_classes),
-    "input": f"float32 NHWC [{batch_size or 'any'}, {image_size}, {image_size}, 3], preprocessed "
-    "for the model family (V2: (x - 128) / 128)",
+    "input": f"{contract.describe()}, preprocessed for the model family (V2: (x - 128) / 128)",
     "output": "float32 logits [batch, num_classes]",
     "platforms": list(platforms),
     "files": files,

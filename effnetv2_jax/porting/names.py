@@ -32,6 +32,22 @@ TRANSFORMS: Dict[Optional[str], Tuple[Callable, Callable]] = {
 }
 _MAX_LISTED = 20
 
+# Every kind of array our models hold, as (collection, leaf name).
+LEAF_KINDS = (
+  ("params", "kernel"),
+  ("params", "bias"),
+  ("params", "scale"),
+  ("batch_stats", "mean"),
+  ("batch_stats", "var"),
+)
+
+
+def leaf_names(
+  kernel: str, bias: str, scale: str, mean: str, var: str
+) -> Dict[Tuple[str, str], str]:
+  """A source format's name for each of LEAF_KINDS: (collection, our leaf) -> its name."""
+  return dict(zip(LEAF_KINDS, (kernel, bias, scale, mean, var)))
+
 
 class Leaf(NamedTuple):
   """One array of our variables and where it sits in the network."""

@@ -68,13 +68,7 @@ TF_BLOCKS = {
     "project/bn": f"{BN}_1",
   },
 }
-TF_LEAVES = {
-  ("params", "kernel"): "kernel",
-  ("params", "bias"): "bias",
-  ("params", "scale"): "gamma",
-  ("batch_stats", "mean"): "moving_mean",
-  ("batch_stats", "var"): "moving_variance",
-}
+TF_LEAVES = names.leaf_names("kernel", "bias", "gamma", "moving_mean", "moving_variance")
 TF_BN_BIAS = "beta"  # a BN's `bias` is `beta`; conv/dense `bias` keeps its name
 TF_DEPTHWISE_KERNEL = "depthwise_kernel"
 

@@ -60,13 +60,7 @@ TIMM_BLOCKS = {
   },
 }
 # (collection, our leaf) -> timm parameter/buffer name.
-TIMM_LEAVES = {
-  ("params", "kernel"): "weight",
-  ("params", "bias"): "bias",
-  ("params", "scale"): "weight",
-  ("batch_stats", "mean"): "running_mean",
-  ("batch_stats", "var"): "running_var",
-}
+TIMM_LEAVES = names.leaf_names("weight", "bias", "weight", "running_mean", "running_var")
 # Buffers timm keeps that have no counterpart here (the BN update counter).
 TIMM_IGNORED_SUFFIXES = (".num_batches_tracked",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
