@@ -6,9 +6,10 @@ predict the wall time of every stage and of the whole run.
 
 Measured (`measure`), on the mesh the trainer builds, with the trainer's own functions:
   - the state init: train.init_state (the fresh start; its jit compile included);
-  - per stage, the program the loop runs (train.compile_stage_step at the stage's batch and size):
-    its compile seconds, XLA's memory per device (compiled.memory_analysis(): the peak when XLA
-    reports one, else arguments + outputs - aliased (donated) + temporaries), and seconds per
+  - per stage, the program the loop runs (train.compile_stage_step at the stage's batch and size;
+    with grad_accum_steps=0 the memory-fit compiles included, as the run pays them): its compile
+    seconds, XLA's memory per device (memory_fit.peak_bytes: arguments + outputs - aliased
+    (donated) + temporaries), the micro-batches it chose, and seconds per
     step: the median of `steps` steps, each waited for with block_until_ready, after `warmup`
     untimed ones, on one random batch of the stage's shape sharded as real batches are. The
     state is initialised once and carried from stage to stage, as in the run;
@@ -30,8 +31,10 @@ Predicted (`predict`, plain arithmetic on those numbers; tests/test_plan_probe.p
   a time; a stage pays only what is left of its compile when it starts (and the first eval what
   is left of the eval step's). On a CPU the background compile also shares the cores with the
   stage it overlaps; the model: a compile keeps one of the host's N cores busy, so the stage
-  that queued compiles of C seconds takes C / N longer (`compile_sharing_s`). On this 2-core
-  machine that is half of each compile (experiments/results/plan_vs_run.md).
+  that queued compiles of C seconds takes C / N longer (`compile_sharing_s`). On the 2-core
+  development machine that is half of each compile; experiments/results/bench_stage_switch.md
+  measured about three quarters there on an idle machine (compile-ahead saved 3.1 of 12.7 s), so
+  this is optimistic by about a quarter of the compile time on small CPUs.
 
 Not measured: the input pipeline (synthetic batches; a run whose tf.data cannot keep up, or that
 fills a large shuffle buffer at each stage start, takes longer), checkpoint writes, metric
