@@ -57,12 +57,20 @@ class Evaluator:
     """Queue the eval step's compile on `compiler` (once per run; later calls do nothing)."""
     if self._compiler is not None or self._step is not None:
       return
-    size, batch = self.config.eval_image_size, self.config.eval_batch_size
-    batch = batch_spec(self.mesh, batch, size, mask=True)
-    variables_spec = state_lib.eval_variables(state_spec)
+    specs = self._step_specs(state_spec)
     self._compiler = compiler
-    self._compile_fn = lambda: self._jitted.lower(variables_spec, batch).compile()
+    self._compile_fn = lambda: self._jitted.lower(*specs).compile()
     compiler.submit(self.KEY, self._compile_fn)
+
+  def _step_specs(self, state_spec):
+    size, batch = self.config.eval_image_size, self.config.eval_batch_size
+    return state_lib.eval_variables(state_spec), batch_spec(self.mesh, batch, size, mask=True)
+
+  def compile_step(self, state_spec):
+    """The eval step lowered and compiled for the eval variables of `state_spec` (abstract train
+    state) and a masked batch of eval_batch_size at eval_image_size; `compiled(variables, batch)`
+    -> masked sums. The program the run evaluates with (plan mode's probe times it too)."""
+    return self._jitted.lower(*self._step_specs(state_spec)).compile()
 
   def __call__(self, variables, *, image_size=None, max_examples=None) -> dict:
     """Eval dict at `image_size` (default config.eval_image_size); `max_examples` (None or 0:

@@ -7,6 +7,8 @@
   python -m effnetv2_jax.main --config=configs/demo.py --workdir=/tmp/demo --mode=eval \\
       --eval_sizes=24,28,32 --config.recalibrate_bn=5000   # test-resolution search, FixRes BN
   python -m effnetv2_jax.main --config=configs/imagenet.py:variant=s --mode=plan
+  python -m effnetv2_jax.main --config=configs/demo.py --mode=plan --plan_probe --workdir=/tmp/demo
+      # compiles each stage, times a few steps, predicts the run's wall time: /tmp/demo/plan.json
 
 Exit codes: see `effnetv2_jax.exit_codes` (0 done or preempted, 2 bad input as one `error: ...`
 line without a traceback, 3 training diverged).
@@ -37,6 +39,18 @@ _MODE = flags.DEFINE_enum(
   ["train", "eval", "plan"],
   "train: train and evaluate (resuming); eval: evaluate init_from or the "
   "workdir's latest checkpoint; plan: print the stage table.",
+)
+_PLAN_PROBE = flags.DEFINE_bool(
+  "plan_probe",
+  False,
+  "--mode=plan only: also compile each stage's train step and the eval step, time a few steps "
+  "on synthetic data and predict each stage's and the whole run's wall time; writes "
+  "WORKDIR/plan.json (needs --workdir). Without it plan mode touches no device.",
+)
+_PLAN_PROBE_STEPS = flags.DEFINE_integer(
+  "plan_probe_steps",
+  3,
+  "--plan_probe: timed steps per stage and for the eval step, after one warm-up.",
 )
 
 _EVAL_SIZES = flags.DEFINE_list(
@@ -82,7 +96,30 @@ def parse_eval_sizes(values) -> list[int]:
   return sizes
 
 
-def run(config, workdir, mode, eval_sizes=None) -> int:
+def _run_plan_probe(config, workdir, steps) -> None:
+  import jax
+
+  from effnetv2_jax import config_validation
+  from effnetv2_jax import paths
+  from effnetv2_jax import plan
+  from effnetv2_jax import plan_probe
+  from effnetv2_jax import sharding
+
+  if not workdir:
+    raise config_validation.ConfigError(
+      "--workdir", "is required with --plan_probe (the measured plan goes to WORKDIR/plan.json)"
+    )
+  plan_probe.check_probe_steps(steps)
+  sharding.init_distributed()  # before anything asks for the devices
+  num_devices = jax.device_count()
+  config_validation.validate_config(config, num_devices=num_devices)
+  print(plan.format_plan(config, plan.resolve(config, num_devices=num_devices)) + "\n", flush=True)
+  _, table = plan_probe.run_probe(config, workdir, steps=steps, log=lambda m: print(m, flush=True))
+  print("\n" + table, flush=True)
+  print(f"written to {paths.join(workdir, paths.PLAN_NAME)}", flush=True)
+
+
+def run(config, workdir, mode, eval_sizes=None, *, plan_probe=False, plan_probe_steps=3) -> int:
   # Imported here so `--help` and flag errors stay fast.
   from effnetv2_jax import checkpoint as ckpt_lib
   from effnetv2_jax import config_validation
@@ -93,7 +130,12 @@ def run(config, workdir, mode, eval_sizes=None) -> int:
   from effnetv2_jax.data import datasets
 
   try:
-    if mode == "plan":
+    if plan_probe and mode != "plan":
+      raise config_validation.ConfigError("--plan_probe", "is only used by --mode=plan")
+    if mode == "plan" and plan_probe:
+      _run_plan_probe(config, workdir, plan_probe_steps)
+      return 0
+    if mode == "plan":  # no device, no compile, nothing written
       config_validation.validate_config(config, num_devices=1)
       print(plan.format_plan(config, plan.resolve(config)), flush=True)
       return 0
@@ -173,7 +215,16 @@ def main(argv):
     config.get("seed")  # a config file that failed to load only reports it on first access
   except Exception as e:  # pylint: disable=broad-except
     _fail("--config: " + " ".join(str(e).split()), EXIT_BAD_INPUT)
-  sys.exit(run(config, _WORKDIR.value, _MODE.value, _EVAL_SIZES.value))
+  sys.exit(
+    run(
+      config,
+      _WORKDIR.value,
+      _MODE.value,
+      _EVAL_SIZES.value,
+      plan_probe=_PLAN_PROBE.value,
+      plan_probe_steps=_PLAN_PROBE_STEPS.value,
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import re
 # The files a workdir holds besides its checkpoints (effnetv2_jax.checkpoint) and TensorBoard events.
 RESULTS_NAME = "results.json"  # a finished training run's; a sweep skips trials that have one
 EVAL_RESULTS_NAME = "eval_results.json"  # --mode=eval of a training workdir
+PLAN_NAME = "plan.json"  # --mode=plan --plan_probe: the measured plan (effnetv2_jax/plan_probe.py)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

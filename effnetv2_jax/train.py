@@ -243,7 +243,8 @@ def init_state(config, model, tx, image_size: int, mesh):
   return sharding.put_replicated(state, mesh)
 
 
-def _spec_of(tree):
+def spec_of(tree):
+  """The abstract arrays (shape, dtype, sharding) of placed arrays: what a step compiles for."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -474,7 +475,7 @@ def _start_stage(ctx: RunContext, stage, state, step: int):
     raise RuntimeError(
       f"{_stage_key(ctx, stage)}: the input pipeline delivered {got}, not {expected}"
     )
-  state_spec = _spec_of(state)
+  state_spec = spec_of(state)
   compile_fn = functools.partial(_compile_train_step, ctx, stage, state_spec)
   try:  # a step that fails to compile (or to fit in memory) ends the stage's input thread too
     compiled, compile_s, wait_s = ctx.compiler.get(_stage_key(ctx, stage), compile_fn)
