@@ -65,6 +65,7 @@ class BatchFit:
   max_batch: int
   image_sizes: tuple[int, ...]
   measured: tuple[dict, ...]  # per stage: global batch -> peak bytes per device, as compiled
+  seconds: float = 0.0  # what measuring took when the run started (compiles, before step 0)
 
   def peak(self, stage_index: int) -> int:
     """The measured peak of the stage's chosen batch."""
@@ -78,6 +79,7 @@ class BatchFit:
       "max_batch": self.max_batch,
       "image_sizes": list(self.image_sizes),
       "measured": [{str(b): p for b, p in sorted(m.items())} for m in self.measured],
+      "seconds": self.seconds,
     }
 
   @classmethod
@@ -89,6 +91,7 @@ class BatchFit:
       max_batch=int(d["max_batch"]),
       image_sizes=tuple(int(s) for s in d["image_sizes"]),
       measured=tuple({int(b): int(p) for b, p in m.items()} for m in d["measured"]),
+      seconds=float(d.get("seconds", 0.0)),
     )
 
 

@@ -259,7 +259,8 @@ def _settle_batches(config, run: plan_lib.RunPlan, mesh, ckpt):
       max_batch=max_batch,
       num_devices=mesh.size,
     )
-    source = f"measured in {time.perf_counter() - t0:.1f}s"
+    fit = dataclasses.replace(fit, seconds=time.perf_counter() - t0)
+    source = f"measured in {fit.seconds:.1f}s"
   elif len(fit.batches) != len(run.stages):
     raise ckpt_lib.CheckpointMismatchError(
       f"{ckpt.directory}: the checkpoint's 'fit' batches {fit.batches} are for "
