@@ -173,9 +173,9 @@ def fit_line(config, run: RunPlan) -> str:
   )
   if run.batches_provisional:
     return (
-      f"{how}; chosen when the run starts, from compiled memory (two compiles per stage, nothing "
-      f"runs), and kept in the checkpoints for a resume: the table below is provisional, every "
-      f"stage at batch_size {run.batch_size}"
+      f"{how}; chosen when the run starts, from compiled memory (two probe compiles and a check "
+      "per stage, nothing runs), and kept in the checkpoints for a resume: the table below is "
+      f"provisional, every stage at batch_size {run.batch_size}"
     )
   return f"{how}; LR lr_per_256 * batch / 256 per stage, schedule in images"
 
