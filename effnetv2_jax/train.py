@@ -261,10 +261,11 @@ def _settle_batches(config, run: plan_lib.RunPlan, mesh, ckpt):
     )
     fit = dataclasses.replace(fit, seconds=time.perf_counter() - t0)
     source = f"measured in {fit.seconds:.1f}s"
-  elif len(fit.batches) != len(run.stages):
+  elif len(fit.batches) != len(run.stages) or any(b % mesh.size for b in fit.batches):
     raise ckpt_lib.CheckpointMismatchError(
-      f"{ckpt.directory}: the checkpoint's 'fit' batches {fit.batches} are for "
-      f"{len(fit.batches)} stages, this run has {len(run.stages)}; train in a new workdir"
+      f"{ckpt.directory}: the checkpoint was trained at the 'fit' batches {fit.batches}, which "
+      f"this run ({len(run.stages)} stages on {mesh.size} devices) cannot train: resume with "
+      "the same config and devices, or train in a new workdir"
     )
   mib = lambda n: f"{n / 2**20:.1f}"
   peaks = "/".join(mib(fit.peak(i)) for i in range(len(fit.batches)))
@@ -576,6 +577,15 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
   log.records[stage.index].update(stage_step.record(stage.batch_size))
   if ctx.batch_fit is not None:
     log.records[stage.index]["memory_budget_bytes"] = ctx.batch_fit.budget_bytes
+    # The fit measured this step on the provisional table (same buffers, other LR constants):
+    # equal peaks so far (bench_stage_switch.md), but say so should they ever differ.
+    if (stage_step.peak_bytes or 0) > ctx.batch_fit.budget_bytes:
+      logging.warning(
+        "%s: the trained step needs %d bytes per device, over the 'fit' budget %d",
+        _stage_key(ctx, stage),
+        stage_step.peak_bytes,
+        ctx.batch_fit.budget_bytes,
+      )
   _announce_stage(ctx, stage, step, log, eta, compile_s, wait_s, stage_step.grad_accum_steps)
   meter = reporting.IntervalMeter()
   with data:  # the stage's input thread ends with the stage
