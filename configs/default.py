@@ -72,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
   # per stage: the fewest micro-batches whose compiled step fits the memory budget below
   # (effnetv2_jax/memory_fit.py; results.json records k per stage).
   c.grad_accum_steps = 1
-  # Per-device memory budget for grad_accum_steps = 0 (effnetv2_jax/memory_fit.py), in bytes:
+  # Per-device memory budget for grad_accum_steps = 0 and progressive.batch_rule 'fit'
+  # (effnetv2_jax/memory_fit.py), in bytes:
   # 0 = what the device reports (GPU/TPU: the allocator's bytes_limit; CPU: host RAM / CPU
   # devices) less `device_memory_margin` of it, kept for what XLA's analysis of the step does not
   # count (the next batch on the device, fragmentation, the eval step); > 0 = exactly this many.
@@ -114,20 +115,24 @@ def get_config() -> ml_collections.ConfigDict:
   # (the released code and the paper; every preset's default) | 'pixels': B_i = batch_size *
   # (S_last / S_i)^2, as many pixels per batch as the last stage's, rounded down to a multiple of
   # lcm(device count, batch_multiple, bn_group_size), at most max_batch_size; the last stage keeps
-  # batch_size | 'fit': the largest batch that fits in memory (not wired yet: validation refuses
-  # it). batch_size stays the reference batch B_ref: each stage's LR is lr_per_256 * B_i / 256,
-  # the schedule (warmup, decay) runs on images seen, and the EMA per ema_horizon below.
+  # batch_size | 'fit': the largest batch whose compiled step (no accumulation: grad_accum_steps
+  # must be 1) fits the memory budget (device_memory_bytes above), a multiple of the same lcm, at
+  # most max_batch_size (0: 16 x batch_size), measured from compiles when the run starts and kept
+  # in the checkpoints for a resume (effnetv2_jax/batch_fit.py). batch_size stays the reference
+  # batch B_ref: each stage's LR is lr_per_256 * B_i / 256, the schedule (warmup, decay) runs on
+  # images seen, and the EMA per ema_horizon below.
   p.batch_rule = "constant"
   # One global batch per stage, e.g. (8192, 6144, 4096, 4096); () = from batch_rule. Only with
   # batch_rule 'constant'; each must be a multiple of the device count.
   p.batch_sizes = ()
-  # 'pixels' rounds stage batches to a multiple of this (and of the device count): 64 keeps the
-  # table the same on 1, 2, 4, ..., 64 devices (a resume on another device count must see the
-  # same batches) and the per-device batch a multiple of 8 on 8 devices.
+  # 'pixels' and 'fit' round stage batches to a multiple of this (and of the device count): 64
+  # keeps the table the same on 1, 2, 4, ..., 64 devices (a resume on another device count must
+  # see the same batches) and the per-device batch a multiple of 8 on 8 devices.
   p.batch_multiple = 64
-  # 'pixels' cap on a stage's batch (0 = none). Uncapped, the S preset's first stage (171px of
-  # 300) trains at 12544 images from 4096; the linear LR scaling rule is known to hold to about
-  # 8k images, so e.g. 8192 keeps the early stages within it.
+  # 'pixels' and 'fit' cap on a stage's batch (0 = none; 'fit' then caps at 16 x batch_size: its
+  # upper probe). Uncapped, the S preset's first stage (171px of 300) trains at 12544 images from
+  # 4096 under 'pixels'; the linear LR scaling rule is known to hold to about 8k images, so e.g.
+  # 8192 keeps the early stages within it.
   p.max_batch_size = 0
 
   # Optimizer and learning rate (official recipe: TF RMSProp, 0.016 per 256 images, 5 warmup

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from effnetv2_jax import batch_fit
 from effnetv2_jax import optim
 from effnetv2_jax import paths
 from effnetv2_jax import precision
@@ -195,12 +196,6 @@ def _validate_stage_batches(config, num_devices: int) -> None:
     "progressive.batch_rule",
     f"{rule!r} is not one of {', '.join(progressive.BATCH_RULES)}",
   )
-  _require(
-    rule != "fit",
-    "progressive.batch_rule",
-    "'fit' (each stage's batch from the compiled step's memory) is not wired into the trainer "
-    "yet; use 'constant', 'pixels' or progressive.batch_sizes",
-  )
   sizes = p.get("batch_sizes", ()) or ()
   field = "progressive.batch_sizes"
   _require(
@@ -240,11 +235,38 @@ def _validate_stage_batches(config, num_devices: int) -> None:
     f"must be 0 (no cap) or an integer >= batch_size {config.batch_size} (the last stage "
     f"trains at batch_size), got {cap!r}",
   )
+  if rule == "fit":
+    _validate_fit(config, num_devices)
   horizon = config.get("ema_horizon", "images")
   _require(
     horizon in state_lib.EMA_HORIZONS,
     "ema_horizon",
     f"{horizon!r} is not one of {', '.join(state_lib.EMA_HORIZONS)}",
+  )
+
+
+def _validate_fit(config, num_devices: int) -> None:
+  """batch_rule 'fit' (effnetv2_jax/batch_fit.py): no fixed batch to split, one multiple room."""
+  k = config.get("grad_accum_steps", 1)
+  _require(
+    k == 1,
+    "grad_accum_steps",
+    f"must be 1 with progressive.batch_rule 'fit', got {k!r}: 'fit' changes each stage's batch "
+    "until its step fits memory, gradient accumulation keeps the batch and splits it into "
+    "micro-batches until they fit; they are alternatives. Use grad_accum_steps=1 with 'fit', or "
+    "batch_rule 'constant'/'pixels' with grad_accum_steps=0",
+  )
+  multiple, top = batch_fit.limits(config, num_devices)
+  cap = int(config.progressive.get("max_batch_size", 0) or 0)
+  _require(
+    top >= multiple,
+    "progressive.max_batch_size" if cap else "progressive.batch_multiple",
+    f"'fit' rounds batches to multiples of {multiple} (lcm of the {num_devices} devices, "
+    f"progressive.batch_multiple and bn_group_size) and caps them at "
+    f"{cap or batch_fit.CAP_TIMES_BATCH_SIZE * config.batch_size}"
+    f"{'' if cap else f' ({batch_fit.CAP_TIMES_BATCH_SIZE} x batch_size: max_batch_size 0)'}: "
+    "not one multiple fits under the "
+    "cap; lower progressive.batch_multiple or raise progressive.max_batch_size",
   )
 
 
@@ -440,7 +462,14 @@ def validate_config(
     f"{stages} stages need at least {stages} train steps, the run has {n}; "
     "lower num_stages or train longer",
   )
-  table = progressive.stages(config, num_train_examples, num_devices=num_devices)
+  # 'fit' is checked on its provisional table (every stage at batch_size): its measured
+  # batches are multiples of the devices and BN groups by construction.
+  table = progressive.stages(
+    config,
+    num_train_examples,
+    num_devices=num_devices,
+    stage_batches=progressive.provisional_batches(config),
+  )
   empty = [s.index for s in table if s.num_steps <= 0]
   if empty:
     field = (

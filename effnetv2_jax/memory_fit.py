@@ -169,7 +169,8 @@ def accum_candidates(batch_size: int, num_devices: int, group_size: int = 0) -> 
   return ks
 
 
-def _gib(n: float) -> str:
+def format_bytes(n: float) -> str:
+  """'1.25 GiB (1342177280 bytes)': the error messages' form."""
   return f"{n / GiB:.2f} GiB ({int(n)} bytes)"
 
 
@@ -178,9 +179,9 @@ def does_not_fit(stage_index, image_size, micro_batch, k, num_devices, needed, b
   return DoesNotFitError(
     f"stage {stage_index} ({image_size}px) does not fit in device memory: even micro-batches of "
     f"{micro_batch} images ({per_device} per device, {k} accumulation steps) need "
-    f"{_gib(needed)} per device, the budget is {_gib(budget)} (config.device_memory_bytes, "
-    "0 = the device's limit less config.device_memory_margin). Use bfloat16, "
-    "model_overrides.remat=True, more devices, or a smaller progressive.max_image_size"
+    f"{format_bytes(needed)} per device, the budget is {format_bytes(budget)} "
+    "(config.device_memory_bytes, 0 = the device's limit less config.device_memory_margin). "
+    "Use bfloat16, model_overrides.remat=True, more devices, or a smaller progressive.max_image_size"
   )
 
 

@@ -32,6 +32,9 @@ class RunPlan:
   base_lr: float  # after the batch scaling rule (lr_per_256 * batch / 256), at B_ref
   dtype: str  # compute dtype name, 'auto' resolved for this machine
   num_devices: int = 1  # the devices the stage batches were rounded for ('pixels')
+  # batch_rule 'fit' before its batches are measured: the stages are at the constant batch_size
+  # until the trainer fits them (effnetv2_jax/batch_fit.py) and calls `with_stage_batches`.
+  batches_provisional: bool = False
 
   def stage_at(self, step: int) -> progressive.Stage:
     return progressive.stage_at(self.stages, step)
@@ -84,7 +87,8 @@ def resolve(
   reads it (it rounds each stage's batch to a multiple of it). The trainer passes its mesh's
   size; plan mode and benchmarks leave 1 (a table for any device count that divides
   progressive.batch_multiple). Nothing here asks JAX for it. `stage_batches`: each stage's
-  global batch, chosen by the caller (the 'fit' rule), instead of the config's rule."""
+  global batch, chosen by the caller (the 'fit' rule), instead of the config's rule; 'fit'
+  without them resolves the constant-batch table, marked `batches_provisional`."""
   from effnetv2_jax import config_validation
   from effnetv2_jax import optim
   from effnetv2_jax import precision
@@ -95,6 +99,9 @@ def resolve(
     train_split, eval_split = train_split or info.train_split, eval_split or info.eval_split
     num_train = train_examples(config) if num_train is None else num_train
     num_classes = num_classes or config.num_classes or info.num_classes
+  provisional = stage_batches is None and progressive.provisional_batches(config) is not None
+  if provisional:
+    stage_batches = progressive.provisional_batches(config)
   table = progressive.stages(
     config, num_train, num_devices=num_devices, stage_batches=stage_batches
   )
@@ -111,6 +118,18 @@ def resolve(
     base_lr=optim.base_learning_rate(config),
     dtype=precision.resolve_dtype(config.dtype),
     num_devices=int(num_devices),
+    batches_provisional=provisional,
+  )
+
+
+def with_stage_batches(config, run: RunPlan, stage_batches) -> RunPlan:
+  """`run` with each stage at its batch of `stage_batches` (the 'fit' rule's, once measured):
+  the stage table in images rebuilt for them, nothing else looked up again."""
+  table = progressive.stages(
+    config, run.num_train, num_devices=run.num_devices, stage_batches=stage_batches
+  )
+  return dataclasses.replace(
+    run, stages=tuple(table), total_steps=table[-1].last_step, batches_provisional=False
   )
 
 
@@ -137,11 +156,37 @@ def schedule_shape(config, run: RunPlan) -> str:
   return f"{head}; stage lengths {shares} of the {unit}"
 
 
+def fit_line(config, run: RunPlan) -> str:
+  """How batch_rule 'fit' chooses the batches, and whether the table shows them yet."""
+  from effnetv2_jax import batch_fit
+
+  multiple, cap = batch_fit.limits(config, run.num_devices)
+  budget = int(config.get("device_memory_bytes", 0))
+  where = (
+    f"{budget / 2**30:.2f} GiB per device (config.device_memory_bytes)"
+    if budget
+    else f"the device's memory less {config.get('device_memory_margin', 0.1):g} of it"
+  )
+  how = (
+    f"per-stage batch: batch_rule fit, the largest multiple of {multiple} (for "
+    f"{run.num_devices} device(s)), at most {cap}, whose compiled step fits {where}"
+  )
+  if run.batches_provisional:
+    return (
+      f"{how}; chosen when the run starts, from compiled memory (two probe compiles and a check "
+      "per stage, nothing runs), and kept in the checkpoints for a resume: the table below is "
+      f"provisional, every stage at batch_size {run.batch_size}"
+    )
+  return f"{how}; LR lr_per_256 * batch / 256 per stage, schedule in images"
+
+
 def batch_line(config, run: RunPlan) -> str:
   """One line on the per-stage batches when they are not all config.batch_size."""
+  p = config.progressive
+  if p.get("batch_rule", "constant") == "fit" and not tuple(p.get("batch_sizes", ()) or ()):
+    return fit_line(config, run)
   if run.constant_batch:
     return ""
-  p = config.progressive
   if tuple(p.get("batch_sizes", ()) or ()):
     how = "progressive.batch_sizes"
   else:

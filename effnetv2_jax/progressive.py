@@ -46,8 +46,9 @@ every stage at `config.batch_size`, the reference batch B_ref, in every preset):
 - 'pixels': B_i = B_ref * (S_last / S_i)^2, so a batch holds about as many pixels as the last
   stage's: rounded down to a multiple of lcm(device count, `batch_multiple`, `bn_group_size`),
   at most `max_batch_size` (0: no cap), at least one multiple; the last stage keeps B_ref.
-- 'fit': the largest batch that fits in memory, measured from the compiled step; chosen outside
-  this module and passed in as `stage_batches` (not wired into the trainer yet: validation).
+- 'fit': the largest batch that fits in memory, measured from the compiled step when the run
+  starts (effnetv2_jax/batch_fit.py) and passed in as `stage_batches`; until then its table is
+  the constant one (`provisional_batches`: what plan mode and validation see).
 - `batch_sizes`: one global batch per stage, given explicitly (with batch_rule 'constant').
 
 The run's length is counted in images: N_ref = total_steps(config) reference steps of B_ref
@@ -179,6 +180,19 @@ def batch_multiple(config, num_devices: int = 1) -> int:
   m = math.lcm(max(int(num_devices), 1), max(int(_get(config.progressive, "batch_multiple", 1)), 1))
   group = int(config.get("bn_group_size", 0) or 0) if hasattr(config, "get") else 0
   return math.lcm(m, group) if group > 0 else m
+
+
+def num_stages(config) -> int:
+  return 1 if config.progressive.preset == "none" else int(config.progressive.num_stages)
+
+
+def provisional_batches(config) -> tuple[int, ...] | None:
+  """'fit' without measurements: every stage at batch_size (the table before the trainer fits
+  the batches); None for the other rules, whose batches follow from the config alone."""
+  p = config.progressive
+  if _get(p, "batch_rule", "constant") != "fit" or tuple(_get(p, "batch_sizes", ()) or ()):
+    return None
+  return (int(config.batch_size),) * num_stages(config)
 
 
 def stage_batch_sizes(config, image_sizes: Sequence[int], num_devices: int = 1) -> tuple[int, ...]:

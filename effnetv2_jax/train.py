@@ -22,7 +22,9 @@ data for step t depends only on (seed, the positions of its examples, process), 
 continues bit for bit. A stage may have its own global batch (`Stage.batch_size`,
 progressive.batch_rule): its input starts at the images the stages before it trained on
 (`Stage.first_example`), its step is compiled for its batch, and the LR and EMA follow the images
-seen (effnetv2_jax/optim.py, state.py); a resume checks the checkpoint's stage table.
+seen (effnetv2_jax/optim.py, state.py); a resume checks the checkpoint's stage table. Under
+progressive.batch_rule 'fit' the batches are measured from compiles when the run starts and kept
+in the checkpoints, which a resume reads them from (effnetv2_jax/batch_fit.py, `_settle_batches`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from effnetv2_jax import batch_fit as batch_fit_lib
 from effnetv2_jax import checkpoint as ckpt_lib
 from effnetv2_jax import compile_ahead as compile_ahead_lib
 from effnetv2_jax import config_validation
@@ -211,6 +214,69 @@ def compile_stage_step(
   return StageStep(fit.compiled, fit.grad_accum_steps, fit.peak_bytes, fit.budget_bytes)
 
 
+def fit_measure(config, run: plan_lib.RunPlan, mesh) -> Callable[[progressive.Stage, int], int]:
+  """measure(stage, batch) -> the per-device peak bytes of `stage`'s train step compiled (never
+  run) for a global `batch` without accumulation: what batch_rule 'fit' measures
+  (effnetv2_jax/batch_fit.py). The step is the trainer's own, built from `run`'s provisional table
+  (its LR and EMA constants differ from the final table's; buffer sizes do not)."""
+  tx = optim.make_optimizer(config, run.steps_per_epoch, run.total_steps, run.stages)
+  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, run.stages)
+  model = build_model(config, run.num_classes, run.stages[0].dropout_rate)
+  state_spec = abstract_state(config, model, tx, run.stages[0].image_size, mesh)
+  rng = jax.device_put(_rngs(config)[1], sharding.replicated(mesh))
+  one = config.copy_and_resolve_references()
+  one.grad_accum_steps = 1  # validation requires it under 'fit'; measure the plain step anyway
+
+  def measure(stage: progressive.Stage, batch: int) -> int:
+    step = compile_stage_step(one, run, stage, tx, lr_fn, mesh, state_spec, rng, batch)
+    if step.peak_bytes is None:
+      raise RuntimeError(
+        f"progressive.batch_rule 'fit' needs the compiled step's memory analysis, which the "
+        f"{jax.default_backend()} backend does not report; use batch_rule 'pixels' or "
+        "progressive.batch_sizes"
+      )
+    return step.peak_bytes
+
+  return measure
+
+
+def _settle_batches(config, run: plan_lib.RunPlan, mesh, ckpt):
+  """-> (run, BatchFit | None): `run` with its final stage batches. Under batch_rule 'fit' they
+  come from the newest checkpoint's record (a resume: nothing is measured again) or from
+  measuring every stage's step (batch_fit.fit_batches); other rules are settled already."""
+  if not run.batches_provisional:
+    return run, None
+  t0 = time.perf_counter()
+  fit = batch_fit_lib.recorded(ckpt)
+  source = "recorded in the checkpoint"
+  if fit is None:
+    multiple, max_batch = batch_fit_lib.limits(config, mesh.size)
+    fit = batch_fit_lib.fit_batches(
+      fit_measure(config, run, mesh),
+      memory_fit.budget_bytes(config, mesh.local_devices[0]),
+      run.stages,
+      multiple=multiple,
+      max_batch=max_batch,
+      num_devices=mesh.size,
+    )
+    fit = dataclasses.replace(fit, seconds=time.perf_counter() - t0)
+    source = f"measured in {fit.seconds:.1f}s"
+  elif len(fit.batches) != len(run.stages) or any(b % mesh.size for b in fit.batches):
+    raise ckpt_lib.CheckpointMismatchError(
+      f"{ckpt.directory}: the checkpoint was trained at the 'fit' batches {fit.batches}, which "
+      f"this run ({len(run.stages)} stages on {mesh.size} devices) cannot train: resume with "
+      "the same config and devices, or train in a new workdir"
+    )
+  mib = lambda n: f"{n / 2**20:.1f}"
+  peaks = "/".join(mib(fit.peak(i)) for i in range(len(fit.batches)))
+  _print(
+    f"batch_rule fit: stage batches {'/'.join(map(str, fit.batches))} at "
+    f"{'/'.join(map(str, fit.image_sizes))}px, peaks {peaks} MiB per device within the budget "
+    f"of {mib(fit.budget_bytes)} MiB ({source})"
+  )
+  return plan_lib.with_stage_batches(config, run, fit.batches), fit
+
+
 def _rngs(config):
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   return init_rng, train_rng
@@ -265,6 +331,7 @@ class RunContext:
   stop_at_step: int | None
   compiler: compile_ahead_lib.BackgroundCompiler  # the next stage's step compiles meanwhile
   evaluator: Evaluator
+  batch_fit: batch_fit_lib.BatchFit | None = None  # batch_rule 'fit': how the batches were chosen
 
 
 def _print(msg: str):
@@ -315,6 +382,7 @@ def train_and_evaluate(
     if preemption is None:
       preemption = stack.enter_context(workdir_lib.PreemptionFlag())
     ctx = _open_run(config, run, workdir, stack, devices, preemption, stop_at_step)
+    run = ctx.run  # the final stage batches ('fit' measures them when the run starts)
     state, step, log = _restore_or_init(ctx)
     guard = DivergenceGuard(config.max_bad_steps, ctx.ckpt.directory)
     eta = reporting.EtaClock()
@@ -336,6 +404,7 @@ def _open_run(config, run, workdir, stack, devices, preemption, stop_at_step) ->
   stack.callback(ckpt.close)
   compiler = compile_ahead_lib.BackgroundCompiler(enabled=config.compile_ahead)
   stack.callback(compiler.close)  # first: nothing waits for a compile nobody will use
+  run, fit = _settle_batches(config, run, mesh, ckpt)  # before anything reads the stage table
   return RunContext(
     config=config,
     run=run,
@@ -350,6 +419,7 @@ def _open_run(config, run, workdir, stack, devices, preemption, stop_at_step) ->
     stop_at_step=stop_at_step,
     compiler=compiler,
     evaluator=Evaluator(config, run, mesh),
+    batch_fit=fit,
   )
 
 
@@ -362,6 +432,8 @@ def _restore_or_init(ctx: RunContext):
     "model_name": config.model_name,
     "num_classes": run.num_classes,
   }
+  if ctx.batch_fit is not None:  # every checkpoint carries it: a resume reads the batches there
+    header[batch_fit_lib.META_KEY] = ctx.batch_fit.to_dict()
   model = build_model(config, run.num_classes, run.stages[0].dropout_rate)
   target = abstract_state(config, model, ctx.tx, run.stages[0].image_size, ctx.mesh)
   restored = ctx.ckpt.restore_latest(target)  # an unreadable newest one falls back to an older
@@ -504,6 +576,17 @@ def _run_stage(ctx: RunContext, stage, state, step: int, guard, log: StageLog, e
     return _stop(ctx, stage, state, step, guard, log, stage_t0, "preempted")
   compiled = stage_step.compiled
   log.records[stage.index].update(stage_step.record(stage.batch_size))
+  if ctx.batch_fit is not None:
+    log.records[stage.index]["memory_budget_bytes"] = ctx.batch_fit.budget_bytes
+    # The fit measured this step on the provisional table (same buffers, other LR constants):
+    # equal peaks so far (bench_stage_switch.md), but say so should they ever differ.
+    if (stage_step.peak_bytes or 0) > ctx.batch_fit.budget_bytes:
+      logging.warning(
+        "%s: the trained step needs %d bytes per device, over the 'fit' budget %d",
+        _stage_key(ctx, stage),
+        stage_step.peak_bytes,
+        ctx.batch_fit.budget_bytes,
+      )
   _announce_stage(ctx, stage, step, log, eta, compile_s, wait_s, stage_step.grad_accum_steps)
   meter = reporting.IntervalMeter()
   with data:  # the stage's input thread ends with the stage
@@ -677,6 +760,8 @@ def _report(ctx: RunContext, state, step: int, log: StageLog) -> dict:
     "curve": log.curve.to_dict(),  # time to accuracy (effnetv2_jax/curves.py)
     "train_curve": log.train_curve.to_list(),
   }
+  if ctx.batch_fit is not None:
+    results[batch_fit_lib.META_KEY] = ctx.batch_fit.to_dict()
   out = paths.join(ctx.workdir, paths.RESULTS_NAME)
   if jax.process_index() == 0:
     try:

@@ -249,7 +249,6 @@ def test_examples_and_augmentation_do_not_depend_on_the_batch(folder, process_in
 @pytest.mark.parametrize(
   "fields,field,needle",
   [
-    ({"batch_rule": "fit"}, "progressive.batch_rule", "not wired"),
     ({"batch_rule": "sqrt"}, "progressive.batch_rule", "not one of"),
     ({"batch_sizes": (4096, 4096, 4096)}, "progressive.batch_sizes", "3 entries for 4"),
     ({"batch_sizes": (4096, 4096, 4100, 4096)}, "progressive.batch_sizes", "8 devices"),
