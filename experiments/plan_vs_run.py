@@ -152,7 +152,9 @@ def main():
   # The 1-minute load before the probe started is what others ran; after, it includes this run.
   busy = float(load_before.split()[0]) > 1.0 if load_before != "n/a" else False
   concurrent = (
-    "other engineers' processes (tests) were running concurrently" if busy else "otherwise idle"
+    "1-minute load above 1 before the probe: other processes, or the tail of an earlier one"
+    if busy
+    else "otherwise idle"
   )
   lines = common.heading(
     f"{args.config}, {args.steps} steps: predicted vs measured wall time",
