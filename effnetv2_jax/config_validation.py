@@ -42,7 +42,10 @@ def _require(ok: bool, field: str, message: str) -> None:
 
 
 def _one_of(config, field: str, allowed) -> None:
-  value = config[field]
+  _require_in(config[field], allowed, field)
+
+
+def _require_in(value, allowed, field: str) -> None:
   _require(value in allowed, field, f"{value!r} is not one of {', '.join(map(str, allowed))}")
 
 
@@ -63,11 +66,7 @@ def _validate_model(config) -> None:
 
 def _validate_progressive(config) -> None:
   p = config.progressive
-  _require(
-    p.preset in progressive.PRESETS,
-    "progressive.preset",
-    f"{p.preset!r} is not one of {', '.join(progressive.PRESETS)}",
-  )
+  _require_in(p.preset, progressive.PRESETS, "progressive.preset")
   _require(int(p.num_stages) >= 1, "progressive.num_stages", f"must be >= 1, got {p.num_stages}")
   for end in ("min_image_size", "max_image_size"):
     v = p[end]
@@ -102,11 +101,7 @@ def _is_number(v) -> bool:
 def _validate_schedule_shape(p) -> None:
   """stage_fractions, size_curve, hold_fraction, tail_fraction (effnetv2_jax/progressive.py)."""
   curve = p.get("size_curve", "linear")
-  _require(
-    curve in progressive.SIZE_CURVES,
-    "progressive.size_curve",
-    f"{curve!r} is not one of {', '.join(progressive.SIZE_CURVES)}",
-  )
+  _require_in(curve, progressive.SIZE_CURVES, "progressive.size_curve")
   fractions = p.get("stage_fractions", ()) or ()
   _require(
     isinstance(fractions, (tuple, list)),
@@ -191,11 +186,7 @@ def _validate_stage_batches(config, num_devices: int) -> None:
   ema_horizon."""
   p = config.progressive
   rule = p.get("batch_rule", "constant")
-  _require(
-    rule in progressive.BATCH_RULES,
-    "progressive.batch_rule",
-    f"{rule!r} is not one of {', '.join(progressive.BATCH_RULES)}",
-  )
+  _require_in(rule, progressive.BATCH_RULES, "progressive.batch_rule")
   sizes = p.get("batch_sizes", ()) or ()
   field = "progressive.batch_sizes"
   _require(
@@ -238,11 +229,7 @@ def _validate_stage_batches(config, num_devices: int) -> None:
   if rule == "fit":
     _validate_fit(config, num_devices)
   horizon = config.get("ema_horizon", "images")
-  _require(
-    horizon in state_lib.EMA_HORIZONS,
-    "ema_horizon",
-    f"{horizon!r} is not one of {', '.join(state_lib.EMA_HORIZONS)}",
-  )
+  _require_in(horizon, state_lib.EMA_HORIZONS, "ema_horizon")
 
 
 def _validate_fit(config, num_devices: int) -> None:

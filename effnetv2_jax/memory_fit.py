@@ -10,9 +10,9 @@ batch that fits can be chosen from compiles alone, nothing allocated:
                                     the device reports minus config.device_memory_margin
   fit_batch(measure, budget, ...)   the largest batch that fits, from a line through the peaks
                                     measured at two batch sizes (not a search of compiles)
-  plan_stage(measure, budget, ...)  (micro-batch, k): the fewest micro-batches of a stage's global
+  plan_stage(measure, budget, target)  (micro-batch, k): the fewest micro-batches of a stage's global
                                     batch whose step fits; DoesNotFitError when none does
-  fit_stage(compile_at, budget, ...) plan_stage over real compiles, checked on the chosen program
+  fit_stage(compile_at, budget, target)  plan_stage over real compiles, checked on the chosen program
 
 Peak memory is close to linear in the batch: the state is a fixed cost and activations grow per
 image. The line is fitted through two measured points and used between them; the program finally
@@ -185,16 +185,19 @@ def does_not_fit(stage_index, image_size, micro_batch, k, num_devices, needed, b
   )
 
 
-def plan_stage(
-  measure: Callable[[int], int],
-  budget: int,
-  *,
-  batch_size: int,
-  num_devices: int,
-  stage_index: int,
-  image_size: int,
-  group_size: int = 0,
-) -> tuple[int, int]:
+@dataclasses.dataclass(frozen=True)
+class FitTarget:
+  """The stage whose step is fitted: its global batch over `num_devices`, in BN groups of
+  `group_size` (0: none), and what an error names (stage index, image size)."""
+
+  batch_size: int
+  num_devices: int
+  stage_index: int
+  image_size: int
+  group_size: int = 0
+
+
+def plan_stage(measure: Callable[[int], int], budget: int, target: FitTarget) -> tuple[int, int]:
   """-> (micro_batch, k): the smallest k whose micro-batch of batch_size / k is predicted to fit.
 
   `measure(micro_batch)` compiles the stage's step for the whole global batch trained as
@@ -204,6 +207,8 @@ def plan_stage(
   stage, image size and bytes, when even that exceeds the budget) and the largest accumulated one
   (k = the smallest candidate above 1); the line through those two gives k for the rest.
   """
+  batch_size, num_devices, group_size = target.batch_size, target.num_devices, target.group_size
+  stage_index, image_size = target.stage_index, target.image_size
   ks = accum_candidates(batch_size, num_devices, group_size)
   if not ks:
     raise ValueError(
@@ -244,20 +249,12 @@ class StageFit:
   measured: dict  # micro-batch -> peak bytes of every program compiled to decide
 
 
-def fit_stage(
-  compile_at: Callable[[int], Any],
-  budget: int,
-  *,
-  batch_size: int,
-  num_devices: int,
-  stage_index: int,
-  image_size: int,
-  group_size: int = 0,
-) -> StageFit:
+def fit_stage(compile_at: Callable[[int], Any], budget: int, target: FitTarget) -> StageFit:
   """`plan_stage` with `compile_at(k)` (the stage's step, compiled with k micro-batches) as the
   measure; the chosen program is the one returned (compiled once: every compile is kept until
   the choice is made), after its own peak is checked against the budget (the next k when the
   line's prediction was low)."""
+  batch_size, stage_index = target.batch_size, target.stage_index
   compiled: dict[int, Any] = {}
   measured: dict[int, int] = {}
 
@@ -271,16 +268,8 @@ def fit_stage(
     program(batch_size // micro_batch)
     return measured[micro_batch]
 
-  _, planned = plan_stage(
-    measure,
-    budget,
-    batch_size=batch_size,
-    num_devices=num_devices,
-    stage_index=stage_index,
-    image_size=image_size,
-    group_size=group_size,
-  )
-  ks = accum_candidates(batch_size, num_devices, group_size)
+  _, planned = plan_stage(measure, budget, target)
+  ks = accum_candidates(batch_size, target.num_devices, target.group_size)
   # plan_stage measured the smallest micro-batch within the budget, so this loop ends by k_max.
   for k in ks[ks.index(planned) :]:
     chosen = program(k)

@@ -197,11 +197,9 @@ def compile_stage_step(
   fit = memory_fit.fit_stage(
     compile_at,
     memory_fit.budget_bytes(config, mesh.local_devices[0]),
-    batch_size=batch_size,
-    num_devices=mesh.size,
-    stage_index=stage.index,
-    image_size=stage.image_size,
-    group_size=int(config.bn_group_size),
+    memory_fit.FitTarget(
+      batch_size, mesh.size, stage.index, stage.image_size, int(config.bn_group_size)
+    ),
   )
   logging.info(
     "stage %d: %d micro-batches of %d (peaks measured %s, budget %d bytes)",

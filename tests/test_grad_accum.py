@@ -218,27 +218,32 @@ def test_plan_stage_picks_the_fewest_micro_batches_that_fit():
   # Global batch 64 on 8 devices: k in (1, 2, 4, 8), micro-batches 64, 32, 16, 8.
   m = _Linear(100, 10)
   kw = dict(batch_size=64, num_devices=8, stage_index=2, image_size=24)
-  assert memory_fit.plan_stage(m, 10**6, **kw) == (64, 1) and m.calls == [64]
+  assert memory_fit.plan_stage(m, 10**6, memory_fit.FitTarget(**kw)) == (64, 1) and m.calls == [64]
   m = _Linear(100, 10)
-  assert memory_fit.plan_stage(m, 400, **kw) == (16, 4)  # 100 + 10 * 16 = 260; 32 -> 420
+  assert memory_fit.plan_stage(m, 400, memory_fit.FitTarget(**kw)) == (
+    16,
+    4,
+  )  # 100 + 10 * 16 = 260; 32 -> 420
   assert m.calls == [64, 8, 32]  # the full batch, the smallest, the largest accumulated
   m = _Linear(100, 10)
-  assert memory_fit.plan_stage(m, 200, **kw) == (8, 8)
+  assert memory_fit.plan_stage(m, 200, memory_fit.FitTarget(**kw)) == (8, 8)
   # A floor under the line (the update after the scan; convex, as measured): the chord through
   # the two accumulated probes lies above the curve, so what it picks fits.
   floored = lambda mb: max(300, 100 + 10 * mb)
   for budget in (320, 350, 420, 500):
-    mb, k = memory_fit.plan_stage(floored, budget, **kw)
+    mb, k = memory_fit.plan_stage(floored, budget, memory_fit.FitTarget(**kw))
     assert floored(mb) <= budget and k in (2, 4, 8)
   # BN groups of 16 must lie inside micro-batches: 8 images are not allowed, 16 are.
   assert memory_fit.accum_candidates(64, 8, 16) == [1, 2, 4]
-  assert memory_fit.plan_stage(_Linear(100, 10), 300, group_size=16, **kw) == (16, 4)
+  assert memory_fit.plan_stage(
+    _Linear(100, 10), 300, memory_fit.FitTarget(group_size=16, **kw)
+  ) == (16, 4)
 
 
 def test_a_stage_that_cannot_fit_one_image_per_device_is_one_clear_error():
   kw = dict(batch_size=64, num_devices=8, stage_index=2, image_size=24)
   with pytest.raises(memory_fit.DoesNotFitError) as e:
-    memory_fit.plan_stage(_Linear(100, 10), 150, **kw)
+    memory_fit.plan_stage(_Linear(100, 10), 150, memory_fit.FitTarget(**kw))
   msg = str(e.value)
   assert isinstance(e.value, ValueError) and "\n" not in msg
   for needle in ("stage 2 (24px)", "1 per device", "8 accumulation steps", "(180 bytes)"):
@@ -248,7 +253,10 @@ def test_a_stage_that_cannot_fit_one_image_per_device_is_one_clear_error():
   # makes it exit 2 like any other bad input.
   compiler = compile_ahead.BackgroundCompiler(enabled=False)
   with pytest.raises(memory_fit.DoesNotFitError):
-    compiler.get("stage 3/4 (24px)", lambda: memory_fit.plan_stage(_Linear(100, 10), 150, **kw))
+    compiler.get(
+      "stage 3/4 (24px)",
+      lambda: memory_fit.plan_stage(_Linear(100, 10), 150, memory_fit.FitTarget(**kw)),
+    )
 
 
 def test_budget_is_the_configured_bytes_or_the_device_less_its_margin():
