@@ -30,6 +30,12 @@ target first):
      stage's first step, and the switch cost = wait + (first step - a steady step): a step that
      compiled again at its first call (a spec mismatch) would show there.
 
+On a GPU the background compile's autotuning (XLA's config-assigner pass, about half of a cold S
+compile on the 2026-11-28 H200) times candidate kernels on the device that is training: "img/s
+while next compiles" against "img/s alone" shows what that costs the stage, and kernels picked on
+a busy device may be slower (the last stage's "img/s alone" at 300 px, batch 256, can be held
+against bench_gpu's 2448 img/s there, compiled on an idle device).
+
 Targets (issue 18): at most 10 s per switch (about 145 s compiling at the switch before
 compile-ahead) and at least 1.3x img/s at 128 px with the 'pixels' batch against 256. The
 measurement runs in a worker process that reports after every phase, so a worker cut off by the
