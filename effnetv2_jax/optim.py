@@ -212,6 +212,13 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
+def for_run(config, run) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+  """(optimizer, LR schedule) of a resolved run (`plan.RunPlan`): what the trainer, plan mode's
+  probe and the benchmarks build, over the run's stage table."""
+  args = (config, run.steps_per_epoch, run.total_steps, run.stages)
+  return make_optimizer(*args), lr_schedule(*args)
+
+
 def loss_weight_decay(config) -> float:
   """Coefficient of the L2 term in the loss: `config.weight_decay`, or 0 when the optimizer decays
   weights itself (adamw), so weight decay is never applied twice."""

@@ -155,8 +155,7 @@ def measure(
   log = log or (lambda _: None)
   mesh = sharding.make_mesh(devices)
   # As train._open_run builds them: the schedule follows the stage table's images.
-  tx = optim.make_optimizer(config, run.steps_per_epoch, run.total_steps, run.stages)
-  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, run.stages)
+  tx, lr_fn = optim.for_run(config, run)
   out = {
     "backend": jax.default_backend(),
     "host_cores": len(os.sched_getaffinity(0))

@@ -217,8 +217,7 @@ def fit_measure(config, run: plan_lib.RunPlan, mesh) -> Callable[[progressive.St
   run) for a global `batch` without accumulation: what batch_rule 'fit' measures
   (effnetv2_jax/batch_fit.py). The step is the trainer's own, built from `run`'s provisional table
   (its LR and EMA constants differ from the final table's; buffer sizes do not)."""
-  tx = optim.make_optimizer(config, run.steps_per_epoch, run.total_steps, run.stages)
-  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, run.stages)
+  tx, lr_fn = optim.for_run(config, run)
   model = build_model(config, run.num_classes, run.stages[0].dropout_rate)
   state_spec = abstract_state(config, model, tx, run.stages[0].image_size, mesh)
   rng = jax.device_put(_rngs(config)[1], sharding.replicated(mesh))
@@ -403,13 +402,14 @@ def _open_run(config, run, workdir, stack, devices, preemption, stop_at_step) ->
   compiler = compile_ahead_lib.BackgroundCompiler(enabled=config.compile_ahead)
   stack.callback(compiler.close)  # first: nothing waits for a compile nobody will use
   run, fit = _settle_batches(config, run, mesh, ckpt)  # before anything reads the stage table
+  tx, lr_fn = optim.for_run(config, run)
   return RunContext(
     config=config,
     run=run,
     workdir=workdir,
     mesh=mesh,
-    tx=optim.make_optimizer(config, run.steps_per_epoch, run.total_steps, run.stages),
-    lr_fn=optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, run.stages),
+    tx=tx,
+    lr_fn=lr_fn,
     rng=jax.device_put(train_rng, sharding.replicated(mesh)),
     writer=writer,
     ckpt=ckpt,

@@ -102,8 +102,7 @@ class _Resolved:
       self.config, num_train=num_train, num_classes=common.NUM_CLASSES, num_devices=num_devices
     )
     r = self.run
-    self.tx = optim.make_optimizer(self.config, r.steps_per_epoch, r.total_steps, r.stages)
-    self.lr_fn = optim.lr_schedule(self.config, r.steps_per_epoch, r.total_steps, r.stages)
+    self.tx, self.lr_fn = optim.for_run(self.config, r)
 
   def compile_fn(self, stage, mesh, state_spec, rng):
     from effnetv2_jax import train

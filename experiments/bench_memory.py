@@ -118,8 +118,7 @@ def accum_peaks(model, batch, size, dtype, ks):
   config = common.bench_config(model, batch, size, dtype)
   run = plan.resolve(config, num_train=common.STEPS_PER_EPOCH * batch, num_classes=1000)
   stage = run.stages[0]
-  tx = optim.make_optimizer(config, run.steps_per_epoch, run.total_steps)
-  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps)
+  tx, lr_fn = optim.for_run(config, run)
   mesh = sharding.make_mesh()
   net = train.build_model(config, run.num_classes, stage.dropout_rate)
   spec = train.abstract_state(config, net, tx, size, mesh)

@@ -219,8 +219,7 @@ def compile_stage(config, run, stage, *, log: Callable[[str], None] | None = Non
   from effnetv2_jax import optim, sharding, train
 
   log = log or (lambda _: None)
-  tx = optim.make_optimizer(config, run.steps_per_epoch, run.total_steps, run.stages)
-  lr_fn = optim.lr_schedule(config, run.steps_per_epoch, run.total_steps, run.stages)
+  tx, lr_fn = optim.for_run(config, run)
   step = train.make_stage_step(config, run, stage, tx, lr_fn)
   mesh = sharding.make_mesh()
   model = train.build_model(config, run.num_classes, stage.dropout_rate)
