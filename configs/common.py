@@ -41,6 +41,7 @@ def shrink_for_local_run(config, *, image_size: int = 32, steps: int = 4, batch_
   config.warmup_epochs = 0.0
   config.log_every_steps = 1
   config.checkpoint_every_steps = steps
+  config.eval_every_seconds = 0.0  # a few steps: no wall-clock curve points (tests set steps)
   config.shuffle_buffer = 64
   config.runlocal = True
   return config

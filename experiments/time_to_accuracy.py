@@ -9,26 +9,38 @@ adaptive beat constant regularization? (The paper's Tables 12 and 13, measured a
   python -m experiments.time_to_accuracy --budget short --report-only  # table and plot, no training
   python -m experiments.time_to_accuracy --smoke                       # plumbing, temp results
 
-Networks (NETWORKS): `v2`, the demo network (configs/demo.py as it is), and `resnet`, the small
-ResNet-50 (one bottleneck per stage) of the progressive ablation (experiments/
-progressive_vs_baseline.py), with the learning rate and EMA that ablation recorded it with (the
-demo's were tuned on the v2 network). Every run is that config with the arm's overrides.
+Networks (NETWORKS): `v2`, the demo network (configs/demo.py with the 4-stage 20 px schedule it
+had when the grid started), and `resnet`, the small ResNet-50 (one bottleneck per stage) of the
+progressive ablation (experiments/progressive_vs_baseline.py), with the learning rate and EMA that
+ablation recorded it with (the demo's were tuned on the v2 network). Every run is that config with
+the arm's overrides.
 
 Arms (ARMS, data: edit the table to change the experiment; `--arms` picks a subset):
   fixed-<level>   progressive.preset=none: every step at 28 px, the final regularization of
-                  REG_LEVELS[level]; four levels (none, light, demo, strong) are the baseline's
-                  regularization sweep, and the best of them by mean final top-1 is the reference
+                  REG_LEVELS[level]; five levels (none, minimal, light, demo, strong) are the
+                  baseline's regularization sweep, and the best of them by mean final top-1 is
+                  the reference
   prog-const      the paper's size schedule (4 stages, 20 -> 28 px), regularization held at the
                   `demo` level throughout (Table 13's "without adaptive regularization")
   prog-paper      the same sizes with the paper's adaptive regularization (Algorithm 1: from
                   none at 20 px to the `demo` level at 28 px)
   hold-ramp       size_curve=hold_then_ramp: 20 px for half of training, a ramp, 28 px for the
                   last 20%, regularization following the size (the MosaicML/FFCV shape)
-Arms with `post_eval` sizes (the fixed arms and hold-ramp) are evaluated again after training with
-`--mode=eval --eval_sizes=28,32 --config.recalibrate_bn=5000` (BN statistics recomputed at each
-size, FixRes-style); that column is reported beside the training's own final top-1, and its
-seconds are not in the wall time. Per-stage batch sizes are not in this tree's config; compiling
-the next stage ahead is on (configs/default.py compile_ahead).
+  prog-none, prog-const-light, prog-light, hold-ramp-light
+                  the same schedules at the regularization the fixed sweep found best at this
+                  length (none) and the level next to it (light): constant none, constant light,
+                  adaptive none -> light
+  demo-3stage     configs/demo.py's schedule since issue 19 (3 stages, 20/24/28 px, RandAugment
+                  0 -> 1, no dropout) at the grid's length
+  prog-light-eqtime
+                  prog-light with 1.15x the epochs (Arm.epochs_scale): about the fixed arm's wall
+                  time, so it shows whether the time the small stages save buys the accuracy back
+Arms with `post_eval` sizes (the fixed arms and the hold-ramp arms) are evaluated again after
+training with `--mode=eval --eval_sizes=28,32 --config.recalibrate_bn=5000` (BN statistics
+recomputed at each size, FixRes-style); that column is reported beside the training's own final top-1, and its
+seconds are not in the wall time. Every arm keeps one batch size (progressive.batch_rule
+'constant': the 'pixels' rule cost 0.77 points at one epoch, bench_stage_switch.md); compiling the
+next stage ahead is on (configs/default.py compile_ahead).
 
 Budgets and run length: a budget is the wall time one fixed-arm run should take (short 600 s with
 seeds 0 1 2, long 1800 s with seed 0). The run length is set in epochs, the same for every arm of
@@ -91,8 +103,17 @@ class Network:
 
 
 NETWORKS = {
-  # demo.md: the 28 px stage trained 586 steps x 128 images in 236 s, 1.5 s compiling.
-  "v2": Network("configs/demo.py", {}, 330.0, 1000.0, "configs/demo.py:runlocal"),
+  # The demo network with the schedule the grid started with (4 stages from 20 px; the demo itself
+  # moved to 3 stages, which is the `demo-3stage` arm): these two overrides keep the
+  # resolved configs, and so the run names, of the runs already finished. 330 img/s: the 28 px
+  # stage of the demo's v7 record (586 steps x 128 images in 236 s); 466-495 in this grid.
+  "v2": Network(
+    "configs/demo.py",
+    {"progressive.min_image_size": 20, "progressive.num_stages": 4},
+    330.0,
+    1000.0,
+    "configs/demo.py:runlocal",
+  ),
   # progressive_ablation.md: the fixed arm trained 126 img/s at 28 px.
   "resnet": Network(
     ablation.MODELS["resnet"][0],
@@ -104,9 +125,10 @@ NETWORKS = {
 }
 
 # Final regularization strengths: RandAugment magnitude (the demo's 6 geometric ops and Cutout,
-# 1 layer), mixup alpha, dropout. `demo` is configs/demo.py's final level.
+# 1 layer), mixup alpha, dropout. `demo` is the final level configs/demo.py had until issue 19.
 REG_LEVELS = {
   "none": {"randaug": 0.0, "mixup": 0.0, "dropout": 0.0},
+  "minimal": {"randaug": 1.0, "mixup": 0.0, "dropout": 0.0},  # configs/demo.py's since issue 19
   "light": {"randaug": 2.0, "mixup": 0.0, "dropout": 0.05},
   "demo": {"randaug": 4.0, "mixup": 0.0, "dropout": 0.1},
   "strong": {"randaug": 8.0, "mixup": 0.1, "dropout": 0.2},
@@ -122,6 +144,7 @@ class Arm:
   reg_from: str | None = None  # REG_LEVELS name it starts at (adaptive); None: constant at `reg`
   fixed: bool = False  # a baseline arm: the best one's mean final top-1 is the target
   post_eval: tuple = ()  # sizes of a BN-recalibrated --mode=eval after training
+  epochs_scale: float = 1.0  # run length in the network's epochs (>1: more epochs, ~equal time)
 
 
 FIXED = {"progressive.preset": "none"}
@@ -132,18 +155,47 @@ HOLD_THEN_RAMP = {
   "progressive.hold_fraction": 0.5,
   "progressive.tail_fraction": 0.2,
 }
+DEMO3 = {**PAPER, "progressive.num_stages": 3, "progressive.min_image_size": 20}
 POST_EVAL_SIZES = (28, 32)
 RECAL_IMAGES = 5000
 
 ARMS = (
   *(
     Arm(f"fixed-{level}", f"fixed size, reg {level}", FIXED, level, None, True, POST_EVAL_SIZES)
-    for level in ("none", "light", "demo", "strong")
+    for level in REG_LEVELS
   ),
   Arm("prog-const", "progressive, constant reg", PAPER, "demo"),
   Arm("prog-paper", "progressive, adaptive (paper)", PAPER, "demo", "none"),
   Arm(
     "hold-ramp", "hold_then_ramp, adaptive", HOLD_THEN_RAMP, "demo", "none", False, POST_EVAL_SIZES
+  ),
+  # The same schedules at the regularization that wins the fixed-size sweep at this length (none)
+  # and the level next to it (light): the comparison at the `demo` level above regularizes more
+  # than any run this short can use (time_to_accuracy.md, session 7).
+  Arm("prog-none", "progressive, no reg", PAPER, "none"),
+  Arm("prog-const-light", "progressive, constant reg light", PAPER, "light"),
+  Arm("prog-light", "progressive, adaptive none->light", PAPER, "light", "none"),
+  Arm(
+    "hold-ramp-light",
+    "hold_then_ramp, adaptive none->light",
+    HOLD_THEN_RAMP,
+    "light",
+    "none",
+    False,
+    POST_EVAL_SIZES,
+  ),
+  # configs/demo.py's schedule since issue 19: 3 stages 20/24/28 px, RandAugment 0 -> 1.
+  Arm("demo-3stage", "demo schedule 20/24/28, adaptive none->minimal", DEMO3, "minimal", "none"),
+  # Equal wall time instead of equal epochs: the paper schedule's runs end ~1.14x sooner, so 1.15x
+  # the epochs spends about the fixed arm's time; it answers whether the progressive run gets to
+  # the baseline's top-1 at all when it is given the time it saved.
+  Arm(
+    "prog-light-eqtime",
+    "progressive, adaptive none->light, 1.15x epochs",
+    PAPER,
+    "light",
+    "none",
+    epochs_scale=1.15,
   ),
 )
 
@@ -256,6 +308,8 @@ def plan_runs(
     for arm in arms:
       for seed in seeds:
         overrides = {**base, **arm_overrides(arm), "seed": int(seed)}
+        if arm.epochs_scale != 1.0 and not smoke:
+          overrides["num_epochs"] = round(base["num_epochs"] * arm.epochs_scale, 2)
         config = base_config.copy_and_resolve_references()
         for key, value in overrides.items():
           sweep.apply_override(config, key, value)

@@ -251,7 +251,14 @@ def answer(summary: Mapping, arms: Sequence, *, target_speedup: float = 1.4) -> 
     )
   for a in adaptive:
     twin = next(
-      (c for c in arms if not c.fixed and c.reg_from is None and c.schedule == a.schedule), None
+      (
+        c
+        for c in arms
+        if not c.fixed
+        and c.reg_from is None
+        and (c.schedule, c.reg, c.epochs_scale) == (a.schedule, a.reg, a.epochs_scale)
+      ),
+      None,
     )
     if twin is None or not rows[twin.key]["seeds"]:
       continue

@@ -20,6 +20,11 @@ def short_runs(tmp_path_factory):
   return tta.plan_runs(["v2", "resnet"], tta.ARMS, "short", [0, 1], root)
 
 
+def _arms(*keys):
+  by_key = {a.key: a for a in tta.ARMS}
+  return [by_key[k] for k in keys]
+
+
 def _by(planned, network, key, seed=0):
   (p,) = [p for p in planned if p.network == network and p.arm.key == key and p.seed == seed]
   return p
@@ -32,9 +37,14 @@ def test_every_network_gets_every_arm_and_seed_once_with_the_budgets_curve_setti
     c = p.config
     assert c.seed == p.seed and c.eval_subset == 2000 and not c.eval_every_stage
     assert c.eval_every_seconds == 40.0  # 600 s / 15 points
-  # One run length per network, whatever the arm: the arms differ only in the schedule.
+  # One run length per network for every equal-epochs arm: they differ only in the schedule; an
+  # arm with an epochs_scale trains that multiple of it.
   for net in ("v2", "resnet"):
-    assert len({p.config.num_epochs for p in short_runs if p.network == net}) == 1
+    mine = [p for p in short_runs if p.network == net]
+    (length,) = {p.config.num_epochs for p in mine if p.arm.epochs_scale == 1.0}
+    for p in mine:
+      assert p.config.num_epochs == pytest.approx(length * p.arm.epochs_scale, abs=0.01)
+  assert _by(short_runs, "v2", "prog-light-eqtime").config.num_epochs > length
   # The ResNet is the ablation's network with its recorded learning rate and EMA.
   r = _by(short_runs, "resnet", "fixed-demo").config
   assert r.model_name == "resnet50" and r.lr_per_256 == 0.016 and r.ema_decay == 0.999
@@ -73,6 +83,30 @@ def test_progressive_arms_grow_the_size_and_constant_vs_adaptive_differ_only_in_
   assert (paper[-1].randaug_magnitude, paper[-1].dropout_rate) == (demo["randaug"], demo["dropout"])
 
 
+def test_the_winning_level_arms_regularize_up_to_light_or_not_at_all(short_runs):
+  light = tta.REG_LEVELS["light"]
+  none = plan.resolve(_by(short_runs, "v2", "prog-none").config).stages
+  assert {(s.randaug_magnitude, s.dropout_rate) for s in none} == {(0.0, 0.0)}
+  const = plan.resolve(_by(short_runs, "v2", "prog-const-light").config).stages
+  assert {(s.randaug_magnitude, s.dropout_rate) for s in const} == {
+    (light["randaug"], light["dropout"])
+  }
+  for key in ("prog-light", "prog-light-eqtime", "hold-ramp-light"):
+    stages = plan.resolve(_by(short_runs, "v2", key).config).stages
+    assert (stages[0].randaug_magnitude, stages[0].dropout_rate) == (0.0, 0.0)
+    assert (stages[-1].randaug_magnitude, stages[-1].dropout_rate) == (
+      light["randaug"],
+      light["dropout"],
+    )
+
+
+def test_the_demo_schedule_arm_is_three_stages_at_sizes_that_tile_by_four(short_runs):
+  stages = plan.resolve(_by(short_runs, "v2", "demo-3stage").config).stages
+  assert [s.image_size for s in stages] == [20, 24, 28]
+  assert [s.randaug_magnitude for s in stages] == [0.0, 0.5, 1.0]
+  assert {s.dropout_rate for s in stages} == {0.0}
+
+
 def test_hold_then_ramp_holds_20px_for_half_and_keeps_28px_for_the_last_fifth(short_runs):
   p = _by(short_runs, "v2", "hold-ramp")
   run = plan.resolve(p.config)
@@ -100,7 +134,7 @@ def test_the_budget_sets_epochs_from_the_fixed_arms_speed_less_startup_and_evals
 
 
 def test_epochs_given_on_the_command_line_replace_the_derived_length(tmp_path):
-  (p,) = tta.plan_runs(["v2"], tta.ARMS[:1], "long", [0], str(tmp_path), epochs={"v2": 7.5})
+  (p,) = tta.plan_runs(["v2"], _arms("fixed-none"), "long", [0], str(tmp_path), epochs={"v2": 7.5})
   assert p.config.num_epochs == 7.5 and p.config.eval_every_seconds == 120.0
   assert p.predicted_s > 1800.0  # the budget plus the fixed arm's BN-recalibrated eval
 
@@ -198,6 +232,19 @@ def test_the_answer_and_table_state_the_measured_verdict(tmp_path):
   assert png and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_adaptive_is_compared_only_with_the_constant_arm_at_its_final_level_and_length():
+  s, _ = _summary()
+  # The same schedule held at another level, or the same level at another length, is no twin.
+  others = (
+    tta.Arm("const", "const", tta.PAPER, "light"),
+    tta.Arm("const", "const", tta.PAPER, "demo", epochs_scale=1.15),
+  )
+  for const in others:
+    arms = (*ARMS[:2], const, ARMS[3])
+    assert not any(l.startswith("Adaptive vs constant") for l in rep.answer(s, arms))
+  assert any(l.startswith("Adaptive vs constant") for l in rep.answer(s, ARMS))
+
+
 def test_without_a_finished_fixed_arm_there_is_no_target():
   s = rep.summarize(ARMS, {"adapt": {0: _res([(100, 0.9)], 0.9)}, "fa": {0: None}})
   assert s["target"] is None and rep.answer(s, ARMS)[0].startswith("No fixed arm")
@@ -213,7 +260,7 @@ def test_the_idle_statement_names_the_runs_that_shared_the_machine():
 
 
 def test_the_machine_record_feeds_the_report(tmp_path):
-  (p,) = tta.plan_runs(["v2"], [tta.ARMS[2]], "short", [0], str(tmp_path))
+  (p,) = tta.plan_runs(["v2"], _arms("fixed-demo"), "short", [0], str(tmp_path))
   os.makedirs(p.run.workdir)
   with open(os.path.join(p.run.workdir, "results.json"), "w") as f:
     json.dump(_res([(100, 0.8), (500, 0.9)], 0.9), f)
@@ -228,7 +275,7 @@ def test_the_machine_record_feeds_the_report(tmp_path):
 
 
 def test_the_dry_run_counts_finished_runs_as_done_and_sums_the_predicted_hours(tmp_path):
-  planned = tta.plan_runs(["v2"], tta.ARMS[4:6], "short", [0, 1], str(tmp_path))
+  planned = tta.plan_runs(["v2"], _arms("prog-const", "prog-paper"), "short", [0, 1], str(tmp_path))
   os.makedirs(planned[0].run.workdir)
   with open(os.path.join(planned[0].run.workdir, "results.json"), "w") as f:
     json.dump({"status": "completed"}, f)
