@@ -91,10 +91,9 @@ def main(argv):
   workdir, seeds, extra = parse_args(argv)
   shutil.rmtree(workdir, ignore_errors=True)
   runs = [
-    common.Run(f"demo-seed{s}", "configs/demo.py", os.path.join(workdir, f"seed{s}"), {"seed": s})
+    common.Run(f"demo-seed{s}", "configs/demo.py", f"{workdir}/seed{s}", {"seed": s}, tuple(extra))
     for s in seeds
   ]
-  runs = [common.Run(r.name, r.config, r.workdir, r.overrides, tuple(extra)) for r in runs]
   # The plan as main.py prints it for the same flags (nothing trains in --mode=plan).
   plan = subprocess.run(
     runs[0].argv() + ["--mode=plan"], cwd=common.ROOT, capture_output=True, text=True, check=True
